@@ -1,0 +1,3 @@
+from fflnode.cli import main
+
+raise SystemExit(main())
