@@ -91,9 +91,7 @@ def unflatten(flat: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]
     """Views of `flat` shaped as the tensors of `layout`."""
     if flat.numel() != layout.numel:
         raise FormatError(f"flat vector has {flat.numel()} elements, layout needs {layout.numel}")
-    return {
-        s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in layout.slots
-    }
+    return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in layout.slots}
 
 
 class ModelHasher:
@@ -127,7 +125,9 @@ def model_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def canonical_mean(members: list[tuple[bytes, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+def canonical_mean(
+    members: list[tuple[bytes, Mapping[str, torch.Tensor]]],
+) -> dict[str, torch.Tensor]:
     """The merge's definition, in plain torch: float32(sum_i float64(x_i) / N).
 
     `members` are (peer-ID bytes, tensors); the sum runs in ascending peer-ID-bytes order.

@@ -17,6 +17,12 @@ from fflnode.codecs.base import (
 )
 
 __all__ = [
-    "CODECS", "ChunkContext", "Codec", "Encoded", "ErrorFeedback", "NoneCodec",
-    "make_codec", "register_codec",
+    "CODECS",
+    "ChunkContext",
+    "Codec",
+    "Encoded",
+    "ErrorFeedback",
+    "NoneCodec",
+    "make_codec",
+    "register_codec",
 ]

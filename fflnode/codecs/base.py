@@ -121,7 +121,9 @@ class ErrorFeedback:
         return {f"ef.{i}": r for i, r in sorted(self.residual.items())}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.residual = {int(k.split(".", 1)[1]): v for k, v in state.items() if k.startswith("ef.")}
+        self.residual = {
+            int(k.split(".", 1)[1]): v for k, v in state.items() if k.startswith("ef.")
+        }
 
 
 CodecFactory = Callable[..., Codec]

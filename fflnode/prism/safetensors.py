@@ -49,9 +49,16 @@ DTYPES: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"),
 }
 TORCH_DTYPE_NAMES = {
-    "torch.bool": "BOOL", "torch.uint8": "U8", "torch.int8": "I8", "torch.int16": "I16",
-    "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.int32": "I32",
-    "torch.float32": "F32", "torch.float64": "F64", "torch.int64": "I64",
+    "torch.bool": "BOOL",
+    "torch.uint8": "U8",
+    "torch.int8": "I8",
+    "torch.int16": "I16",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int32": "I32",
+    "torch.float32": "F32",
+    "torch.float64": "F64",
+    "torch.int64": "I64",
 }
 
 
@@ -208,6 +215,7 @@ def build_header(
     text += b" " * pad
     data_start = HEADER_PREFIX + len(text)
     infos = {
-        n: TensorInfo(n, d, s, data_start + lo, data_start + hi) for n, (d, s, lo, hi) in ranges.items()
+        n: TensorInfo(n, d, s, data_start + lo, data_start + hi)
+        for n, (d, s, lo, hi) in ranges.items()
     }
     return struct.pack("<Q", len(text)) + text, infos

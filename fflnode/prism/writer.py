@@ -69,7 +69,10 @@ class AtomicSafetensorsWriter:
 
     @classmethod
     def for_flat(
-        cls, path: str | os.PathLike[str], layout: FlatLayout, metadata: Mapping[str, str] | None = None
+        cls,
+        path: str | os.PathLike[str],
+        layout: FlatLayout,
+        metadata: Mapping[str, str] | None = None,
     ) -> AtomicSafetensorsWriter:
         """A float32 file whose data buffer is exactly the flat vector of `layout`."""
         return cls(path, {s.name: ("F32", s.shape) for s in layout.slots}, metadata)
@@ -91,7 +94,9 @@ class AtomicSafetensorsWriter:
         info = self._info(name)
         view = _bytes_of(data)
         if len(view) != info.nbytes:
-            raise FormatError(f"{self.path}: tensor {name!r} needs {info.nbytes} bytes, got {len(view)}")
+            raise FormatError(
+                f"{self.path}: tensor {name!r} needs {info.nbytes} bytes, got {len(view)}"
+            )
         self.write_at(info.start, view)
 
     def write_flat(self, element_offset: int, data: torch.Tensor | np.ndarray) -> None:

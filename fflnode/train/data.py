@@ -101,9 +101,7 @@ def dirichlet_partition(
 def node_train_split(part_index: int, num_parts: int, alpha: float, seed: int) -> Split:
     """The train samples of one node of the run."""
     if not 0 <= part_index < num_parts:
-        raise ConfigError(
-            f"data partition: partition_index {part_index} outside [0, {num_parts})"
-        )
+        raise ConfigError(f"data partition: partition_index {part_index} outside [0, {num_parts})")
     train, _ = digits_splits()
     parts = dirichlet_partition(train.y.numpy(), num_parts, alpha, seed)
     return train.subset(parts[part_index])
