@@ -1,0 +1,291 @@
+"""Node configuration: a TOML file validated strictly at load.
+
+Rule: the dataclasses below ARE the schema. Every key a file may hold is a field here;
+an unknown key, a wrong type, a value out of range or a missing required field is one
+ConfigError whose message names the file and the dotted key. Nothing reads raw TOML
+anywhere else, so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fflnode.errors import ConfigError
+
+MISSING = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """Where the node keeps its state and how it reaches the network."""
+
+    data_dir: str
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap: list[str] = field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    # Stay up after the run finished (serving merged weights) instead of exiting 0.
+    linger: bool = False
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """What every participant of one run must agree on."""
+
+    run_id: str
+    seed: int
+    nodes: int  # participants expected before round 0 starts
+    rounds: int
+    topology: Literal["ring", "random-regular", "complete"] = "ring"
+    degree: int = 2  # neighbours per node for random-regular
+    start_timeout_s: float = 120.0  # how long to wait for `nodes` participants
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    task: Literal["digits", "synthetic"] = "digits"
+    model: str = "gru"
+    hidden: int = 64
+    partition_index: int = 0
+    alpha: float = 0.5  # Dirichlet concentration of the non-IID label split
+    local_steps: int = 20  # H: inner optimizer steps per round
+    batch_size: int = 32
+    inner_lr: float = 3e-3
+    outer_lr: float = 1.0  # 1.0 with no momentum = plain averaging of mixed deltas
+    outer_momentum: float = 0.0  # Nesterov momentum of the outer SGD (DiLoCo uses 0.9)
+    synthetic_mb: float = 64.0  # task = "synthetic": float32 model size for merge benchmarks
+    threads: int = 1  # torch intra-op threads; several nodes share a small machine
+
+
+@dataclass(frozen=True)
+class ExchangeSection:
+    codec: str = "none"
+    bits: int = 1  # holo codec
+    ratio: float = 0.03  # topk / sketch: fraction of coordinates kept
+    # Consensus step of the gossip mix (fflnode.exchange): 1.0 averages the neighbours'
+    # weights exactly; lossy codecs want less, so encoding noise is damped.
+    gamma: float = 1.0
+    chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
+    round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
+
+
+@dataclass(frozen=True)
+class MergeSection:
+    shards: int = 0  # M; 0 means one per participant
+    window: int = 2  # contributions prefetched ahead of the one being reduced
+    timeout_s: float = 300.0  # whole merge deadline
+    # Fewest participants a merge may complete with; 0 means every node of the run.
+    quorum: int = 0
+    piece_elems: int = 1 << 20  # elements per request (4 MiB of float32)
+
+
+@dataclass(frozen=True)
+class PrismSection:
+    backend: Literal["auto", "io_uring", "threads", "buffered"] = "auto"
+    pool_mb: int = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection
+    run: RunSection
+    train: TrainSection = field(default_factory=TrainSection)
+    exchange: ExchangeSection = field(default_factory=ExchangeSection)
+    merge: MergeSection = field(default_factory=MergeSection)
+    prism: PrismSection = field(default_factory=PrismSection)
+    source: str = field(default="<memory>", compare=False)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+
+# Range checks: (dotted key, predicate, what the value must be).
+CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("run.nodes", lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    ("run.rounds", lambda v: 0 <= v <= 100_000, "between 0 and 100000"),
+    ("run.degree", lambda v: v >= 1, "at least 1"),
+    ("run.start_timeout_s", lambda v: v > 0, "positive"),
+    (
+        "run.run_id",
+        lambda v: 0 < len(v) <= 64 and v.isprintable() and "/" not in v,
+        "1-64 printable characters without '/'",
+    ),
+    ("train.hidden", lambda v: v >= 1, "at least 1"),
+    ("train.partition_index", lambda v: v >= 0, "non-negative"),
+    ("train.alpha", lambda v: v > 0, "positive"),
+    ("train.local_steps", lambda v: v >= 1, "at least 1"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.inner_lr", lambda v: v > 0, "positive"),
+    ("train.outer_lr", lambda v: v > 0, "positive"),
+    ("train.outer_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.synthetic_mb", lambda v: 0 < v <= 1 << 20, "in (0, 1048576]"),
+    ("train.threads", lambda v: v >= 1, "at least 1"),
+    ("exchange.bits", lambda v: 1 <= v <= 8, "between 1 and 8"),
+    ("exchange.ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("exchange.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("exchange.chunk_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
+    ("exchange.round_timeout_s", lambda v: v > 0, "positive"),
+    ("merge.shards", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
+    ("merge.window", lambda v: 1 <= v <= 16, "between 1 and 16"),
+    ("merge.timeout_s", lambda v: v > 0, "positive"),
+    ("merge.quorum", lambda v: v >= 0, "non-negative"),
+    ("merge.piece_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
+    ("prism.pool_mb", lambda v: 1 <= v <= 65536, "between 1 and 65536"),
+]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against annotation `tp`; ints are accepted where floats are asked."""
+    origin = typing.get_origin(tp)
+    ok: bool
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table")
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        ok = value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0])
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            ok = False
+        else:
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - schema bug, not user input
+        raise TypeError(f"unsupported schema type {tp!r} for {key}")
+    if not ok:
+        raise ConfigError(
+            f"{source}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in table:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else key
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in table:
+            kwargs[name] = _coerce(table[name], hints[name], dotted, source)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{source}: missing required key '{dotted}'")
+    return cls(**kwargs)
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
+    """Validate a parsed TOML document; relative data_dir is resolved against `base`."""
+    cfg = _build(Config, doc, "", source)
+    for dotted, pred, what in CHECKS:
+        value = _lookup(cfg, dotted)
+        if not pred(value):
+            raise ConfigError(f"{source}: {dotted} must be {what}, got {value!r}")
+    if cfg.train.partition_index >= cfg.run.nodes:
+        raise ConfigError(
+            f"{source}: train.partition_index {cfg.train.partition_index} must be below "
+            f"run.nodes {cfg.run.nodes}"
+        )
+    if not cfg.node.listen:
+        raise ConfigError(f"{source}: node.listen must name at least one address")
+    return dataclasses.replace(cfg, source=source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config; relative data_dir resolves against the file's dir."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: config is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    cfg = from_dict(doc, str(p))
+    data_dir = Path(cfg.node.data_dir)
+    if not data_dir.is_absolute():
+        node = dataclasses.replace(cfg.node, data_dir=str((p.parent / data_dir).resolve()))
+        cfg = dataclasses.replace(cfg, node=node)
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialize a Config back to TOML (used by the testnet to write node configs)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        if section.name == "source":
+            continue
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ExchangeSection",
+    "MergeSection",
+    "NodeSection",
+    "PrismSection",
+    "RunSection",
+    "TrainSection",
+    "from_dict",
+    "load",
+    "to_toml",
+]
+_ = types  # keep `types` import for typing.get_type_hints on PEP 604 unions
