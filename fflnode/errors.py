@@ -50,3 +50,12 @@ def short_peer(peer: str) -> str:
     """A peer ID shortened for messages: enough characters to tell peers apart in a log."""
     peer = str(peer)
     return peer if len(peer) <= 16 else f"{peer[:8]}…{peer[-6:]}"
+
+
+class PrismError(FflError, OSError):
+    """Reading weights from disk failed in the kernel (open, io_uring, preadv).
+
+    An OSError too: `errno` is the kernel's error number and `filename` the file being
+    read, so callers can branch on errno (EINVAL from O_DIRECT, ENOMEM from buffer
+    registration) while the message says which operation failed where.
+    """

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fflnode.errors import FormatError
 
+if TYPE_CHECKING:  # torch is imported where tensors are touched: the Prism streaming
+    import torch  # path and its memory tests must run without its ~220 MB
+
 # The merge and the exchange move float32 only: the canonical mean is defined on it.
-PARAM_DTYPE = torch.float32
 PARAM_ITEMSIZE = 4
 
 
@@ -78,12 +80,14 @@ def canonical_names(names: Iterable[str]) -> list[str]:
 
 def flatten(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The flat float32 CPU vector of `tensors` in canonical order (a copy)."""
+    import torch
+
     names = canonical_names(tensors)
     for n in names:
-        if tensors[n].dtype != PARAM_DTYPE:
+        if tensors[n].dtype != torch.float32:
             raise FormatError(f"tensor {n!r} is {tensors[n].dtype}, the flat vector is float32")
     if not names:
-        return torch.empty(0, dtype=PARAM_DTYPE)
+        return torch.empty(0, dtype=torch.float32)
     return torch.cat([tensors[n].detach().reshape(-1).cpu() for n in names])
 
 
@@ -117,6 +121,8 @@ class ModelHasher:
 
 def model_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 model hash of in-memory tensors (little-endian bytes, canonical order)."""
+    import torch
+
     hasher = ModelHasher()
     for name in canonical_names(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -133,6 +139,8 @@ def canonical_mean(
     `members` are (peer-ID bytes, tensors); the sum runs in ascending peer-ID-bytes order.
     This is the reference the network merge must reproduce bit for bit.
     """
+    import torch
+
     if not members:
         raise FormatError("canonical mean of no members")
     ordered = sorted(members, key=lambda m: m[0])
@@ -142,5 +150,5 @@ def canonical_mean(
         acc = torch.zeros(ordered[0][1][name].shape, dtype=torch.float64)
         for _, tensors in ordered:
             acc += tensors[name].to(torch.float64)
-        out[name] = (acc / len(ordered)).to(PARAM_DTYPE)
+        out[name] = (acc / len(ordered)).to(torch.float32)
     return out

@@ -1,0 +1,219 @@
+"""Bulk request/response: `get` a piece, receive a verified `bulk` body, `ack` it.
+
+Theory of operation. The receiver drives: it opens one stream per (peer, purpose), writes
+up to `window` `get` requests ahead, and reads the answers in order (a stream is FIFO),
+acknowledging each verified body. It never asks for more than it has room for, so it
+never stops reading mid-body: py-libp2p resets a stream whose sender waits 5 s for window
+credit (DESIGN.md). The server answers each request in order from a `resolve` callback,
+which may wait (e.g. for a round to be ready) and may refuse with `Unavailable`, which
+goes back as an `error` message instead of a body. Any protocol violation resets the
+stream; nothing is ever resumed after a failed or cancelled read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+
+from fflnode import wire
+from fflnode.errors import FflError, PeerUnavailable, WireError, short_peer
+from fflnode.p2p import streams
+
+log = logging.getLogger(__name__)
+
+# How long a server waits for the next request on an open stream before closing it: a
+# client pulls its pieces back to back, so a minute of silence means it is gone.
+SERVE_IDLE_TIMEOUT_S = 60.0
+# Pieces requested ahead on one stream: 2 keeps the pipe full (one in flight while one
+# is consumed) with at most 2 pieces buffered per stream.
+DEFAULT_WINDOW = 2
+
+
+class Unavailable(FflError):
+    """A request this server cannot serve (yet, or any more); sent back as `error`."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+@dataclass(frozen=True)
+class Request:
+    round: int
+    what: str
+    index: int
+    lo: int = 0
+    hi: int = 0
+    codec: str = "none"
+
+
+@dataclass
+class Traffic:
+    """Bytes moved per protocol and rejected messages per reason (for report and metrics)."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def add_sent(self, protocol: str, n: int) -> None:
+        self.sent[protocol] = self.sent.get(protocol, 0) + n
+
+    def add_received(self, protocol: str, n: int) -> None:
+        self.received[protocol] = self.received.get(protocol, 0) + n
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.received.values())
+
+
+Resolved = tuple[str, Sequence[tuple[str, np.ndarray]], dict[str, float | int]]
+Resolver = Callable[[str, wire.Message], Awaitable[Resolved]]
+OnPiece = Callable[[Request, wire.BulkHeader, dict[str, np.ndarray]], Awaitable[None] | None]
+
+
+async def pull(
+    host: IHost,
+    peer: ID,
+    protocol: str,
+    run: str,
+    requests: Sequence[Request],
+    on_piece: OnPiece,
+    traffic: Traffic,
+    *,
+    window: int = DEFAULT_WINDOW,
+    wait_s: float = 0.0,
+    expected_bytes: int = 0,
+) -> None:
+    """Fetch `requests` from `peer` over one stream, `window` ahead, calling `on_piece`
+    for each verified answer in request order. Raises PeerUnavailable or WireError.
+
+    `wait_s` is how long the peer may legitimately take before its first answer (e.g.
+    until it finishes a round); `expected_bytes` sizes the transfer deadline.
+    """
+    if not requests:
+        return
+    deadline = streams.deadline_s(max(expected_bytes, 1), wait_s)
+    stream: INetStream | None = None
+    ok = False
+    try:
+        with trio.fail_after(deadline):
+            stream = await host.new_stream(peer, [protocol])
+            sent = 0
+            for req in requests[:window]:
+                await _send_get(stream, run, req)
+                sent += 1
+            for req in requests:
+                header, arrays, nbytes = await streams.recv_bulk(
+                    stream,
+                    run=run,
+                    round=req.round,
+                    what=req.what,
+                    index=req.index,
+                    codec=req.codec,
+                )
+                traffic.add_received(protocol, nbytes)
+                await streams.send_message(stream, "ack", ok=True)
+                if sent < len(requests):
+                    await _send_get(stream, run, requests[sent])
+                    sent += 1
+                result = on_piece(req, header, arrays)
+                if result is not None:
+                    await result
+            ok = True
+    except trio.TooSlowError:
+        raise PeerUnavailable(
+            f"{short_peer(str(peer))}: {protocol} did not complete within {deadline:.0f} s"
+        ) from None
+    except WireError as e:
+        traffic.reject(e.reason)
+        raise
+    except streams.STREAM_ERRORS as e:
+        raise PeerUnavailable(
+            f"{short_peer(str(peer))}: {protocol} failed: {type(e).__name__} {e}"
+        ) from None
+    finally:
+        if stream is not None:
+            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+
+
+async def _send_get(stream: INetStream, run: str, req: Request) -> None:
+    await streams.send_message(
+        stream,
+        "get",
+        run=run,
+        round=req.round,
+        what=req.what,
+        index=req.index,
+        lo=req.lo,
+        hi=req.hi,
+        codec=req.codec,
+    )
+
+
+async def serve(
+    stream: INetStream, protocol: str, run: str, resolve: Resolver, traffic: Traffic
+) -> None:
+    """Answer `get` requests on one stream until the client closes it."""
+    peer = streams.peer_of(stream)
+    ok = False
+    try:
+        while True:
+            msg = None
+            with trio.move_on_after(SERVE_IDLE_TIMEOUT_S) as idle:
+                msg = await streams.recv_message_or_eof(stream, expect={"get", "ack"}, run=run)
+            if idle.cancelled_caught:
+                log.debug("closing idle %s stream from %s", protocol, short_peer(peer))
+                return
+            if msg is None:
+                ok = True  # clean close between messages: the client is done
+                return
+            if msg.kind == "ack":
+                if not msg["ok"]:
+                    log.warning(
+                        "%s refused our %s body: %s",
+                        short_peer(peer),
+                        protocol,
+                        msg.get("reason", "no reason given"),
+                    )
+                continue
+            try:
+                codec, parts, meta = await resolve(peer, msg)
+            except Unavailable as u:
+                await streams.send_message(stream, "error", code=u.code, reason=u.reason)
+                continue
+            nbytes = sum(int(a.nbytes) for _, a in parts)
+            with trio.fail_after(streams.deadline_s(nbytes)):
+                sent = await streams.send_bulk(
+                    stream,
+                    run=run,
+                    round=msg["round"],
+                    what=msg["what"],
+                    index=msg["index"],
+                    codec=codec,
+                    parts=parts,
+                    meta=meta,
+                )
+            traffic.add_sent(protocol, sent)
+    except WireError as e:
+        traffic.reject(e.reason)
+        log.warning("rejected %s request: %s", protocol, e)
+    except trio.TooSlowError:
+        log.warning("%s: sending a %s body to %s timed out", protocol, protocol, short_peer(peer))
+    except streams.STREAM_ERRORS as e:
+        log.debug("%s stream from %s ended: %s %s", protocol, short_peer(peer), type(e).__name__, e)
+    finally:
+        await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))

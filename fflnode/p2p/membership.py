@@ -1,0 +1,186 @@
+"""Membership from heartbeats on the run's pubsub topic, and the run's address book.
+
+Every node publishes a heartbeat each HEARTBEAT_S: its round, phase and listen addresses.
+A peer is alive while its heartbeats keep arriving (MEMBER_TIMEOUT_S). The sender of a
+pubsub message is its signed origin (`from_id`, verified by pubsub's strict signing),
+never a field we parse. Heartbeats also carry addresses, so a node that bootstrapped
+through one peer learns and dials every other: the direct streams of the exchange and
+the merge need them.
+
+Other announcement kinds on the same topic (merge proposals, hashes) are handed to
+whoever registered for them with `on(kind, callback)`. Pubsub is for small control
+messages only: py-libp2p drops payloads >= 1 MiB silently (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.pubsub.pubsub import Pubsub
+
+from fflnode import wire
+from fflnode.errors import WireError, short_peer
+from fflnode.p2p import streams
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+# Declared dead after this long without a heartbeat: 5 missed beats, which rides out
+# a loaded 2-core machine pausing a node for a couple of seconds.
+MEMBER_TIMEOUT_S = 5.0
+# Address-book entries of peers learnt from heartbeats live this long in the peerstore.
+ADDR_TTL_S = 600
+DIAL_TIMEOUT_S = 10.0
+
+
+def announce_topic(run_id: str) -> str:
+    return f"/fflnode/{run_id}/announce/1"
+
+
+@dataclass
+class PeerView:
+    peer: ID
+    last_seen: float
+    round: int = 0
+    phase: str = "join"
+    addrs: list[str] = field(default_factory=list)
+    seq: int = -1
+
+
+Handler = Callable[[ID, wire.Message], None]
+
+
+class Membership:
+    """Who is in the run, as seen from this node."""
+
+    def __init__(self, host: IHost, pubsub: Pubsub, run_id: str, on_reject: Callable[[str], None]):
+        self.host = host
+        self.pubsub = pubsub
+        self.run_id = run_id
+        self.topic = announce_topic(run_id)
+        self.me = host.get_id()
+        self.peers: dict[ID, PeerView] = {}
+        self.round = 0
+        self.phase = "join"
+        self._seq = 0  # last heartbeat sequence number sent
+        self._handlers: dict[str, list[Handler]] = {}
+        self._changed = trio.Event()
+        self._on_reject = on_reject
+        self._dialing: set[ID] = set()
+
+    # -- observers --
+    def on(self, kind: str, handler: Handler) -> None:
+        self._handlers.setdefault(kind, []).append(handler)
+
+    def alive(self) -> list[ID]:
+        """Peers (not me) heard from within MEMBER_TIMEOUT_S."""
+        now = trio.current_time()
+        return [p for p, v in self.peers.items() if now - v.last_seen <= MEMBER_TIMEOUT_S]
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `predicate()` holds, re-checking at every membership change."""
+        with trio.move_on_after(timeout_s):
+            while not predicate():
+                with trio.move_on_after(HEARTBEAT_S):  # liveness expires without events
+                    await self.wait_changed()
+            return True
+        return predicate()
+
+    # -- tasks --
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        subscription = await self.pubsub.subscribe(self.topic)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive, subscription, nursery)
+            nursery.start_soon(self._beat)
+            task_status.started()
+
+    async def publish(self, kind: str, **fields: object) -> None:
+        data = wire.encode(kind, run=self.run_id, **fields)
+        if len(data) > wire.MAX_PUBSUB_BYTES:
+            raise ValueError(f"{kind} announcement of {len(data)} bytes is too large for pubsub")
+        await self.pubsub.publish(self.topic, data)
+
+    async def beat_now(self) -> None:
+        # Milliseconds of wall time, kept strictly increasing: a restarted node's beats
+        # must outrank the ones it sent before it died, or peers would drop them as stale.
+        self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
+        addrs = [str(a) for a in self.host.get_addrs()][: wire.MAX_ADDRS]
+        await self.publish("hb", round=self.round, phase=self.phase, addrs=addrs, seq=self._seq)
+
+    async def _beat(self) -> None:
+        while True:
+            await self.beat_now()
+            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
+    async def _receive(self, subscription: object, nursery: trio.Nursery) -> None:
+        while True:
+            msg = await subscription.get()  # type: ignore[attr-defined]
+            sender = ID(msg.from_id)
+            if sender == self.me:
+                continue
+            try:
+                decoded = wire.decode(
+                    msg.data,
+                    str(sender),
+                    run=self.run_id,
+                    limit=wire.MAX_PUBSUB_BYTES,
+                    expect={"hb", "merge.ready", "merge.hash"},
+                )
+            except WireError as e:
+                self._on_reject(e.reason)
+                log.warning("ignored announcement: %s", e)
+                continue
+            if decoded.kind == "hb":
+                self._heartbeat(sender, decoded, nursery)
+            for handler in self._handlers.get(decoded.kind, []):
+                handler(sender, decoded)
+            self._notify()
+
+    def _heartbeat(self, sender: ID, msg: wire.Message, nursery: trio.Nursery) -> None:
+        view = self.peers.get(sender)
+        if view is None:
+            view = self.peers[sender] = PeerView(sender, trio.current_time())
+            log.info(
+                "peer %s joined (round %d, %s)", short_peer(str(sender)), msg["round"], msg["phase"]
+            )
+        if msg["seq"] <= view.seq:
+            return  # stale or replayed heartbeat: ignore, do not refresh liveness
+        view.last_seen = trio.current_time()
+        view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
+        view.addrs = msg["addrs"]
+        if not self.host.get_network().connections.get(sender) and sender not in self._dialing:
+            nursery.start_soon(self._dial, sender, list(view.addrs))
+
+    async def _dial(self, peer: ID, addrs: list[str]) -> None:
+        """Connect to a peer learnt from its heartbeat, so direct streams can reach it."""
+        self._dialing.add(peer)
+        try:
+            maddrs = []
+            for a in addrs:
+                try:
+                    maddrs.append(multiaddr.Multiaddr(a))
+                except Exception:  # multiaddr raises assorted types on bad input
+                    log.debug("ignoring malformed address %r from %s", a, short_peer(str(peer)))
+            if not maddrs:
+                return
+            with trio.move_on_after(DIAL_TIMEOUT_S):
+                await self.host.connect(PeerInfo(peer, maddrs))
+        except streams.STREAM_ERRORS as e:
+            log.debug("dial %s failed: %s", short_peer(str(peer)), e)
+        finally:
+            self._dialing.discard(peer)
