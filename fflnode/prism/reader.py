@@ -1,16 +1,17 @@
 """Open a safetensors file and read validated byte ranges with plain pread.
 
 This is the simple, always-available reader. The streaming backends (io_uring, thread
-pool) serve the same ranges through a bounded buffer pool for large models.
+pool) serve the same ranges through a bounded buffer pool for large models. torch is
+imported only when a tensor is asked for.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fflnode.errors import FormatError
 from fflnode.prism.safetensors import (
@@ -21,6 +22,10 @@ from fflnode.prism.safetensors import (
     parse_header,
     read_header_size,
 )
+
+if TYPE_CHECKING:
+    import torch
+from fflnode.tensors import ModelHasher
 
 
 def read_exactly(fd: int, n: int, offset: int, source: str) -> bytes:
@@ -69,6 +74,8 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: no tensor {name!r}") from None
 
     def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self.tensor_info(name)
         arr = np.frombuffer(bytearray(self.read_range(info.start, info.stop)), DTYPES[info.dtype])
         t = torch.from_numpy(arr)
@@ -78,6 +85,22 @@ class SafetensorsFile:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in self.header.names()}
+
+    def model_hash(self, piece_bytes: int = 4 << 20) -> str:
+        """The model hash (fflnode.tensors) of this file, read in bounded pieces."""
+        hasher = ModelHasher()
+        for name in self.header.names():
+            info = self.header.tensors[name]
+            hasher.begin_tensor(name)
+            for pos in range(info.start, info.stop, piece_bytes):
+                hasher.update(self.read_range(pos, min(pos + piece_bytes, info.stop)))
+        return hasher.hexdigest()
+
+    def read_flat(self, lo: int, hi: int) -> np.ndarray:
+        """float32 elements [lo, hi) of a canonical flat file (see is_canonical_flat)."""
+        start = self.header.data_start + 4 * lo
+        stop = self.header.data_start + 4 * hi
+        return np.frombuffer(bytearray(self.read_range(start, stop)), dtype="<f4")
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,0 +1,408 @@
+"""The final global merge over libp2p: agree, reduce-scatter, all-gather, verify.
+
+Theory of operation.
+1. Agree on participants. Each node proposes the run members it sees alive (itself
+   included) in `merge.ready` announcements, re-sent every heartbeat. A proposal is
+   agreed when every member it lists proposes exactly it; the node then commits it and
+   announces `committed`. A node that sees a committed proposal listing itself adopts it,
+   so views converge even when liveness flickers. Fewer than `quorum` members, or no
+   agreement by the deadline, is a MergeError.
+2. Plan. Every participant computes the same plan (fflnode.merge.plan): M shards of the
+   flat vector, owners by rendezvous hashing over the agreed members.
+3. Reduce-scatter. An owner pulls its shard from every member in canonical order
+   (ascending peer-ID bytes), piece by piece, a bounded window ahead, and adds into a
+   float64 accumulator (fflnode.merge.reduce). It holds O(|theta|/M) plus the window,
+   never the model. A member that cannot deliver fails the shard loudly.
+4. All-gather. Every node pulls each merged shard from its owner and writes it at its
+   place in merged.safetensors (atomic: temp file, fsync, rename).
+5. Verify. Each node hashes its merged file, announces the hash with the digest of the
+   member list, and waits for every member's. Any difference is a MergeError.
+
+Premerge pieces are served from the node's premerge file on disk, so serving costs one
+piece of memory per open request, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+
+from fflnode import wire
+from fflnode.errors import FflError, MergeError, short_peer
+from fflnode.merge.plan import Shard, canonical_members, plan
+from fflnode.merge.reduce import CanonicalReducer
+from fflnode.p2p import bulk
+from fflnode.p2p.membership import HEARTBEAT_S, Membership
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.writer import AtomicSafetensorsWriter
+from fflnode.tensors import FlatLayout
+
+log = logging.getLogger(__name__)
+
+MERGE_PROTOCOL = "/fflnode/merge/1.0.0"
+# Attempts to pull one member's shard before the shard fails: a transient stream reset
+# on a loaded machine should not sink a merge, a dead member should sink it quickly.
+PULL_ATTEMPTS = 3
+PULL_RETRY_DELAY_S = 1.0
+# Shards reduced or gathered at once by one node: 2 overlaps one transfer's latency
+# with another's, and bounds memory at 2 shard accumulators.
+SHARD_PARALLELISM = 2
+# After verifying, wait this long at most for every member to say it is done too, so
+# nobody exits while a peer may still be pulling from it.
+DONE_GRACE_S = 30.0
+MERGE_ROUND = 0  # merge requests carry round 0: there is one merge per run
+
+
+@dataclass
+class MergeOutcome:
+    hash: str
+    members: list[str]
+    shards: int
+    owned: list[int]
+    seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def members_digest(members: list[ID]) -> str:
+    h = hashlib.sha256()
+    for m in canonical_members([p.to_bytes() for p in members]):
+        h.update(len(m).to_bytes(2, "big") + m)
+    return h.hexdigest()
+
+
+class MergeSession:
+    """One node's part in the run's final merge."""
+
+    def __init__(
+        self,
+        host: IHost,
+        membership: Membership,
+        run_id: str,
+        run_members: list[ID],
+        layout: FlatLayout,
+        *,
+        shards: int,
+        quorum: int,
+        window: int,
+        piece_elems: int,
+        timeout_s: float,
+        traffic: bulk.Traffic,
+    ) -> None:
+        self.host = host
+        self.membership = membership
+        self.run_id = run_id
+        self.run_members = set(run_members)
+        self.layout = layout
+        self.shards_cfg = shards
+        self.quorum = quorum or len(run_members)
+        self.window = window
+        self.piece_elems = piece_elems
+        self.timeout_s = timeout_s
+        self.traffic = traffic
+        self.me = host.get_id()
+        self.premerge: SafetensorsFile | None = None
+        self.premerge_ready = trio.Event()
+        self.agreed: list[ID] | None = None
+        self.agreed_event = trio.Event()
+        self.plan: list[Shard] = []
+        self.results: dict[int, np.ndarray] = {}
+        self.result_ready: dict[int, trio.Event] = {}
+        self.failed: dict[int, str] = {}
+        self.proposals: dict[ID, tuple[tuple[str, ...], int, bool]] = {}
+        self.hashes: dict[ID, tuple[str, str]] = {}
+        membership.on("merge.ready", self._on_ready)
+        membership.on("merge.hash", self._on_hash)
+
+    # ------------------------------------------------------------------ announcements
+    def _on_ready(self, peer: ID, msg: wire.Message) -> None:
+        if peer in self.run_members:
+            self.proposals[peer] = (tuple(msg["members"]), msg["shards"], msg["committed"])
+
+    def _on_hash(self, peer: ID, msg: wire.Message) -> None:
+        if peer in self.run_members:
+            self.hashes[peer] = (msg["hash"], msg["digest"])
+
+    def _m(self, members: list[ID]) -> int:
+        return self.shards_cfg or len(members)
+
+    # ------------------------------------------------------------------ serving
+    async def handle(self, stream: INetStream) -> None:
+        await bulk.serve(stream, MERGE_PROTOCOL, self.run_id, self._resolve, self.traffic)
+
+    async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
+        with trio.move_on_after(self.timeout_s):
+            await self.agreed_event.wait()
+        if self.agreed is None or peer not in {str(p) for p in self.agreed}:
+            raise bulk.Unavailable("not-member", "requester is not an agreed merge member")
+        lo, hi, j = msg["lo"], msg["hi"], msg["index"]
+        if not (0 <= j < len(self.plan) and self.plan[j].lo <= lo < hi <= self.plan[j].hi):
+            raise bulk.Unavailable("bad-request", f"range [{lo}, {hi}) is not in shard {j}")
+        if hi - lo > self.piece_elems:
+            raise bulk.Unavailable("bad-request", f"piece of {hi - lo} > {self.piece_elems}")
+        if msg["what"] == "premerge":
+            await self.premerge_ready.wait()
+            assert self.premerge is not None
+            values = await trio.to_thread.run_sync(self.premerge.read_flat, lo, hi)
+        elif msg["what"] == "merged":
+            shard = self.plan[j]
+            if shard.owner != self.me.to_bytes():
+                raise bulk.Unavailable("not-owner", f"shard {j} is owned elsewhere")
+            with trio.move_on_after(self.timeout_s):
+                await self.result_ready[j].wait()
+            if j in self.failed or j not in self.results:
+                raise bulk.Unavailable("failed", self.failed.get(j, f"shard {j} not reduced"))
+            values = self.results[j][lo - shard.lo : hi - shard.lo]
+        else:
+            raise bulk.Unavailable("bad-request", f"{MERGE_PROTOCOL} does not serve {msg['what']}")
+        return "none", [("values", values)], {}
+
+    # ------------------------------------------------------------------ the merge
+    async def run(self, premerge_path: Path, out_path: Path) -> MergeOutcome:
+        t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+        self.premerge = SafetensorsFile(premerge_path)
+        if not self.premerge.header.is_canonical_flat():
+            raise MergeError(f"{premerge_path}: not a canonical float32 flat checkpoint")
+        self.premerge_ready.set()
+        with trio.fail_after(self.timeout_s):
+            async with trio.open_nursery() as announcer:
+                members = await self._agree(announcer)
+                phases["agree"] = time.perf_counter() - t0
+                digest = members_digest(members)
+                member_bytes = canonical_members([p.to_bytes() for p in members])
+                self.plan = plan(self.run_id, self.layout.numel, self._m(members), member_bytes)
+                self.result_ready = {s.index: trio.Event() for s in self.plan}
+                self.agreed = members
+                self.agreed_event.set()
+                owned = [s for s in self.plan if s.owner == self.me.to_bytes()]
+                log.info(
+                    "merge: %d members agreed, %d shards, this node owns %s",
+                    len(members),
+                    len(self.plan),
+                    [s.index for s in owned],
+                )
+                t1 = time.perf_counter()
+                await self._bounded(owned, lambda s: self._reduce(s, member_bytes))
+                phases["reduce_scatter"] = time.perf_counter() - t1
+                t2 = time.perf_counter()
+                with AtomicSafetensorsWriter.for_flat(
+                    out_path, self.layout, {"fflnode.run": self.run_id, "fflnode.digest": digest}
+                ) as writer:
+                    await self._bounded(self.plan, lambda s: self._gather(s, writer))
+                    await trio.to_thread.run_sync(writer.commit)
+                phases["all_gather"] = time.perf_counter() - t2
+                with SafetensorsFile(out_path) as merged:
+                    my_hash = await trio.to_thread.run_sync(merged.model_hash)
+                await self._verify(members, my_hash, digest)
+                phases["verify"] = time.perf_counter() - t2 - phases["all_gather"]
+                announcer.cancel_scope.cancel()
+        return MergeOutcome(
+            my_hash,
+            [str(p) for p in members],
+            len(self.plan),
+            [s.index for s in owned],
+            time.perf_counter() - t0,
+            phases,
+        )
+
+    async def wait_all_done(self, members: list[str]) -> bool:
+        """After verifying: wait (bounded) until every member reports phase 'done'."""
+        others = [p for p in self.membership.peers if str(p) in members and p != self.me]
+
+        def all_done() -> bool:
+            return all(self.membership.peers[p].phase == "done" for p in others)
+
+        return await self.membership.wait_until(all_done, DONE_GRACE_S)
+
+    async def _bounded(self, shards: list[Shard], fn) -> None:  # type: ignore[no-untyped-def]
+        limiter = trio.CapacityLimiter(SHARD_PARALLELISM)
+
+        async def one(s: Shard) -> None:
+            async with limiter:
+                await fn(s)
+
+        async with trio.open_nursery() as nursery:
+            for s in shards:
+                nursery.start_soon(one, s)
+
+    # ------------------------------------------------------------------ 1. agreement
+    async def _agree(self, announcer: trio.Nursery) -> list[ID]:
+        by_str = {str(p): p for p in self.run_members}
+        me = str(self.me)
+        while True:
+            view = sorted({str(p) for p in self.membership.alive() if p in self.run_members} | {me})
+            adopted = self._committed_including(me)
+            proposal = list(adopted) if adopted is not None else view
+            m = self._m(proposal)
+            agreed = all(
+                self.proposals.get(by_str[p], ((), 0, False))[:2] == (tuple(proposal), m)
+                for p in proposal
+                if p != me
+            )
+            committed = agreed and len(proposal) >= self.quorum
+            await self.membership.publish(
+                "merge.ready", members=proposal, shards=m, committed=committed
+            )
+            if committed:
+                announcer.start_soon(self._keep_announcing, proposal, m)
+                return [by_str[p] for p in proposal]
+            with trio.move_on_after(HEARTBEAT_S):
+                await self.membership.wait_changed()
+
+    def _committed_including(self, me: str) -> tuple[str, ...] | None:
+        for members, _, committed in self.proposals.values():
+            if committed and me in members:
+                return members
+        return None
+
+    async def _keep_announcing(self, proposal: list[str], m: int) -> None:
+        """Keep the committed proposal visible for members still converging."""
+        while True:
+            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+            await self.membership.publish("merge.ready", members=proposal, shards=m, committed=True)
+
+    # ------------------------------------------------------------------ 3. reduce
+    async def _reduce(self, shard: Shard, members: list[bytes]) -> None:
+        pieces = shard.pieces(self.piece_elems)
+        reducer = CanonicalReducer(
+            members, [(lo - shard.lo, hi - shard.lo) for lo, hi in pieces], self.window
+        )
+        try:
+            for member in members:
+                await self._pull_member(shard, member, pieces, reducer)
+            self.results[shard.index] = await trio.to_thread.run_sync(reducer.result)
+        except FflError as e:
+            self.failed[shard.index] = f"shard {shard.index}: {e}"
+            raise MergeError(f"shard {shard.index} reduction failed: {e}") from e
+        finally:
+            self.result_ready[shard.index].set()
+
+    async def _pull_member(
+        self,
+        shard: Shard,
+        member: bytes,
+        pieces: list[tuple[int, int]],
+        reducer: CanonicalReducer,
+    ) -> None:
+        piece_of = {lo: k for k, (lo, _) in enumerate(pieces)}
+        if member == self.me.to_bytes():
+            assert self.premerge is not None
+            for k, (lo, hi) in enumerate(pieces):
+                reducer.add(
+                    member, k, await trio.to_thread.run_sync(self.premerge.read_flat, lo, hi)
+                )
+            return
+        requests = [bulk.Request(MERGE_ROUND, "premerge", shard.index, lo, hi) for lo, hi in pieces]
+
+        def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            reducer.add(member, piece_of[req.lo], arrays["values"])
+
+        peer = ID(member)
+        for attempt in range(1, PULL_ATTEMPTS + 1):
+            done = [k for k, n in enumerate(reducer.next) if n > reducer.position[member]]
+            todo = [r for r in requests if piece_of[r.lo] not in done]
+            try:
+                await bulk.pull(
+                    self.host,
+                    peer,
+                    MERGE_PROTOCOL,
+                    self.run_id,
+                    todo,
+                    on_piece,
+                    self.traffic,
+                    window=self.window,
+                    wait_s=self.timeout_s / 2,
+                    expected_bytes=4 * shard.numel,
+                )
+                return
+            except FflError as e:
+                if attempt == PULL_ATTEMPTS:
+                    raise MergeError(
+                        f"member {short_peer(str(peer))} did not deliver shard {shard.index} "
+                        f"after {PULL_ATTEMPTS} attempts: {e}"
+                    ) from e
+                log.warning(
+                    "merge: pulling shard %d from %s failed (%s); retrying",
+                    shard.index,
+                    short_peer(str(peer)),
+                    e,
+                )
+                await trio.sleep(PULL_RETRY_DELAY_S)  # back-off before a retry
+
+    # ------------------------------------------------------------------ 4. gather
+    async def _gather(self, shard: Shard, writer: AtomicSafetensorsWriter) -> None:
+        if shard.owner == self.me.to_bytes():
+            await self.result_ready[shard.index].wait()
+            if shard.index in self.failed:
+                raise MergeError(self.failed[shard.index])
+            await trio.to_thread.run_sync(writer.write_flat, shard.lo, self.results[shard.index])
+            return
+        requests = [
+            bulk.Request(MERGE_ROUND, "merged", shard.index, lo, hi)
+            for lo, hi in shard.pieces(self.piece_elems)
+        ]
+
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            values = arrays["values"]
+            if values.shape != (req.hi - req.lo,):
+                raise MergeError(
+                    f"shard {shard.index}: piece of {values.shape[0]} elements "
+                    f"for [{req.lo}, {req.hi})"
+                )
+            await trio.to_thread.run_sync(writer.write_flat, req.lo, values)
+
+        owner = ID(shard.owner)
+        try:
+            await bulk.pull(
+                self.host,
+                owner,
+                MERGE_PROTOCOL,
+                self.run_id,
+                requests,
+                on_piece,
+                self.traffic,
+                window=self.window,
+                wait_s=self.timeout_s,
+                expected_bytes=4 * shard.numel,
+            )
+        except FflError as e:
+            raise MergeError(f"shard {shard.index} from owner {short_peer(str(owner))}: {e}") from e
+
+    # ------------------------------------------------------------------ 5. verify
+    async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
+        await self.membership.publish("merge.hash", hash=my_hash, digest=digest)
+        others = [p for p in members if p != self.me]
+
+        def have_all() -> bool:
+            return all(p in self.hashes for p in others)
+
+        async def republish() -> None:
+            while True:
+                await trio.sleep(HEARTBEAT_S)  # a period: late joiners need our hash too
+                await self.membership.publish("merge.hash", hash=my_hash, digest=digest)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(republish)
+            await self.membership.wait_until(have_all, self.timeout_s)
+            nursery.cancel_scope.cancel()
+        missing = [short_peer(str(p)) for p in others if p not in self.hashes]
+        if missing:
+            raise MergeError(f"no merged hash from {', '.join(missing)}")
+        wrong = [
+            f"{short_peer(str(p))}={self.hashes[p][0][:12]}"
+            for p in others
+            if self.hashes[p] != (my_hash, digest)
+        ]
+        if wrong:
+            raise MergeError(
+                f"merged hashes disagree: ours {my_hash[:12]} (members {digest[:8]}), "
+                f"theirs {', '.join(wrong)}"
+            )
