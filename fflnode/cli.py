@@ -1,0 +1,43 @@
+"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fflnode", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a node daemon from a TOML config")
+    run.add_argument("--config", required=True, help="path to the node's TOML config")
+
+    tn = sub.add_parser("testnet", help="launch N local nodes, train, merge, report")
+    from fflnode.testnet import add_arguments
+
+    add_arguments(tn)
+
+    sub.add_parser("doctor", help="report the environment: backends, libraries, limits")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from fflnode import daemon
+
+        daemon.exit_now(daemon.main(args.config))
+    if args.command == "testnet":
+        from fflnode import testnet
+
+        return testnet.main(args)
+    if args.command == "doctor":
+        from fflnode import doctor
+
+        return doctor.main()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

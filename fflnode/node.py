@@ -1,0 +1,385 @@
+"""One node: one process, one trio event loop, one nursery owning everything.
+
+Lifecycle of `Node.run`:
+  identity -> libp2p host listening -> pubsub + membership -> READY=1 -> bootstrap dials
+  -> start barrier (the run's `nodes` participants seen) -> R rounds of
+  [inner steps -> encode Delta -> neighbours pull it / we pull theirs -> mix -> outer step]
+  -> premerge.safetensors -> final merge -> merged.safetensors, hash agreed -> result.json.
+
+Rules: CPU-heavy work (training steps, encoding, evaluation, hashing) runs in worker
+threads so the loop keeps answering peers and heartbeating; every wait has a deadline;
+leaving `run` by error or cancellation tears the whole nursery down, host included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import numpy as np
+import torch
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from fflnode.codecs import make_codec
+from fflnode.config import Config
+from fflnode.errors import ConfigError, FflError, MergeError, short_peer
+from fflnode.exchange import SHARD_PROTOCOL, Gossip
+from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
+from fflnode.p2p import identity, streams
+from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.host import build_host, build_pubsub
+from fflnode.p2p.membership import Membership
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
+from fflnode.sdnotify import Notifier, watchdog_interval_s
+from fflnode.tensors import FlatLayout
+from fflnode.train import topology
+from fflnode.train.trainer import LocalTrainer, evaluate, node_trainer, settings_from, test_split
+
+log = logging.getLogger(__name__)
+
+NODE_FILE = "node.json"
+RESULT_FILE = "result.json"
+PREMERGE_FILE = "premerge.safetensors"
+MERGED_FILE = "merged.safetensors"
+# Bootstrap peers may start after us (a testnet starts nodes one by one): redial with
+# back-off, starting at 0.5 s and capped at 5 s, until the start barrier's deadline.
+DIAL_BACKOFF_S = (0.5, 5.0)
+SYNTHETIC_ROWS = 1024  # synthetic model tensors are [1024, cols] float32
+SYNTHETIC_TENSOR_ELEMS = 1 << 20  # 4 MiB tensors: like a transformer's weight matrices
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    loss: float
+    test_accuracy: float
+    neighbours: int
+    received: int
+    missing: list[str]
+    bytes_out: int
+    consensus_gap: float
+    seconds: float
+
+
+@dataclass
+class NodeReport:
+    peer_id: str
+    partition_index: int
+    train_samples: int
+    rounds: list[RoundRecord] = field(default_factory=list)
+    test_accuracy_before_merge: float | None = None
+    merged_test_accuracy: float | None = None
+    merged_hash: str | None = None
+    merge: dict[str, Any] | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    traffic: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    error: str | None = None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def synthetic_layout(megabytes: float) -> FlatLayout:
+    """A float32 model of about `megabytes` MB in 4 MiB [1024, 1024] tensors."""
+    total = max(1, int(megabytes * 1e6) // 4)
+    shapes: dict[str, tuple[int, ...]] = {}
+    i = 0
+    while total > 0:
+        n = min(total, SYNTHETIC_TENSOR_ELEMS)
+        shapes[f"layer.{i:04d}.weight"] = (
+            (SYNTHETIC_ROWS, n // SYNTHETIC_ROWS) if n % SYNTHETIC_ROWS == 0 else (n,)
+        )
+        total -= n
+        i += 1
+    return FlatLayout.from_shapes(shapes)
+
+
+def write_synthetic(path: Path, layout: FlatLayout, seed: int, part: int) -> None:
+    """Seeded random weights written piece by piece: never the whole model in memory."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + part)
+    with AtomicSafetensorsWriter.for_flat(path, layout) as w:
+        for lo in range(0, layout.numel, SYNTHETIC_TENSOR_ELEMS):
+            hi = min(lo + SYNTHETIC_TENSOR_ELEMS, layout.numel)
+            w.write_flat(lo, torch.randn(hi - lo, generator=gen))
+        w.commit()
+
+
+class Node:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.data_dir = cfg.data_dir
+        self.traffic = Traffic()
+        self.trainer: LocalTrainer | None = None
+        self.report: NodeReport | None = None
+        self.listening = trio.Event()
+        self.addrs: list[str] = []
+        self.peer_id: ID | None = None
+
+    # ----------------------------------------------------------------------- run
+    async def run(self) -> NodeReport:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key_pair = identity.load_or_create(self.data_dir)
+        host = build_host(key_pair)
+        self.peer_id = host.get_id()
+        me = self.peer_id
+        layout, train_samples = await trio.to_thread.run_sync(self._prepare_model)
+        report = self.report = NodeReport(str(me), cfg.train.partition_index, train_samples)
+        try:
+            listen = [multiaddr.Multiaddr(a) for a in cfg.node.listen]
+        except Exception as e:  # multiaddr raises assorted types
+            raise ConfigError(f"{cfg.source}: node.listen has an invalid address: {e}") from None
+        pubsub, router = build_pubsub(host, cfg.run.nodes)
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(host.run(listen))
+            await stack.enter_async_context(background_trio_service(pubsub))
+            await stack.enter_async_context(background_trio_service(router))
+            await pubsub.wait_until_ready()
+            async with trio.open_nursery() as nursery:
+                membership = Membership(host, pubsub, cfg.run.run_id, self.traffic.reject)
+                await nursery.start(membership.run)
+                self.addrs = [str(a) for a in host.get_addrs()]
+                write_json_atomic(
+                    self.data_dir / NODE_FILE,
+                    {"peer_id": str(me), "addrs": self.addrs, "pid": os.getpid()},
+                )
+                self.notifier.ready(f"listening on {', '.join(self.addrs)}")
+                self.listening.set()
+                log.info("node %s listening on %s", me, ", ".join(self.addrs))
+                nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._bootstrap, host)
+                members = await self._start_barrier(membership)
+                merge = MergeSession(
+                    host,
+                    membership,
+                    cfg.run.run_id,
+                    members,
+                    layout,
+                    shards=cfg.merge.shards,
+                    quorum=cfg.merge.quorum,
+                    window=cfg.merge.window,
+                    piece_elems=cfg.merge.piece_elems,
+                    timeout_s=cfg.merge.timeout_s,
+                    traffic=self.traffic,
+                )
+                host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
+                if self.trainer is not None:
+                    gossip = self._gossip(host, members)
+                    host.set_stream_handler(SHARD_PROTOCOL, gossip.handle)
+                membership.phase = "train"
+                for r in range(cfg.run.rounds):
+                    report.rounds.append(await self._round(r, membership, gossip))
+                premerge = self.data_dir / PREMERGE_FILE
+                await trio.to_thread.run_sync(self._write_premerge, premerge, layout)
+                if self.trainer is not None:
+                    report.test_accuracy_before_merge = self.trainer.accuracy(test_split())
+                membership.phase = "merge"
+                self.notifier.status("merging")
+                outcome = await merge.run(premerge, self.data_dir / MERGED_FILE)
+                self._record_merge(report, outcome)
+                membership.phase = "done"
+                await membership.beat_now()
+                self.notifier.status(f"merged {outcome.hash[:16]} with {len(outcome.members)}")
+                if not await merge.wait_all_done(outcome.members):
+                    log.warning("not every member reported done within the grace period")
+                if self.trainer is not None:
+                    report.merged_test_accuracy = await trio.to_thread.run_sync(
+                        self._merged_accuracy, self.data_dir / MERGED_FILE, layout
+                    )
+                nursery.cancel_scope.cancel()
+        report.wall_seconds = time.perf_counter() - t0
+        self._finish(report)
+        return report
+
+    def _finish(self, report: NodeReport) -> None:
+        report.bytes_sent = self.traffic.total_sent
+        report.bytes_received = self.traffic.total_received
+        report.traffic = {
+            "sent": dict(self.traffic.sent),
+            "received": dict(self.traffic.received),
+            "rejected": dict(self.traffic.rejected),
+        }
+        report.peak_rss_mb = peak_rss_mb()
+        write_json_atomic(self.data_dir / RESULT_FILE, asdict(report))
+
+    def record_failure(self, error: BaseException) -> None:
+        """Write result.json for a run that failed, so the failure is on record."""
+        if self.report is None:
+            self.report = NodeReport(str(self.peer_id or ""), self.cfg.train.partition_index, 0)
+        self.report.error = f"{type(error).__name__}: {error}"
+        self._finish(self.report)
+
+    # ----------------------------------------------------------------------- parts
+    def _prepare_model(self) -> tuple[FlatLayout, int]:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.train.threads)
+        if cfg.train.task == "synthetic":
+            if cfg.run.rounds:
+                raise ConfigError(f"{cfg.source}: train.task 'synthetic' needs run.rounds = 0")
+            return synthetic_layout(cfg.train.synthetic_mb), 0
+        settings = settings_from(cfg.train, cfg.run.seed)
+        self.trainer = node_trainer(
+            settings, cfg.train.partition_index, cfg.run.nodes, cfg.train.alpha
+        )
+        return FlatLayout.of(self.trainer.state_tensors()), len(self.trainer.data)
+
+    def _gossip(self, host: Any, members: list[ID]) -> Gossip:
+        """The exchange over this run's fixed topology (drawn once from the run seed)."""
+        assert self.trainer is not None
+        e, run = self.cfg.exchange, self.cfg.run
+        params: dict[str, Any] = {}
+        if e.codec == "holo":
+            params["bits"] = e.bits
+        elif e.codec in ("topk", "sketch"):
+            params["ratio"] = e.ratio
+        by_bytes = {p.to_bytes(): p for p in members}
+        me = host.get_id().to_bytes()
+        neighbours = [
+            by_bytes[b]
+            for b in topology.neighbours(run.topology, list(by_bytes), me, 0, run.seed, run.degree)
+        ]
+        log.info("neighbours: %s", ", ".join(short_peer(str(p)) for p in neighbours))
+        return Gossip(
+            host,
+            run.run_id,
+            run.seed,
+            make_codec(e.codec, **params),
+            initial=self.trainer.flat(),
+            neighbours=neighbours,
+            gamma=e.gamma,
+            chunk_elems=e.chunk_elems,
+            round_timeout_s=e.round_timeout_s,
+            traffic=self.traffic,
+        )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a stalled loop stops the pings."""
+        interval = watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)  # a period, not synchronisation
+
+    async def _bootstrap(self, host: Any) -> None:
+        pending = list(self.cfg.node.bootstrap)
+        delay = DIAL_BACKOFF_S[0]
+        while pending:
+            for addr in list(pending):
+                try:
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+                except Exception as e:  # multiaddr raises assorted types
+                    raise ConfigError(
+                        f"{self.cfg.source}: node.bootstrap {addr!r} is not a /p2p/ multiaddr: {e}"
+                    ) from None
+                try:
+                    with trio.fail_after(streams.RPC_SLACK_S):
+                        await host.connect(info)
+                    pending.remove(addr)
+                    log.info("connected to bootstrap peer %s", short_peer(str(info.peer_id)))
+                except (trio.TooSlowError, *streams.STREAM_ERRORS) as e:
+                    log.debug("bootstrap %s not reachable yet: %s", addr, e)
+                    # A restarted peer is held in the dial negative cache for 60 s.
+                    host.get_network().unblock_peer(info.peer_id)
+            if pending:
+                await trio.sleep(delay)  # back-off between redials
+                delay = min(delay * 2, DIAL_BACKOFF_S[1])
+
+    async def _start_barrier(self, membership: Membership) -> list[ID]:
+        need = self.cfg.run.nodes - 1
+        self.notifier.status(f"waiting for {need} peers")
+        ok = await membership.wait_until(
+            lambda: len(membership.alive()) >= need, self.cfg.run.start_timeout_s
+        )
+        if not ok:
+            raise FflError(
+                f"start: saw {len(membership.alive())} of the {need} peers run "
+                f"{self.cfg.run.run_id!r} expects within {self.cfg.run.start_timeout_s:.0f} s; "
+                "check node.bootstrap, and that every node has the same run_id"
+            )
+        others = sorted(membership.alive(), key=lambda p: p.to_bytes())[:need]
+        members = sorted([*others, membership.me], key=lambda p: p.to_bytes())
+        log.info("run starts with %d members", len(members))
+        return members
+
+    async def _round(self, r: int, membership: Membership, gossip: Gossip) -> RoundRecord:
+        assert self.trainer is not None
+        trainer = self.trainer
+        t0 = time.perf_counter()
+        membership.round = r
+        theta_start = trainer.flat()
+        loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
+        theta_local = trainer.flat()
+        published = await trio.to_thread.run_sync(gossip.encode, r, theta_local)
+        gossip.publish(r, published)
+        theta_mix, rep = await gossip.gather(r, theta_local)
+        await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_mix)
+        acc = await trio.to_thread.run_sync(trainer.accuracy, test_split())
+        status = (
+            f"round {r + 1}/{self.cfg.run.rounds} loss {loss:.3f} acc {acc:.3f} "
+            f"neighbours {rep.received}/{rep.neighbours} gap {rep.consensus_gap:.2e}"
+        )
+        self.notifier.status(status)
+        log.info(status)
+        return RoundRecord(
+            r,
+            loss,
+            acc,
+            rep.neighbours,
+            rep.received,
+            rep.missing,
+            rep.bytes_out,
+            rep.consensus_gap,
+            time.perf_counter() - t0,
+        )
+
+    def _write_premerge(self, path: Path, layout: FlatLayout) -> None:
+        if self.trainer is not None:
+            save_tensors(path, self.trainer.state_tensors(), {"fflnode.run": self.cfg.run.run_id})
+        else:
+            write_synthetic(path, layout, self.cfg.run.seed, self.cfg.train.partition_index)
+
+    def _merged_accuracy(self, path: Path, layout: FlatLayout) -> float:
+        assert self.trainer is not None
+        with SafetensorsFile(path) as f:
+            flat = torch.from_numpy(np.ascontiguousarray(f.read_flat(0, layout.numel)))
+        self.trainer.load_flat(flat)
+        return evaluate(self.trainer.model, test_split())
+
+    @staticmethod
+    def _record_merge(report: NodeReport, outcome: MergeOutcome) -> None:
+        report.merged_hash = outcome.hash
+        report.merge = {
+            "members": outcome.members,
+            "shards": outcome.shards,
+            "owned": outcome.owned,
+            "seconds": outcome.seconds,
+            "phases": outcome.phase_seconds,
+        }
+
+
+__all__ = ["MergeError", "Node", "NodeReport"]

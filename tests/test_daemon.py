@@ -1,0 +1,136 @@
+"""`fflnode run` as a service: notify protocol, signals, identity across restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fflnode_cmd
+
+SHUTDOWN_LIMIT_S = 5.0  # the brief: SIGINT/SIGTERM shut down cleanly within 5 s
+STARTUP_TIMEOUT_S = 60.0  # imports torch and libp2p on a shared 2-core machine
+
+
+def write_config(tmp_path: Path, nodes: int = 2) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f"""
+[node]
+data_dir = "{tmp_path / 'data'}"
+listen = ["/ip4/127.0.0.1/tcp/0"]
+[run]
+run_id = "daemon-test"
+seed = 1
+nodes = {nodes}
+rounds = 1
+start_timeout_s = 600
+"""
+    )
+    return cfg
+
+
+def notifications(sock: socket.socket, until: str, timeout_s: float) -> list[dict[str, str]]:
+    """Datagrams received until one carries `until` (e.g. READY=1)."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        got.append(fields)
+        key, value = until.split("=", 1)
+        if fields.get(key) == value:
+            return got
+    raise AssertionError(f"no {until} within {timeout_s} s; got {got}")
+
+
+def start(cfg: Path, notify_path: str) -> subprocess.Popen:
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+    return subprocess.Popen(
+        fflnode_cmd("run", "--config", str(cfg)), cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ready_then_clean_shutdown_on_signal(tmp_path: Path, notify_socket, sig):
+    path, sock = notify_socket
+    cfg = write_config(tmp_path)
+    proc = start(cfg, path)
+    try:
+        ready = notifications(sock, "READY=1", STARTUP_TIMEOUT_S)[-1]
+        assert ready["MAINPID"] == str(proc.pid)
+        assert "listening on /ip4/127.0.0.1/tcp/" in ready["STATUS"]
+        key = tmp_path / "data" / "identity.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        node = json.loads((tmp_path / "data" / "node.json").read_text())
+        assert node["pid"] == proc.pid
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(timeout=SHUTDOWN_LIMIT_S + 5)
+        elapsed = time.monotonic() - t0
+        assert elapsed < SHUTDOWN_LIMIT_S, f"shutdown took {elapsed:.1f} s"
+        assert code == 128 + sig
+        assert any(n.get("STOPPING") == "1" for n in notifications(sock, "STOPPING=1", 5))
+        assert children_of(proc.pid) == []
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_identity_survives_restart(tmp_path: Path, notify_socket):
+    path, sock = notify_socket
+    cfg = write_config(tmp_path)
+    ids = []
+    for _ in range(2):
+        proc = start(cfg, path)
+        try:
+            notifications(sock, "READY=1", STARTUP_TIMEOUT_S)
+            ids.append(json.loads((tmp_path / "data" / "node.json").read_text())["peer_id"])
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=SHUTDOWN_LIMIT_S + 5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert ids[0] == ids[1] and ids[0].startswith("12D3KooW")
+
+
+def test_unsafe_identity_permissions_refused_with_exit_2(tmp_path: Path, notify_socket):
+    path, sock = notify_socket
+    cfg = write_config(tmp_path)
+    (tmp_path / "data").mkdir()
+    from fflnode.p2p.identity import load_or_create
+
+    load_or_create(tmp_path / "data")
+    (tmp_path / "data" / "identity.key").chmod(0o644)
+    proc = start(cfg, path)
+    out, err = proc.communicate(timeout=STARTUP_TIMEOUT_S)
+    assert proc.returncode == 2
+    assert b"chmod 600" in err and b"Traceback" not in err

@@ -1,0 +1,49 @@
+"""A short multi-process testnet: real processes, real sockets, checked report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from libp2p.peer.id import ID
+
+from tests.conftest import REPO, fflnode_cmd
+
+TESTNET_TIMEOUT_S = 300  # 3 nodes x 3 short rounds take ~30 s here; generous for CI
+
+
+@pytest.mark.slow
+def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
+    out = tmp_path / "net"
+    proc = subprocess.run(
+        fflnode_cmd("testnet", "--nodes", "3", "--rounds", "3", "--local-steps", "5",
+                    "--out", str(out)),
+        cwd=REPO, capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hashes agree with the reference" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True
+    merge = report["merge"]
+    assert merge["hashes_agree"] and merge["files_equal_reference"]
+    assert len(merge["reference_hash"]) == 64
+    assert merge["shards"] == 3 and len(merge["participants"]) == 3
+    assert 0.0 <= merge["merged_test_accuracy"] <= 1.0
+    assert report["centralized"]["steps"] == 3 * 3 * 5
+    peer_ids = set()
+    for name in ("node0", "node1", "node2"):
+        node = report["nodes"][name]
+        peer_ids.add(node["peer_id"])
+        ID.from_base58(node["peer_id"])  # a real peer ID
+        assert node["exit_code"] == 0
+        assert node["merged_hash"] == merge["reference_hash"]
+        assert 0.0 <= node["test_accuracy_before_merge"] <= 1.0
+        assert node["bytes_sent"] > 0 and node["bytes_received"] > 0
+        assert len(node["rounds"]) == 3
+        for f in ("premerge.safetensors", "merged.safetensors", "node.log", "node.toml"):
+            assert (out / name / f).exists(), f
+    assert sorted(peer_ids) == sorted(merge["participants"])
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert report["wall_seconds"] > 0
