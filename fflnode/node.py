@@ -206,6 +206,7 @@ class Node:
                 self.notifier.status(f"merged {outcome.hash[:16]} with {len(outcome.members)}")
                 if not await merge.wait_all_done(outcome.members):
                     log.warning("not every member reported done within the grace period")
+                merge.close()
                 if self.trainer is not None:
                     report.merged_test_accuracy = await trio.to_thread.run_sync(
                         self._merged_accuracy, self.data_dir / MERGED_FILE, layout

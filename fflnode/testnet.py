@@ -131,8 +131,9 @@ class Testnet:
         if self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True)
+        self.timed_out = False
         try:
-            with trio.fail_after(RUN_DEADLINE_S):
+            with trio.move_on_after(RUN_DEADLINE_S) as deadline:
                 async with trio.open_nursery() as nursery:
                     if not self.args.no_baseline and self.args.task == "digits":
                         nursery.start_soon(self._baseline)
@@ -141,6 +142,9 @@ class Testnet:
                     async with trio.open_nursery() as launching:  # the rest start together
                         for proc in self.procs[1:]:
                             launching.start_soon(self._launch, nursery, proc, boot[:1])
+            if deadline.cancelled_caught:
+                self.timed_out = True
+                self.say(f"  testnet: not finished within {RUN_DEADLINE_S:.0f} s; nodes stopped")
         finally:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
         wall = time.perf_counter() - t0
@@ -199,11 +203,12 @@ class Testnet:
     async def _baseline(self) -> None:
         import torch
 
-        from fflnode.train.trainer import TrainSettings, train_centralized
+        from fflnode.train.trainer import settings_from, train_centralized
 
         a = self.args
         steps = a.nodes * a.rounds * a.local_steps
-        settings = TrainSettings(a.model, 64, a.seed, a.local_steps, 32, 3e-3, 1.0, 0.0)
+        # The nodes' own training settings: same model, batch and inner optimizer.
+        settings = settings_from(node_config(a, 0, self.out, []).train, a.seed)
         t0 = time.perf_counter()
         torch.set_num_threads(1)  # one core for the baseline, like each node
         acc, _ = await trio.to_thread.run_sync(train_centralized, settings, steps)

@@ -213,6 +213,11 @@ class MergeSession:
             phases,
         )
 
+    def close(self) -> None:
+        """Release the premerge file once no member can need it (after wait_all_done)."""
+        if self.premerge is not None:
+            self.premerge.close()
+
     async def wait_all_done(self, members: list[str]) -> bool:
         """After verifying: wait (bounded) until every member reports phase 'done'."""
         others = [p for p in self.membership.peers if str(p) in members and p != self.me]
