@@ -28,6 +28,11 @@ class HalfPrecision(Codec):
         return torch.from_numpy(enc.parts["values"].astype(np.float32))
 
 
+async def one_round(g: Gossip, r: int, local: torch.Tensor, pid, mixed: dict, reports: dict):
+    g.publish(r, await trio.to_thread.run_sync(g.encode, r, local))
+    mixed[pid], reports[pid] = await g.gather(r, local)
+
+
 async def gossip_rounds(codec: Codec, rounds: int, topo: str):
     async with peers(4) as ps:
         members = sorted((p.id for p in ps), key=lambda i: i.to_bytes())
@@ -37,8 +42,16 @@ async def gossip_rounds(codec: Codec, rounds: int, topo: str):
         for p in ps:
             nb = [by[b] for b in neighbours(topo, list(by), p.id.to_bytes(), 0, 1, 2)]
             g = Gossip(
-                p.host, "test-run", 1, codec, initial=init, neighbours=nb, gamma=1.0,
-                chunk_elems=CHUNK, round_timeout_s=ROUND_TIMEOUT_S, traffic=p.traffic,
+                p.host,
+                "test-run",
+                1,
+                codec,
+                initial=init,
+                neighbours=nb,
+                gamma=1.0,
+                chunk_elems=CHUNK,
+                round_timeout_s=ROUND_TIMEOUT_S,
+                traffic=p.traffic,
             )
             p.host.set_stream_handler(SHARD_PROTOCOL, g.handle)
             gossips[p.id] = g
@@ -49,16 +62,12 @@ async def gossip_rounds(codec: Codec, rounds: int, topo: str):
                 for i, pid in enumerate(members)
             }
             mixed, reports = {}, {}
-
-            async def one(pid):
-                g = gossips[pid]
-                g.publish(r, await trio.to_thread.run_sync(g.encode, r, local[pid]))
-                mixed[pid], reports[pid] = await g.gather(r, local[pid])
-
             with trio.fail_after(ROUND_TIMEOUT_S):
                 async with trio.open_nursery() as nursery:
                     for pid in members:
-                        nursery.start_soon(one, pid)
+                        nursery.start_soon(
+                            one_round, gossips[pid], r, local[pid], pid, mixed, reports
+                        )
             history.append((local, mixed, reports))
         return gossips, history
 
@@ -72,7 +81,8 @@ async def test_copies_match_their_owner_bit_for_bit_with_a_lossy_codec():
         local = history[-1][0][pid]
         assert not torch.equal(g.public, local)
         assert float((g.public - local).norm() / local.norm()) < 1e-3
-    assert all(rep.received == rep.neighbours == 2 for _, _, reps in history for rep in reps.values())
+    reports = [rep for _, _, reps in history for rep in reps.values()]
+    assert all(rep.received == rep.neighbours == 2 for rep in reports)
 
 
 async def test_exact_codec_mix_is_the_neighbourhood_average():
