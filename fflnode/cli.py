@@ -19,10 +19,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(tn)
 
     sub.add_parser("doctor", help="report the environment: backends, libraries, limits")
+
+    sk = sub.add_parser(
+        "sketch", help="sketch a safetensors model of any size with bounded memory",
+        add_help=False,
+    )
+    sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")
+
+    bench = sub.add_parser("bench", help="benchmarks: `fflnode bench io FILE`")
+    bench.add_argument("what", choices=["io"], help="io: Prism read backends vs the rest")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="FILE [options]; --help")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Commands that own their arguments get them untouched (argparse's REMAINDER
+    # mis-parses a leading option such as --help).
+    if argv[:1] == ["sketch"]:
+        from fflnode.sketch import model_sketch
+
+        return model_sketch.main(argv[1:])
+    if argv[:2] == ["bench", "io"]:
+        from fflnode.prism import bench
+
+        return bench.main(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         from fflnode import daemon
