@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="report the environment: backends, libraries, limits")
 
+    st = sub.add_parser("status", help="ask a running node how it is doing")
+    from fflnode.status import add_arguments as status_arguments
+
+    status_arguments(st)
+
     sk = sub.add_parser(
         "sketch", help="sketch a safetensors model of any size with bounded memory",
         add_help=False,
@@ -53,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode import testnet
 
         return testnet.main(args)
+    if args.command == "status":
+        from fflnode import status
+
+        return status.main(args)
     if args.command == "doctor":
         from fflnode import doctor
 

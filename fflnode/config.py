@@ -33,6 +33,8 @@ class NodeSection:
     log_format: Literal["text", "json"] = "text"
     # Stay up after the run finished (serving merged weights) instead of exiting 0.
     linger: bool = False
+    # Prometheus endpoint "HOST:PORT" (port 0 picks one, written to node.json); "" = off.
+    metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Config:
 
 # Range checks: (dotted key, predicate, what the value must be).
 CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("node.metrics", lambda v: v == "" or _is_host_port(v), "empty or HOST:PORT"),
     ("run.nodes", lambda v: 1 <= v <= 1024, "between 1 and 1024"),
     ("run.rounds", lambda v: 0 <= v <= 100_000, "between 0 and 100000"),
     ("run.degree", lambda v: v >= 1, "at least 1"),
@@ -140,6 +143,16 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("merge.piece_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
     ("prism.pool_mb", lambda v: 1 <= v <= 65536, "between 1 and 65536"),
 ]
+
+
+def _is_host_port(v: str) -> bool:
+    host, _, port = v.rpartition(":")
+    return bool(host) and port.isdigit() and int(port) < 65536
+
+
+def split_host_port(v: str) -> tuple[str, int]:
+    host, _, port = v.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _type_name(tp: Any) -> str:

@@ -31,8 +31,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from fflnode import metrics
 from fflnode.codecs import make_codec
-from fflnode.config import Config
+from fflnode.config import Config, split_host_port
 from fflnode.errors import ConfigError, FflError, MergeError, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Gossip
 from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
@@ -137,6 +138,9 @@ class Node:
         self.listening = trio.Event()
         self.addrs: list[str] = []
         self.peer_id: ID | None = None
+        self.membership: Membership | None = None
+        self.merge_state = "pending"  # pending | running | done | failed
+        self.metrics_port: int | None = None
 
     # ----------------------------------------------------------------------- run
     async def run(self) -> NodeReport:
@@ -161,11 +165,22 @@ class Node:
             await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 membership = Membership(host, pubsub, cfg.run.run_id, self.traffic.reject)
+                self.membership = membership
                 await nursery.start(membership.run)
+                if cfg.node.metrics:
+                    mhost, mport = split_host_port(cfg.node.metrics)
+                    self.metrics_port = await nursery.start(
+                        metrics.serve, mhost, mport, self.metric_samples
+                    )
                 self.addrs = [str(a) for a in host.get_addrs()]
                 write_json_atomic(
                     self.data_dir / NODE_FILE,
-                    {"peer_id": str(me), "addrs": self.addrs, "pid": os.getpid()},
+                    {
+                        "peer_id": str(me),
+                        "addrs": self.addrs,
+                        "pid": os.getpid(),
+                        "metrics": f"{mhost}:{self.metrics_port}" if cfg.node.metrics else "",
+                    },
                 )
                 self.notifier.ready(f"listening on {', '.join(self.addrs)}")
                 self.listening.set()
@@ -199,7 +214,13 @@ class Node:
                     report.test_accuracy_before_merge = self.trainer.accuracy(test_split())
                 membership.phase = "merge"
                 self.notifier.status("merging")
-                outcome = await merge.run(premerge, self.data_dir / MERGED_FILE)
+                self.merge_state = "running"
+                try:
+                    outcome = await merge.run(premerge, self.data_dir / MERGED_FILE)
+                except BaseException:
+                    self.merge_state = "failed"
+                    raise
+                self.merge_state = "done"
                 self._record_merge(report, outcome)
                 membership.phase = "done"
                 await membership.beat_now()
@@ -215,6 +236,100 @@ class Node:
         report.wall_seconds = time.perf_counter() - t0
         self._finish(report)
         return report
+
+    def metric_samples(self) -> list[metrics.Sample]:
+        """The node's state as Prometheus samples, built at scrape time."""
+        S = metrics.Sample
+        m, rep = self.membership, self.report
+        last = rep.rounds[-1] if rep and rep.rounds else None
+        phases = ("join", "train", "merge", "done")
+        out = [
+            S(
+                "fflnode_round",
+                "gauge",
+                "rounds completed",
+                [({}, float(len(rep.rounds) if rep else 0))],
+            ),
+            S(
+                "fflnode_rounds_planned",
+                "gauge",
+                "rounds the run has",
+                [({}, float(self.cfg.run.rounds))],
+            ),
+            S(
+                "fflnode_phase",
+                "gauge",
+                "1 for the node's current phase",
+                [({"phase": ph}, float(m is not None and m.phase == ph)) for ph in phases],
+            ),
+            S(
+                "fflnode_peers_alive",
+                "gauge",
+                "run peers heard from recently",
+                [({}, float(len(m.alive()) if m else 0))],
+            ),
+            S(
+                "fflnode_bytes_sent_total",
+                "counter",
+                "bulk bytes sent, by protocol",
+                [({"protocol": k}, float(v)) for k, v in self.traffic.sent.items()],
+            ),
+            S(
+                "fflnode_bytes_received_total",
+                "counter",
+                "bulk bytes received, by protocol",
+                [({"protocol": k}, float(v)) for k, v in self.traffic.received.items()],
+            ),
+            S(
+                "fflnode_rejected_messages_total",
+                "counter",
+                "messages rejected, by reason",
+                [({"reason": k}, float(v)) for k, v in self.traffic.rejected.items()],
+            ),
+            S(
+                "fflnode_merge_state",
+                "gauge",
+                "1 for the merge's current state",
+                [
+                    ({"state": st}, float(self.merge_state == st))
+                    for st in ("pending", "running", "done", "failed")
+                ],
+            ),
+            S(
+                "fflnode_peak_rss_bytes",
+                "gauge",
+                "peak resident set size",
+                [({}, peak_rss_mb() * 1024 * 1024)],
+            ),
+        ]
+        if last is not None:
+            out += [
+                S(
+                    "fflnode_train_loss",
+                    "gauge",
+                    "mean inner loss of the last round",
+                    [({}, last.loss)],
+                ),
+                S(
+                    "fflnode_test_accuracy",
+                    "gauge",
+                    "test accuracy after the last round",
+                    [({}, last.test_accuracy)],
+                ),
+                S(
+                    "fflnode_consensus_gap",
+                    "gauge",
+                    "mean relative distance to neighbours",
+                    [({}, last.consensus_gap)],
+                ),
+                S(
+                    "fflnode_neighbours_missing",
+                    "gauge",
+                    "neighbours absent from the last mix",
+                    [({}, float(last.neighbours - last.received))],
+                ),
+            ]
+        return out
 
     def _finish(self, report: NodeReport) -> None:
         report.bytes_sent = self.traffic.total_sent

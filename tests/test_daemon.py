@@ -19,13 +19,14 @@ SHUTDOWN_LIMIT_S = 5.0  # the brief: SIGINT/SIGTERM shut down cleanly within 5 s
 STARTUP_TIMEOUT_S = 60.0  # imports torch and libp2p on a shared 2-core machine
 
 
-def write_config(tmp_path: Path, nodes: int = 2) -> Path:
+def write_config(tmp_path: Path, nodes: int = 2, metrics: str = "") -> Path:
     cfg = tmp_path / "node.toml"
     cfg.write_text(
         f"""
 [node]
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 listen = ["/ip4/127.0.0.1/tcp/0"]
+metrics = "{metrics}"
 [run]
 run_id = "daemon-test"
 seed = 1
@@ -58,8 +59,11 @@ def notifications(sock: socket.socket, until: str, timeout_s: float) -> list[dic
 def start(cfg: Path, notify_path: str) -> subprocess.Popen:
     env = dict(os.environ, NOTIFY_SOCKET=notify_path)
     return subprocess.Popen(
-        fflnode_cmd("run", "--config", str(cfg)), cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        fflnode_cmd("run", "--config", str(cfg)),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -134,3 +138,41 @@ def test_unsafe_identity_permissions_refused_with_exit_2(tmp_path: Path, notify_
     out, err = proc.communicate(timeout=STARTUP_TIMEOUT_S)
     assert proc.returncode == 2
     assert b"chmod 600" in err and b"Traceback" not in err
+
+
+def test_status_reads_a_running_node_through_its_metrics_endpoint(tmp_path: Path, notify_socket):
+    path, sock = notify_socket
+    cfg = write_config(tmp_path, metrics="127.0.0.1:0")
+    proc = start(cfg, path)
+    try:
+        notifications(sock, "READY=1", STARTUP_TIMEOUT_S)
+        out = subprocess.run(
+            fflnode_cmd("status", "--config", str(cfg)),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        node = json.loads((tmp_path / "data" / "node.json").read_text())
+        assert node["peer_id"] in out.stdout
+        assert "phase join, round 0/1, peers alive 0" in out.stdout
+        assert "merge: pending" in out.stdout
+        host, port = node["metrics"].rsplit(":", 1)
+        import trio
+
+        from fflnode import metrics
+
+        parsed = metrics.parse(trio.run(metrics.fetch, host, int(port)))
+        assert parsed["fflnode_peak_rss_bytes"][0][1] > 50e6
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=SHUTDOWN_LIMIT_S + 5)
+    gone = subprocess.run(
+        fflnode_cmd("status", "--config", str(cfg)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 1 and "no answer" in gone.stderr
