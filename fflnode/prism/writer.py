@@ -5,21 +5,33 @@ complete file, never a partial one, whatever moment the writer process dies at. 
 goes to a temporary file in the same directory; `commit` fsyncs it, renames it over
 `path` and fsyncs the directory. Tensors are written by byte range as they are produced
 (pwrite at their offsets), so memory stays bounded by the caller's chunk size.
+torch is imported only by callers that hand it tensors: writing raw bytes or numpy
+arrays never loads it.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fflnode.errors import FormatError
-from fflnode.prism.safetensors import TORCH_DTYPE_NAMES, TensorInfo, build_header
-from fflnode.tensors import FlatLayout, canonical_names
+from fflnode.prism.safetensors import (
+    TORCH_DTYPE_NAMES,
+    TensorInfo,
+    build_header,
+)
+from fflnode.tensors import canonical_names
+
+if TYPE_CHECKING:
+    import torch
+
+    from fflnode.tensors import FlatLayout
 
 TMP_PREFIX = ".tmp-"
 
@@ -32,8 +44,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _is_torch_tensor(data: object) -> bool:
+    # A torch tensor can only exist if torch was imported: no need to import it here.
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(data, torch_module.Tensor)
+
+
 def _bytes_of(data: torch.Tensor | np.ndarray | bytes | memoryview) -> memoryview:
-    if isinstance(data, torch.Tensor):
+    if _is_torch_tensor(data):
+        import torch  # already loaded: the caller handed us a tensor
+
         data = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
