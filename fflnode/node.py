@@ -39,7 +39,7 @@ from fflnode.exchange import SHARD_PROTOCOL, Gossip
 from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
-from fflnode.p2p.host import build_host, build_pubsub
+from fflnode.p2p.host import build_host, build_pubsub, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
@@ -159,7 +159,7 @@ class Node:
             raise ConfigError(f"{cfg.source}: node.listen has an invalid address: {e}") from None
         pubsub, router = build_pubsub(host, cfg.run.nodes)
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(host.run(listen))
+            await stack.enter_async_context(running_host(host, listen))
             await stack.enter_async_context(background_trio_service(pubsub))
             await stack.enter_async_context(background_trio_service(router))
             await pubsub.wait_until_ready()
@@ -362,6 +362,13 @@ class Node:
             settings, cfg.train.partition_index, cfg.run.nodes, cfg.train.alpha
         )
         return FlatLayout.of(self.trainer.state_tensors()), len(self.trainer.data)
+
+    def _store_options(self) -> dict[str, object]:
+        """Prism options from [prism]: the backend, and the depth the pool size allows."""
+        from fflnode.prism.stream import depth_for_pool
+
+        p = self.cfg.prism
+        return {"backend": p.backend, "depth": depth_for_pool(p.pool_mb << 20)}
 
     def _gossip(self, host: Any, members: list[ID]) -> Gossip:
         """The exchange over this run's fixed topology (drawn once from the run seed)."""

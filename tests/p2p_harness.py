@@ -15,7 +15,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from fflnode.p2p.bulk import Traffic
-from fflnode.p2p.host import build_host, build_pubsub
+from fflnode.p2p.host import build_host, build_pubsub, running_host
 from fflnode.p2p.membership import Membership
 
 MESH_TIMEOUT_S = 30.0  # bounded wait for every peer to hear every other's heartbeat
@@ -40,7 +40,8 @@ async def peers(n: int, run_id: str = "test-run") -> AsyncIterator[list[Peer]]:
         for _ in range(n):
             host = build_host(create_new_key_pair())
             pubsub, router = build_pubsub(host, n)
-            await stack.enter_async_context(host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+            await stack.enter_async_context(running_host(host, listen))
             await stack.enter_async_context(background_trio_service(pubsub))
             await stack.enter_async_context(background_trio_service(router))
             await pubsub.wait_until_ready()

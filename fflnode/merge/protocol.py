@@ -18,8 +18,9 @@ Theory of operation.
 5. Verify. Each node hashes its merged file, announces the hash with the digest of the
    member list, and waits for every member's. Any difference is a MergeError.
 
-Premerge pieces are served from the node's premerge file on disk, so serving costs one
-piece of memory per open request, whatever the model size.
+Premerge pieces are read from the node's premerge file through Prism (io_uring into a
+bounded slot pool), so serving costs one piece of memory per open request, whatever the
+model size; the merged file is hashed through it the same way.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from fflnode.merge.plan import Shard, canonical_members, plan
 from fflnode.merge.reduce import CanonicalReducer
 from fflnode.p2p import bulk
 from fflnode.p2p.membership import HEARTBEAT_S, Membership
-from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.store import TensorStore
 from fflnode.prism.writer import AtomicSafetensorsWriter
-from fflnode.tensors import FlatLayout
+from fflnode.tensors import FlatLayout, ModelHasher
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class MergeSession:
         piece_elems: int,
         timeout_s: float,
         traffic: bulk.Traffic,
+        store_options: dict[str, object] | None = None,
     ) -> None:
         self.host = host
         self.membership = membership
@@ -107,8 +109,9 @@ class MergeSession:
         self.piece_elems = piece_elems
         self.timeout_s = timeout_s
         self.traffic = traffic
+        self.store_options = dict(store_options or {})
         self.me = host.get_id()
-        self.premerge: SafetensorsFile | None = None
+        self.premerge: TensorStore | None = None
         self.premerge_ready = trio.Event()
         self.agreed: list[ID] | None = None
         self.agreed_event = trio.Event()
@@ -149,8 +152,7 @@ class MergeSession:
             raise bulk.Unavailable("bad-request", f"piece of {hi - lo} > {self.piece_elems}")
         if msg["what"] == "premerge":
             await self.premerge_ready.wait()
-            assert self.premerge is not None
-            values = await trio.to_thread.run_sync(self.premerge.read_flat, lo, hi)
+            values = await self._read_premerge(lo, hi)
         elif msg["what"] == "merged":
             shard = self.plan[j]
             if shard.owner != self.me.to_bytes():
@@ -168,9 +170,9 @@ class MergeSession:
     async def run(self, premerge_path: Path, out_path: Path) -> MergeOutcome:
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
-        self.premerge = SafetensorsFile(premerge_path)
-        if not self.premerge.header.is_canonical_flat():
-            raise MergeError(f"{premerge_path}: not a canonical float32 flat checkpoint")
+        self.premerge = TensorStore.open(premerge_path, **self.store_options)  # type: ignore[arg-type]
+        if not self.premerge.is_flat_float32() or self.premerge.numel != self.layout.numel:
+            raise MergeError(f"{premerge_path}: not the run's canonical float32 flat checkpoint")
         self.premerge_ready.set()
         with trio.fail_after(self.timeout_s):
             async with trio.open_nursery() as announcer:
@@ -199,8 +201,7 @@ class MergeSession:
                     await self._bounded(self.plan, lambda s: self._gather(s, writer))
                     await trio.to_thread.run_sync(writer.commit)
                 phases["all_gather"] = time.perf_counter() - t2
-                with SafetensorsFile(out_path) as merged:
-                    my_hash = await trio.to_thread.run_sync(merged.model_hash)
+                my_hash = await self._hash_file(out_path)
                 await self._verify(members, my_hash, digest)
                 phases["verify"] = time.perf_counter() - t2 - phases["all_gather"]
                 announcer.cancel_scope.cancel()
@@ -217,6 +218,24 @@ class MergeSession:
         """Release the premerge file once no member can need it (after wait_all_done)."""
         if self.premerge is not None:
             self.premerge.close()
+
+    async def _read_premerge(self, lo: int, hi: int) -> np.ndarray:
+        assert self.premerge is not None
+        out = np.empty(hi - lo, dtype=np.float32)
+        await self.premerge.read_into(lo, hi, out)
+        return out
+
+    async def _hash_file(self, path: Path) -> str:
+        """The model hash of a file, streamed through Prism chunk by chunk."""
+        hasher = ModelHasher()
+        async with TensorStore.open(path, **self.store_options) as store:  # type: ignore[arg-type]
+            for name in store.names():
+                hasher.begin_tensor(name)
+                async with store.tensor_chunks(name) as chunks:
+                    async for chunk in chunks:
+                        with chunk:
+                            hasher.update(chunk.data)  # ~1 ms per 1 MiB slot
+        return hasher.hexdigest()
 
     async def wait_all_done(self, members: list[str]) -> bool:
         """After verifying: wait (bounded) until every member reports phase 'done'."""
@@ -299,11 +318,8 @@ class MergeSession:
     ) -> None:
         piece_of = {lo: k for k, (lo, _) in enumerate(pieces)}
         if member == self.me.to_bytes():
-            assert self.premerge is not None
             for k, (lo, hi) in enumerate(pieces):
-                reducer.add(
-                    member, k, await trio.to_thread.run_sync(self.premerge.read_flat, lo, hi)
-                )
+                reducer.add(member, k, await self._read_premerge(lo, hi))
             return
         requests = [bulk.Request(MERGE_ROUND, "premerge", shard.index, lo, hi) for lo, hi in pieces]
 

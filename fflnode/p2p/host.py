@@ -9,9 +9,12 @@ Owns every py-libp2p knob fflnode turns, in one place:
 * GossipSub heartbeat at 1 s (the library default, 120 s, delays mesh formation by
   minutes) and a spam limit sized to the run (the default 10 msg/s per forwarding peer
   and topic silently drops a mesh's relayed heartbeats once a run has ~10 nodes).
-* The library's auto-connector (keep >= 50 connections by dialling every peer in the
-  peerstore every few seconds) is switched off: fflnode dials exactly the run's members
-  it learns from heartbeats, and a dead member must not be redialled in a loop.
+* The library's auto-connector (dial every peerstore peer until (low + high) / 2
+  connections, every 30 s) is stopped once the host runs: fflnode dials exactly the
+  run's members it learns from heartbeats, and a dead member must not be redialled in
+  a loop. ConnectionConfig alone cannot turn it off (its target stays 150).
+* Leaving `host.run` does not close the connections (peers keep seeing us for
+  seconds); `running_host` closes the host first.
 * The `libp2p` logger is routed into the node's logging (it is silent otherwise).
 """
 
@@ -19,11 +22,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 # Read by yamux at call time; set before the first host exists (DESIGN.md).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 import libp2p.stream_muxer.yamux.yamux as _yamux  # noqa: E402
+import multiaddr  # noqa: E402
+import trio  # noqa: E402
 from libp2p import new_host  # noqa: E402
 from libp2p.abc import IHost  # noqa: E402
 from libp2p.crypto.keys import KeyPair  # noqa: E402
@@ -39,6 +46,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa:
 YAMUX_MAX_MESSAGE_SIZE = 65519
 _yamux.MAX_MESSAGE_SIZE = YAMUX_MAX_MESSAGE_SIZE
 
+# Closing the host tells peers we are gone; it takes ~0.1 s, never more than this.
+HOST_CLOSE_TIMEOUT_S = 2.0
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
 GOSSIP_HEARTBEAT_S = 1  # mesh maintenance period; the library's default is 120 s
 # Mesh degree: the usual D=6 (D_lo 4, D_hi 12). Small runs simply have fewer peers.
@@ -62,6 +71,18 @@ def build_host(key_pair: KeyPair, *, psk: str | None = None) -> IHost:
         psk=psk,
         connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
     )
+
+
+@asynccontextmanager
+async def running_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> AsyncIterator[IHost]:
+    """`host.run(listen)` with the auto-connector stopped and the host closed on exit."""
+    async with host.run(listen):
+        await host.get_network().auto_connector.stop()  # type: ignore[attr-defined]
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT_S):
+                await host.close()
 
 
 def build_pubsub(host: IHost, run_nodes: int) -> tuple[Pubsub, GossipSub]:
