@@ -39,7 +39,7 @@ from fflnode.exchange import SHARD_PROTOCOL, Gossip
 from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
-from fflnode.p2p.host import build_host, build_pubsub, running_host
+from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
@@ -162,6 +162,10 @@ class Node:
             await stack.enter_async_context(running_host(host, listen))
             await stack.enter_async_context(background_trio_service(pubsub))
             await stack.enter_async_context(background_trio_service(router))
+            # Unwinding runs last-in first: close the host (no more inbound streams or
+            # messages) before pubsub's service stops, or a late announcement reaches a
+            # closed nursery and takes the swarm down with it.
+            stack.push_async_callback(close_host, host)
             await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 membership = Membership(host, pubsub, cfg.run.run_id, self.traffic.reject)

@@ -15,7 +15,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from fflnode.p2p.bulk import Traffic
-from fflnode.p2p.host import build_host, build_pubsub, running_host
+from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 
 MESH_TIMEOUT_S = 30.0  # bounded wait for every peer to hear every other's heartbeat
@@ -44,6 +44,7 @@ async def peers(n: int, run_id: str = "test-run") -> AsyncIterator[list[Peer]]:
             await stack.enter_async_context(running_host(host, listen))
             await stack.enter_async_context(background_trio_service(pubsub))
             await stack.enter_async_context(background_trio_service(router))
+            stack.push_async_callback(close_host, host)  # first to run on exit
             await pubsub.wait_until_ready()
             traffic = Traffic()
             out.append(Peer(host, Membership(host, pubsub, run_id, traffic.reject), traffic))

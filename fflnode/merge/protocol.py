@@ -261,6 +261,8 @@ class MergeSession:
     async def _agree(self, announcer: trio.Nursery) -> list[ID]:
         by_str = {str(p): p for p in self.run_members}
         me = str(self.me)
+        announced: tuple[tuple[str, ...], bool] | None = None
+        last_sent = -float("inf")
         while True:
             view = sorted({str(p) for p in self.membership.alive() if p in self.run_members} | {me})
             adopted = self._committed_including(me)
@@ -272,9 +274,14 @@ class MergeSession:
                 if p != me
             )
             committed = agreed and len(proposal) >= self.quorum
-            await self.membership.publish(
-                "merge.ready", members=proposal, shards=m, committed=committed
-            )
+            # Announce a change at once, an unchanged proposal once per heartbeat: every
+            # announcement wakes every peer's loop, so answering each one would echo.
+            now = trio.current_time()
+            if (tuple(proposal), committed) != announced or now - last_sent >= HEARTBEAT_S:
+                await self.membership.publish(
+                    "merge.ready", members=proposal, shards=m, committed=committed
+                )
+                announced, last_sent = (tuple(proposal), committed), now
             if committed:
                 announcer.start_soon(self._keep_announcing, proposal, m)
                 return [by_str[p] for p in proposal]

@@ -81,8 +81,13 @@ async def running_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> As
         try:
             yield host
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT_S):
-                await host.close()
+            await close_host(host)
+
+
+async def close_host(host: IHost) -> None:
+    """Disconnect every peer and stop listening; bounded, and safe to call twice."""
+    with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT_S):
+        await host.close()
 
 
 def build_pubsub(host: IHost, run_nodes: int) -> tuple[Pubsub, GossipSub]:
