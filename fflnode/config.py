@@ -54,7 +54,7 @@ class RunSection:
 class TrainSection:
     task: Literal["digits", "synthetic"] = "digits"
     model: str = "gru"
-    hidden: int = 64
+    width: int = 0  # model width (GRU hidden size, SSD d_model); 0 = the model's default
     partition_index: int = 0
     alpha: float = 0.5  # Dirichlet concentration of the non-IID label split
     local_steps: int = 20  # H: inner optimizer steps per round
@@ -91,7 +91,7 @@ class MergeSection:
 @dataclass(frozen=True)
 class PrismSection:
     backend: Literal["auto", "io_uring", "threads", "buffered"] = "auto"
-    pool_mb: int = 16
+    pool_mb: int = 6  # per open stream: depth 4 x 1 MiB + 2 spare slots (DESIGN: depth 4-8)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
         lambda v: 0 < len(v) <= 64 and v.isprintable() and "/" not in v,
         "1-64 printable characters without '/'",
     ),
-    ("train.hidden", lambda v: v >= 1, "at least 1"),
+    ("train.width", lambda v: v >= 0, "non-negative"),
     ("train.partition_index", lambda v: v >= 0, "non-negative"),
     ("train.alpha", lambda v: v > 0, "positive"),
     ("train.local_steps", lambda v: v >= 1, "at least 1"),

@@ -84,4 +84,9 @@ class CanonicalReducer:
                 f"piece {k} has {n} of {len(self.members)} contributions "
                 f"({len(short)} pieces incomplete)"
             )
-        return (self.acc / len(self.members)).astype(np.float32)
+        # In place (no second float64 copy of the shard), then released: the same IEEE
+        # operations as (acc / N).astype(float32), so the result is bit-identical.
+        self.acc /= len(self.members)
+        out = self.acc.astype(np.float32)
+        self.acc = np.empty(0, dtype=np.float64)
+        return out
