@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fflnode.errors import ConfigError
+from fflnode.ssm.model import SSDClassifier
 from fflnode.train.data import NUM_CLASSES
 
 
@@ -28,15 +29,18 @@ class GRUClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-MODELS = {"gru": GRUClassifier}
+MODELS = {"gru": GRUClassifier, "ssd": SSDClassifier}
+# The constructor argument that `train.width` sets, per model (0 keeps the default).
+WIDTH_ARGUMENT = {"gru": "hidden", "ssd": "d_model"}
 
 
-def build_model(name: str, seed: int, **kwargs: int) -> nn.Module:
+def build_model(name: str, seed: int, width: int = 0) -> nn.Module:
     """The model `name`, initialised from `seed` on the CPU (float32)."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+    kwargs = {WIDTH_ARGUMENT[name]: width} if width else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(**kwargs)
