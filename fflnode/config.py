@@ -45,7 +45,7 @@ class RunSection:
     seed: int
     nodes: int  # participants expected before round 0 starts
     rounds: int
-    topology: Literal["ring", "random-regular", "complete"] = "ring"
+    topology: Literal["ring", "random-regular", "complete"] = "complete"
     degree: int = 2  # neighbours per node for random-regular
     start_timeout_s: float = 120.0  # how long to wait for `nodes` participants
 
@@ -53,17 +53,21 @@ class RunSection:
 @dataclass(frozen=True)
 class TrainSection:
     task: Literal["digits", "synthetic"] = "digits"
-    model: str = "gru"
+    model: str = "ssd"
     width: int = 0  # model width (GRU hidden size, SSD d_model); 0 = the model's default
     partition_index: int = 0
     alpha: float = 0.5  # Dirichlet concentration of the non-IID label split
-    local_steps: int = 20  # H: inner optimizer steps per round
+    local_steps: int = 1  # H: inner optimizer steps per round (see fflnode.train.trainer)
     batch_size: int = 32
-    inner_lr: float = 3e-3
-    outer_lr: float = 1.0  # 1.0 with no momentum = plain averaging of mixed deltas
-    outer_momentum: float = 0.0  # Nesterov momentum of the outer SGD (DiLoCo uses 0.9)
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    inner_lr: float = 0.1
+    outer_optimizer: Literal["adam", "sgd"] = "adam"  # see fflnode.train.trainer
+    outer_lr: float = 3e-3
+    outer_momentum: float = 0.0  # Nesterov momentum of outer SGD (DiLoCo: lr 0.7, mu 0.9)
+    lr_schedule: Literal["wsd", "constant", "cosine"] = "wsd"  # of the outer optimizer
     synthetic_mb: float = 64.0  # task = "synthetic": float32 model size for merge benchmarks
     threads: int = 1  # torch intra-op threads; several nodes share a small machine
+    eval_every: int = 20  # rounds between test-set evaluations (and the last round)
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,12 @@ class ExchangeSection:
     codec: str = "none"
     bits: int = 1  # holo codec
     ratio: float = 0.03  # topk / sketch: fraction of coordinates kept
-    # Consensus step of the gossip mix (fflnode.exchange): 1.0 averages the neighbours'
-    # weights exactly; lossy codecs want less, so encoding noise is damped.
+    # Consensus step of the gossip mix (sparse topologies, fflnode.exchange): 1.0 averages
+    # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
     gamma: float = 1.0
+    # Add what the codec lost last round to this round's Delta (complete topology; the
+    # gossip's public copies carry their residual anyway).
+    error_feedback: bool = False
     chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
 
@@ -131,6 +138,7 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.outer_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train.synthetic_mb", lambda v: 0 < v <= 1 << 20, "in (0, 1048576]"),
     ("train.threads", lambda v: v >= 1, "at least 1"),
+    ("train.eval_every", lambda v: v >= 1, "at least 1"),
     ("exchange.bits", lambda v: 1 <= v <= 8, "between 1 and 8"),
     ("exchange.ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("exchange.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),

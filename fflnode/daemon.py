@@ -12,6 +12,7 @@ configuration or identity; 3 the merge failed (hash mismatch, too few contributi
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -66,7 +67,25 @@ def setup_logging(level: str, fmt: str) -> None:
     route_libp2p_logging(lvl)
 
 
+# glibc malloc tuning. Every worker thread that touches torch gets its own malloc arena
+# and keeps its freed memory; two arenas serve one event loop and its few workers.
+# Measured on a 4-node, 200-round testnet: peak RSS per node 536 -> 485 MB, wall time
+# unchanged. Also mmap'ing blocks from 128 KiB up saved 80 MB more but cost 27 % wall
+# time (the SSD's 256 KiB activations were mapped and unmapped at every op).
+M_ARENA_MAX = -8  # mallopt parameter number, <malloc.h>
+MALLOC_ARENAS = 2
+
+
+def tune_malloc() -> bool:
+    """Apply the glibc setting above; False where this is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def main(config_path: str) -> int:
+    tune_malloc()
     try:
         cfg = config.load(config_path)
     except ConfigError as e:

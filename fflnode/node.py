@@ -3,7 +3,7 @@
 Lifecycle of `Node.run`:
   identity -> libp2p host listening -> pubsub + membership -> READY=1 -> bootstrap dials
   -> start barrier (the run's `nodes` participants seen) -> R rounds of
-  [inner steps -> encode Delta -> neighbours pull it / we pull theirs -> mix -> outer step]
+  [inner steps -> encode Delta -> peers pull it / we pull theirs -> mix -> outer step]
   -> premerge.safetensors -> final merge -> merged.safetensors, hash agreed -> result.json.
 
 Rules: CPU-heavy work (training steps, encoding, evaluation, hashing) runs in worker
@@ -35,7 +35,7 @@ from fflnode import metrics
 from fflnode.codecs import make_codec
 from fflnode.config import Config, split_host_port
 from fflnode.errors import ConfigError, FflError, MergeError, short_peer
-from fflnode.exchange import SHARD_PROTOCOL, Gossip
+from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
 from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
@@ -65,8 +65,8 @@ SYNTHETIC_TENSOR_ELEMS = 1 << 20  # 4 MiB tensors: like a transformer's weight m
 class RoundRecord:
     round: int
     loss: float
-    test_accuracy: float
-    neighbours: int
+    test_accuracy: float | None  # evaluated every train.eval_every rounds
+    peers: int
     received: int
     missing: list[str]
     bytes_out: int
@@ -207,11 +207,11 @@ class Node:
                 )
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 if self.trainer is not None:
-                    gossip = self._gossip(host, members)
-                    host.set_stream_handler(SHARD_PROTOCOL, gossip.handle)
+                    exchange = self._exchange(host, members)
+                    host.set_stream_handler(SHARD_PROTOCOL, exchange.handle)
                 membership.phase = "train"
                 for r in range(cfg.run.rounds):
-                    report.rounds.append(await self._round(r, membership, gossip))
+                    report.rounds.append(await self._round(r, membership, exchange))
                 premerge = self.data_dir / PREMERGE_FILE
                 await trio.to_thread.run_sync(self._write_premerge, premerge, layout)
                 if self.trainer is not None:
@@ -307,6 +307,7 @@ class Node:
             ),
         ]
         if last is not None:
+            evaluated = [x.test_accuracy for x in rep.rounds if x.test_accuracy is not None]
             out += [
                 S(
                     "fflnode_train_loss",
@@ -317,8 +318,8 @@ class Node:
                 S(
                     "fflnode_test_accuracy",
                     "gauge",
-                    "test accuracy after the last round",
-                    [({}, last.test_accuracy)],
+                    "test accuracy at the last evaluation",
+                    [({}, acc) for acc in evaluated[-1:]],
                 ),
                 S(
                     "fflnode_consensus_gap",
@@ -327,10 +328,10 @@ class Node:
                     [({}, last.consensus_gap)],
                 ),
                 S(
-                    "fflnode_neighbours_missing",
+                    "fflnode_peers_missing",
                     "gauge",
-                    "neighbours absent from the last mix",
-                    [({}, float(last.neighbours - last.received))],
+                    "peers absent from the last round's exchange",
+                    [({}, float(last.peers - last.received))],
                 ),
             ]
         return out
@@ -361,7 +362,7 @@ class Node:
             if cfg.run.rounds:
                 raise ConfigError(f"{cfg.source}: train.task 'synthetic' needs run.rounds = 0")
             return synthetic_layout(cfg.train.synthetic_mb), 0
-        settings = settings_from(cfg.train, cfg.run.seed)
+        settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
         self.trainer = node_trainer(
             settings, cfg.train.partition_index, cfg.run.nodes, cfg.train.alpha
         )
@@ -374,8 +375,9 @@ class Node:
         p = self.cfg.prism
         return {"backend": p.backend, "depth": depth_for_pool(p.pool_mb << 20)}
 
-    def _gossip(self, host: Any, members: list[ID]) -> Gossip:
-        """The exchange over this run's fixed topology (drawn once from the run seed)."""
+    def _exchange(self, host: Any, members: list[ID]) -> RoundExchange:
+        """The round exchange over this run's topology (fixed, drawn from the run seed):
+        exact averaging on the complete graph, consensus gossip on sparse ones."""
         assert self.trainer is not None
         e, run = self.cfg.exchange, self.cfg.run
         params: dict[str, Any] = {}
@@ -384,23 +386,39 @@ class Node:
         elif e.codec in ("topk", "sketch"):
             params["ratio"] = e.ratio
         by_bytes = {p.to_bytes(): p for p in members}
-        me = host.get_id().to_bytes()
-        neighbours = [
+        me = host.get_id()
+        peers = [
             by_bytes[b]
-            for b in topology.neighbours(run.topology, list(by_bytes), me, 0, run.seed, run.degree)
+            for b in topology.neighbours(
+                run.topology, list(by_bytes), me.to_bytes(), 0, run.seed, run.degree
+            )
         ]
-        log.info("neighbours: %s", ", ".join(short_peer(str(p)) for p in neighbours))
+        log.info("mixing with: %s", ", ".join(short_peer(str(p)) for p in peers))
+        common = dict(
+            peers=peers,
+            chunk_elems=e.chunk_elems,
+            round_timeout_s=e.round_timeout_s,
+            traffic=self.traffic,
+        )
+        codec = make_codec(e.codec, **params)
+        if len(peers) == len(members) - 1:  # everyone: the exact mean needs no copies
+            return Averaging(
+                host,
+                run.run_id,
+                run.seed,
+                codec,
+                error_feedback=e.error_feedback,
+                me=me,
+                **common,
+            )
         return Gossip(
             host,
             run.run_id,
             run.seed,
-            make_codec(e.codec, **params),
+            codec,
             initial=self.trainer.flat(),
-            neighbours=neighbours,
             gamma=e.gamma,
-            chunk_elems=e.chunk_elems,
-            round_timeout_s=e.round_timeout_s,
-            traffic=self.traffic,
+            **common,
         )
 
     async def _watchdog(self) -> None:
@@ -453,7 +471,7 @@ class Node:
         log.info("run starts with %d members", len(members))
         return members
 
-    async def _round(self, r: int, membership: Membership, gossip: Gossip) -> RoundRecord:
+    async def _round(self, r: int, membership: Membership, exchange: RoundExchange) -> RoundRecord:
         assert self.trainer is not None
         trainer = self.trainer
         t0 = time.perf_counter()
@@ -461,22 +479,32 @@ class Node:
         theta_start = trainer.flat()
         loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
         theta_local = trainer.flat()
-        published = await trio.to_thread.run_sync(gossip.encode, r, theta_local)
-        gossip.publish(r, published)
-        theta_mix, rep = await gossip.gather(r, theta_local)
-        await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_mix)
-        acc = await trio.to_thread.run_sync(trainer.accuracy, test_split())
+        if isinstance(exchange, Averaging):
+            pub = await trio.to_thread.run_sync(exchange.encode, r, theta_start - theta_local)
+            exchange.publish(r, pub)
+            g, rep = await exchange.gather(r)
+        else:
+            assert isinstance(exchange, Gossip)
+            exchange.publish(r, await trio.to_thread.run_sync(exchange.encode, r, theta_local))
+            theta_mix, rep = await exchange.gather(r, theta_local)
+            g = theta_start - theta_mix
+        await trio.to_thread.run_sync(trainer.outer_step, theta_start, g)
+        rounds = self.cfg.run.rounds
+        acc = None
+        if (r + 1) % self.cfg.train.eval_every == 0 or r + 1 == rounds:
+            acc = await trio.to_thread.run_sync(trainer.accuracy, test_split())
         status = (
-            f"round {r + 1}/{self.cfg.run.rounds} loss {loss:.3f} acc {acc:.3f} "
-            f"neighbours {rep.received}/{rep.neighbours} gap {rep.consensus_gap:.2e}"
+            f"round {r + 1}/{rounds} loss {loss:.3f}"
+            + (f" acc {acc:.3f}" if acc is not None else "")
+            + f" peers {rep.received}/{rep.peers}"
         )
         self.notifier.status(status)
-        log.info(status)
+        log.log(logging.INFO if acc is not None else logging.DEBUG, status)
         return RoundRecord(
             r,
             loss,
             acc,
-            rep.neighbours,
+            rep.peers,
             rep.received,
             rep.missing,
             rep.bytes_out,

@@ -52,8 +52,8 @@ def summary(text: str, node: dict | None = None) -> list[str]:
         lines.append(
             f"last round: loss {one('fflnode_train_loss'):.4f}, test accuracy "
             f"{100 * one('fflnode_test_accuracy'):.2f} %, consensus gap "
-            f"{one('fflnode_consensus_gap'):.2e}, neighbours missing "
-            f"{one('fflnode_neighbours_missing'):.0f}"
+            f"{one('fflnode_consensus_gap'):.2e}, peers missing "
+            f"{one('fflnode_peers_missing'):.0f}"
         )
     lines.append(f"sent: {by_label('fflnode_bytes_sent_total', 'protocol')}")
     lines.append(f"received: {by_label('fflnode_bytes_received_total', 'protocol')}")

@@ -41,17 +41,18 @@ SUMMARY_RULE = "-" * 78
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4, help="number of node processes (4)")
-    p.add_argument("--rounds", type=int, default=25, help="training rounds (25)")
-    p.add_argument("--local-steps", type=int, default=20, help="inner steps per round (20)")
+    p.add_argument("--rounds", type=int, default=600, help="training rounds (600)")
+    p.add_argument("--local-steps", type=int, default=1, help="inner steps per round (1)")
     p.add_argument("--out", default="testnet-out", help="output directory (testnet-out)")
     p.add_argument("--seed", type=int, default=1, help="run seed (1)")
-    p.add_argument("--topology", default="ring", choices=["ring", "random-regular", "complete"])
+    p.add_argument("--topology", default="complete", choices=["ring", "random-regular", "complete"])
     p.add_argument("--degree", type=int, default=2, help="random-regular degree (2)")
     p.add_argument("--codec", default="none", help="exchange codec (none)")
     p.add_argument("--bits", type=int, default=1, help="holo codec bits per coordinate")
     p.add_argument("--ratio", type=float, default=0.03, help="topk/sketch kept fraction")
     p.add_argument("--gamma", type=float, default=1.0, help="gossip consensus step (1.0)")
-    p.add_argument("--model", default="gru", help="model name (gru)")
+    p.add_argument("--model", default="ssd", help="model name (ssd)")
+    p.add_argument("--eval-every", type=int, default=30, help="rounds between evaluations")
     p.add_argument("--task", default="digits", choices=["digits", "synthetic"])
     p.add_argument("--synthetic-mb", type=float, default=64.0, help="synthetic model size")
     p.add_argument("--shards", type=int, default=0, help="merge shards M (0 = nodes)")
@@ -84,6 +85,7 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
             "alpha": args.alpha,
             "local_steps": args.local_steps,
             "synthetic_mb": args.synthetic_mb,
+            "eval_every": args.eval_every,
         },
         "exchange": {
             "codec": args.codec,
@@ -173,7 +175,9 @@ class Testnet:
                 )
                 if "STATUS" in fields and fields["STATUS"] != proc.status:
                     proc.status = fields["STATUS"]
-                    self.say(f"  {proc.name:>6}: {proc.status}")
+                    # Every round reports; print the evaluated ones and phase changes.
+                    if not proc.status.startswith("round ") or " acc " in proc.status:
+                        self.say(f"  {proc.name:>6}: {proc.status}")
                 if fields.get("READY") == "1":
                     proc.ready.set()
 
@@ -208,7 +212,7 @@ class Testnet:
         a = self.args
         steps = a.nodes * a.rounds * a.local_steps
         # The nodes' own training settings: same model, batch and inner optimizer.
-        settings = settings_from(node_config(a, 0, self.out, []).train, a.seed)
+        settings = settings_from(node_config(a, 0, self.out, []).train, a.seed, a.rounds)
         t0 = time.perf_counter()
         torch.set_num_threads(1)  # one core for the baseline, like each node
         acc, _ = await trio.to_thread.run_sync(train_centralized, settings, steps)
@@ -222,7 +226,9 @@ class Testnet:
             path = proc.data_dir / "result.json"
             result = json.loads(path.read_text()) if path.exists() else {}
             nodes[proc.name] = {**result, "exit_code": proc.exit_code}
-        ref = reference_merge([p.data_dir / "premerge.safetensors" for p in self.procs], nodes)
+        ref = reference_merge(
+            [p.data_dir / "premerge.safetensors" for p in self.procs], nodes, self.args.model
+        )
         hashes = {n: r.get("merged_hash") for n, r in nodes.items()}
         files_equal = {
             p.name: merged_equals(p.data_dir / "merged.safetensors", ref["tensors"])
@@ -279,7 +285,7 @@ async def _terminate_then_kill(process: trio.Process) -> None:
     process.kill()
 
 
-def reference_merge(premerge: list[Path], nodes: dict[str, Any]) -> dict[str, Any]:
+def reference_merge(premerge: list[Path], nodes: dict[str, Any], model: str) -> dict[str, Any]:
     """The canonical mean of the premerge files with plain torch, and its hash.
 
     Deliberately independent of fflnode's merge code: safetensors' loader, float64 sums
@@ -305,18 +311,21 @@ def reference_merge(premerge: list[Path], nodes: dict[str, Any]) -> dict[str, An
         merged[name] = (acc / len(members)).to(torch.float32)
         h.update(name.encode("utf-8") + b"\x00")
         h.update(merged[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return {"hash": h.hexdigest(), "tensors": merged, "accuracy": _accuracy_of(merged, nodes)}
+    return {
+        "hash": h.hexdigest(),
+        "tensors": merged,
+        "accuracy": _accuracy_of(merged, nodes, model),
+    }
 
 
-def _accuracy_of(tensors: dict[str, Any], nodes: dict[str, Any]) -> float | None:
+def _accuracy_of(tensors: dict[str, Any], nodes: dict[str, Any], model_name: str) -> float | None:
     """Test accuracy of the reference merged weights (digits task only)."""
     if not any(r.get("test_accuracy_before_merge") is not None for r in nodes.values()):
         return None
     from fflnode.train.model import build_model
     from fflnode.train.trainer import evaluate, test_split
 
-    cfg = next(iter(nodes.values()))
-    model = build_model(cfg.get("model", "gru"), 0)
+    model = build_model(model_name, 0)
     model.load_state_dict(tensors)
     return evaluate(model, test_split())
 
@@ -391,7 +400,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for name, r in report["nodes"].items():
-        rounds = r.get("rounds") or []
+        rounds = [x for x in r.get("rounds") or [] if x.get("test_accuracy") is not None]
         if rounds:
             ax.plot(
                 [x["round"] + 1 for x in rounds],

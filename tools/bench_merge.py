@@ -26,8 +26,20 @@ RUN_TIMEOUT_S = 900
 
 def run(nodes: int, mb: float, shards: int, out: Path) -> dict:
     cmd = [
-        sys.executable, "-m", "fflnode", "testnet", "--task", "synthetic", "--nodes",
-        str(nodes), "--synthetic-mb", str(mb), "--shards", str(shards), "--out", str(out),
+        sys.executable,
+        "-m",
+        "fflnode",
+        "testnet",
+        "--task",
+        "synthetic",
+        "--nodes",
+        str(nodes),
+        "--synthetic-mb",
+        str(mb),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
         "--quiet",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -60,26 +72,38 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.repeats):
             tiny.append(run(a.nodes, TINY_MB, a.shards, Path(d) / f"tiny{r}"))
             big.append(run(a.nodes, a.mb, a.shards, Path(d) / f"big{r}"))
-            print(f"repeat {r + 1}/{a.repeats}: merge {big[-1]['seconds']:.2f} s, "
-                  f"max RSS {max(big[-1]['rss']):.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"repeat {r + 1}/{a.repeats}: merge {big[-1]['seconds']:.2f} s, "
+                f"max RSS {max(big[-1]['rss']):.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     med = statistics.median
     m = a.shards or a.nodes
-    print(f"\nfinal merge, {a.nodes} nodes, M={m} shards, {a.mb:g} MB float32 model, "
-          f"median of {a.repeats} (tiny-model runs interleaved)\n")
-    print(f"| {'model':>8} | {'merge s':>8} | {'reduce-scatter s':>16} | {'all-gather s':>12} "
-          f"| {'verify s':>8} | {'moved MB':>8} | {'peak RSS/node MB (max)':>22} |")
+    print(
+        f"\nfinal merge, {a.nodes} nodes, M={m} shards, {a.mb:g} MB float32 model, "
+        f"median of {a.repeats} (tiny-model runs interleaved)\n"
+    )
+    print(
+        f"| {'model':>8} | {'merge s':>8} | {'reduce-scatter s':>16} | {'all-gather s':>12} "
+        f"| {'verify s':>8} | {'moved MB':>8} | {'peak RSS/node MB (max)':>22} |"
+    )
     print(f"|{'-' * 10}|{'-' * 10}|{'-' * 18}|{'-' * 14}|{'-' * 10}|{'-' * 10}|{'-' * 24}|")
     for label, runs in ((f"{TINY_MB:g} MB", tiny), (f"{a.mb:g} MB", big)):
-        print(f"| {label:>8} | {med(x['seconds'] for x in runs):>8.2f} | "
-              f"{med(x['phases']['reduce_scatter'] for x in runs):>16.2f} | "
-              f"{med(x['phases']['all_gather'] for x in runs):>12.2f} | "
-              f"{med(x['phases']['verify'] for x in runs):>8.2f} | "
-              f"{med(x['moved_mb'] for x in runs):>8.1f} | "
-              f"{med(max(x['rss']) for x in runs):>22.0f} |")
+        print(
+            f"| {label:>8} | {med(x['seconds'] for x in runs):>8.2f} | "
+            f"{med(x['phases']['reduce_scatter'] for x in runs):>16.2f} | "
+            f"{med(x['phases']['all_gather'] for x in runs):>12.2f} | "
+            f"{med(x['phases']['verify'] for x in runs):>8.2f} | "
+            f"{med(x['moved_mb'] for x in runs):>8.1f} | "
+            f"{med(max(x['rss']) for x in runs):>22.0f} |"
+        )
     delta = med(max(b["rss"]) - max(t["rss"]) for b, t in zip(big, tiny, strict=True))
     per_shard = a.mb / m
-    print(f"\nRSS the merge adds per node (max node, median): {delta:.0f} MB "
-          f"= {delta / per_shard:.1f} x one shard ({per_shard:.0f} MB); the model is {a.mb:g} MB")
+    print(
+        f"\nRSS the merge adds per node (max node, median): {delta:.0f} MB "
+        f"= {delta / per_shard:.1f} x one shard ({per_shard:.0f} MB); the model is {a.mb:g} MB"
+    )
     print(f"most shards owned by one node: {max(max(x['owned']) for x in big)}")
     return 0
 
