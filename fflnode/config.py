@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import multiaddr
 
 from fflnode.errors import ConfigError
 
@@ -68,6 +71,7 @@ class TrainSection:
     synthetic_mb: float = 64.0  # task = "synthetic": float32 model size for merge benchmarks
     threads: int = 1  # torch intra-op threads; several nodes share a small machine
     eval_every: int = 20  # rounds between test-set evaluations (and the last round)
+    checkpoint_every: int = 1  # rounds between atomic checkpoints (and the last round)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,11 @@ class ExchangeSection:
     # Add what the codec lost last round to this round's Delta (complete topology; the
     # gossip's public copies carry their residual anyway).
     error_feedback: bool = False
+    # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
+    # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
+    # coordinate; "centered-clip" clips each Delta's distance to last round's mix.
+    robust: Literal["none", "trimmed-mean", "centered-clip"] = "none"
+    trim: int = 1  # values dropped at each end per coordinate (trimmed-mean)
     chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
 
@@ -90,15 +99,42 @@ class MergeSection:
     shards: int = 0  # M; 0 means one per participant
     window: int = 2  # contributions prefetched ahead of the one being reduced
     timeout_s: float = 300.0  # whole merge deadline
-    # Fewest participants a merge may complete with; 0 means every node of the run.
+    # Fewest participants a merge may complete with; 0 means a majority of run.nodes.
     quorum: int = 0
     piece_elems: int = 1 << 20  # elements per request (4 MiB of float32)
+    # Before the merge, drop members whose weight fingerprint is an outlier (fflnode.merge
+    # .fingerprint): a rule every honest member applies to the same inputs identically.
+    exclude_outliers: bool = True
 
 
 @dataclass(frozen=True)
 class PrismSection:
     backend: Literal["auto", "io_uring", "threads", "buffered"] = "auto"
     pool_mb: int = 6  # per open stream: depth 4 x 1 MiB + 2 spare slots (DESIGN: depth 4-8)
+
+
+@dataclass(frozen=True)
+class AccessSection:
+    """Who may connect (fflnode.p2p.gate): a private-network key and a peer allowlist."""
+
+    # File holding the private-network key (libp2p psk): 64 hex characters, e.g. from
+    # `openssl rand -hex 32`, not readable by others. Kept out of this file so a config
+    # can be shared. Relative paths resolve against this file's directory. "" = none.
+    psk_file: str = ""
+    # Base58 peer IDs (12D3KooW...) that may connect; empty = any peer with the psk.
+    allow: list[str] = field(default_factory=list)
+    # A peer's Nth invalid message gets it disconnected and refused until this node
+    # restarts. An honest peer sends none (a sender killed mid-message is not counted);
+    # 20 keeps a broken build diagnosable from our log, and caps what a hostile peer
+    # costs us at 20 rejected decodes.
+    blacklist_after: int = 20
+
+
+@dataclass(frozen=True)
+class AdversarySection:
+    """Resilience testing only: make this node a Byzantine peer (fflnode.adversary)."""
+
+    mode: Literal["none", "signflip", "nan", "random"] = "none"
 
 
 @dataclass(frozen=True)
@@ -109,6 +145,8 @@ class Config:
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     merge: MergeSection = field(default_factory=MergeSection)
     prism: PrismSection = field(default_factory=PrismSection)
+    access: AccessSection = field(default_factory=AccessSection)
+    adversary: AdversarySection = field(default_factory=AdversarySection)
     source: str = field(default="<memory>", compare=False)
 
     @property
@@ -139,10 +177,12 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.synthetic_mb", lambda v: 0 < v <= 1 << 20, "in (0, 1048576]"),
     ("train.threads", lambda v: v >= 1, "at least 1"),
     ("train.eval_every", lambda v: v >= 1, "at least 1"),
+    ("train.checkpoint_every", lambda v: v >= 1, "at least 1"),
     ("exchange.bits", lambda v: 1 <= v <= 8, "between 1 and 8"),
     ("exchange.ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("exchange.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("exchange.chunk_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
+    ("exchange.trim", lambda v: v >= 1, "at least 1"),
     ("exchange.round_timeout_s", lambda v: v > 0, "positive"),
     ("merge.shards", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
     ("merge.window", lambda v: 1 <= v <= 16, "between 1 and 16"),
@@ -150,7 +190,48 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("merge.quorum", lambda v: v >= 0, "non-negative"),
     ("merge.piece_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
     ("prism.pool_mb", lambda v: 1 <= v <= 65536, "between 1 and 65536"),
+    ("access.blacklist_after", lambda v: v >= 1, "at least 1"),
 ]
+
+
+PSK_HEX_CHARS = 64  # a libp2p psk is 32 bytes
+MAX_PSK_FILE_BYTES = 4096  # a key file is one line; anything larger is the wrong file
+
+
+def _is_peer_id(v: str) -> bool:
+    """A base58 libp2p peer ID (what `fflnode` logs and node.json hold), canonical form."""
+    try:
+        return multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") == v
+    except Exception:  # multiaddr raises assorted types on bad input
+        return False
+
+
+def read_psk(cfg: Config) -> str | None:
+    """The private-network key in access.psk_file as 64 hex characters; None when unset."""
+    if not cfg.access.psk_file:
+        return None
+    path = Path(cfg.access.psk_file)
+    where = f"{cfg.source}: access.psk_file {path}"
+    try:
+        mode = path.stat().st_mode
+        with path.open("rb") as f:
+            data = f.read(MAX_PSK_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the key: {e.strerror}") from None
+    if mode & stat.S_IRWXO:
+        raise ConfigError(
+            f"{where} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
+            f"run 'chmod 600 {path}' (or 640 with the node's group)"
+        )
+    key = data.decode("ascii", "replace").strip()  # never echo the key in a message
+    if len(data) > MAX_PSK_FILE_BYTES or len(key) != PSK_HEX_CHARS:
+        raise ConfigError(
+            f"{where} must hold {PSK_HEX_CHARS} hex characters (32 bytes), "
+            f"found {len(key) if len(data) <= MAX_PSK_FILE_BYTES else 'more'}"
+        )
+    if any(c not in "0123456789abcdefABCDEF" for c in key):
+        raise ConfigError(f"{where} must hold hex characters only (0-9, a-f)")
+    return key.lower()
 
 
 def _is_host_port(v: str) -> bool:
@@ -245,8 +326,19 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
             f"{source}: train.partition_index {cfg.train.partition_index} must be below "
             f"run.nodes {cfg.run.nodes}"
         )
+    if cfg.exchange.robust != "none" and cfg.run.topology != "complete":
+        raise ConfigError(
+            f"{source}: exchange.robust {cfg.exchange.robust!r} needs run.topology 'complete'"
+            f" (the gossip mix of a sparse graph has no robust variant yet)"
+        )
     if not cfg.node.listen:
         raise ConfigError(f"{source}: node.listen must name at least one address")
+    for i, peer in enumerate(cfg.access.allow):
+        if not _is_peer_id(peer):
+            raise ConfigError(
+                f"{source}: access.allow[{i}] must be a base58 libp2p peer ID "
+                f"(12D3KooW... or Qm...), got {peer!r}"
+            )
     return dataclasses.replace(cfg, source=source)
 
 
@@ -268,6 +360,11 @@ def load(path: str | os.PathLike[str]) -> Config:
     if not data_dir.is_absolute():
         node = dataclasses.replace(cfg.node, data_dir=str((p.parent / data_dir).resolve()))
         cfg = dataclasses.replace(cfg, node=node)
+    psk_file = Path(cfg.access.psk_file)
+    if cfg.access.psk_file and not psk_file.is_absolute():
+        access = dataclasses.replace(cfg.access, psk_file=str((p.parent / psk_file).resolve()))
+        cfg = dataclasses.replace(cfg, access=access)
+    read_psk(cfg)  # a bad key stops the daemon now, not at its first dial
     return cfg
 
 
@@ -297,6 +394,8 @@ def _toml_value(v: Any) -> str:
 
 
 __all__ = [
+    "AccessSection",
+    "AdversarySection",
     "Config",
     "ConfigError",
     "ExchangeSection",

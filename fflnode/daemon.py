@@ -99,6 +99,13 @@ def main(config_path: str) -> int:
         notifier.close()
 
 
+def leaf_error(error: BaseException) -> BaseException:
+    """The first non-group exception inside nested exception groups (what went wrong)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
 def exit_now(code: int) -> None:
     """End the process once `main` returned: every file, socket and stream is closed.
 
@@ -133,10 +140,18 @@ async def serve(cfg: config.Config, notifier: Notifier) -> int:
             outcome["code"] = EXIT_FAILED
         except trio.Cancelled:
             raise
-        except Exception as e:  # a bug: keep the traceback, record it, exit 1
-            log.error("node crashed:\n%s", traceback.format_exc())
-            node.record_failure(e)
-            outcome["code"] = EXIT_FAILED
+        except Exception as e:  # a bug, or one of ours inside an exception group
+            leaf = leaf_error(e)
+            if isinstance(leaf, FflError) and leaf is not e:
+                code = EXIT_MERGE if isinstance(leaf, MergeError) else EXIT_FAILED
+                code = EXIT_CONFIG if isinstance(leaf, (ConfigError, IdentityError)) else code
+                log.error("run failed: %s", leaf)
+                node.record_failure(leaf)
+                outcome["code"] = code
+            else:
+                log.error("node crashed:\n%s", traceback.format_exc())
+                node.record_failure(leaf)
+                outcome["code"] = EXIT_FAILED
         finally:
             cancel.cancel()
 

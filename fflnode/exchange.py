@@ -23,13 +23,25 @@ the trio thread. Two strategies use this machinery:
   misses a round is resynchronised from its whole public copy ("weights").
 
 A peer whose contribution does not arrive in full is left out of that round (reported
-in RoundReport.missing); the round goes on.
+in RoundReport.missing); the round goes on. Only peers the membership calls alive are
+pulled, and a pull is abandoned the moment its peer dies or is found frozen.
+
+Staying in consensus under churn (averaging). Every Delta's header carries a digest of
+its sender's state at the start of the round (`meta["start"]`). A node averages only
+the contributions whose start digest is the most common one (ties: the smallest), so a
+node that restarted from an old checkpoint, missed a round, or drifted is left out by
+everyone alike; that node sees itself in the minority, fetches the whole state (weights
+and outer-optimizer moments, digest-verified) from a majority peer, and is back in the
+next round. One mechanism covers restart, catch-up and divergence repair.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +49,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from fflnode import wire
+from fflnode import robust, wire
 from fflnode.codecs import ChunkContext, Codec, Encoded
 from fflnode.errors import FflError, FormatError, WireError, short_peer
 from fflnode.p2p import bulk
@@ -45,9 +57,10 @@ from fflnode.p2p import bulk
 log = logging.getLogger(__name__)
 
 SHARD_PROTOCOL = "/fflnode/shard/1.0.0"
-# Rounds kept in the outbox: a peer may still be pulling round r while we start r+1; it
-# cannot be further behind, since we wait for its round r+1 before starting r+2.
-KEEP_ROUNDS = 2
+# Rounds kept in the outbox: a peer still counted on is at most one round behind (we
+# wait for its round r+1 before starting r+2); a node catching up from heartbeats,
+# which lag up to a second (~4 rounds here), can still fetch the round it jumps to.
+KEEP_ROUNDS = 4
 
 
 @dataclass
@@ -59,6 +72,9 @@ class RoundReport:
     resynced: list[str]
     bytes_out: int  # body bytes of our encoding (what one pull of it costs)
     consensus_gap: float  # gossip: mean ||x̂_j - x̂_i|| / ||x̂_i||; averaging: 0
+    excluded: list[str] = field(default_factory=list)  # averaging: out-of-sync contributors
+    in_sync: bool = True  # averaging: our start state was the majority's
+    kept_peers: list[ID] = field(default_factory=list)  # averaging: the in-sync peers
 
 
 @dataclass
@@ -66,6 +82,42 @@ class Published:
     chunks: list[Encoded]
     estimate: torch.Tensor  # what receivers decode (averaging) or x̂_i after the round
     served: torch.Tensor | None = None  # gossip: the public copy served for resyncs
+    start: int = 0  # averaging: digest of our state at the start of the round
+
+
+@dataclass
+class StateSnapshot:
+    """A node's whole training state after a round: what a resyncing peer adopts."""
+
+    vectors: list[torch.Tensor]  # weights first, then the outer optimizer's moments
+    step: int  # the outer optimizer's step counter
+    digest: int
+
+    @classmethod
+    def of(cls, vectors: Sequence[torch.Tensor], step: int) -> StateSnapshot:
+        vs = [v.detach().clone() for v in vectors]
+        return cls(vs, step, state_digest(vs, step))
+
+
+STATE_PARTS = ("weights", "m", "v")  # names on the wire, in StateSnapshot.vectors order
+
+
+def state_digest(vectors: Sequence[torch.Tensor], step: int) -> int:
+    """63-bit digest of a training state (fits a msgpack int in a header's meta)."""
+    h = hashlib.sha256(step.to_bytes(8, "big"))
+    for v in vectors:
+        h.update(v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
+class Liveness:
+    """What the exchange needs from membership (fflnode.p2p.membership.Membership)."""
+
+    def is_alive(self, peer: ID) -> bool:  # pragma: no cover - interface
+        return True
+
+    async def wait_changed(self) -> None:  # pragma: no cover - interface
+        await trio.sleep_forever()
 
 
 class RoundExchange:
@@ -82,6 +134,7 @@ class RoundExchange:
         chunk_elems: int,
         round_timeout_s: float,
         traffic: bulk.Traffic,
+        liveness: Liveness | None = None,
     ) -> None:
         self.host = host
         self.run_id = run_id
@@ -92,9 +145,14 @@ class RoundExchange:
         self.chunk_elems = chunk_elems
         self.round_timeout_s = round_timeout_s
         self.traffic = traffic
+        self.liveness: Liveness = liveness or Liveness()
         self.published: dict[int, Published] = {}
         self.ready: dict[int, trio.Event] = {}
+        self.snapshots: dict[int, StateSnapshot] = {}
+        self.snapshot_ready: dict[int, trio.Event] = {}
         self.current_round = -1
+        # Rounds below this are not ours to serve (a node catching up skips them).
+        self.first_round = 0
 
     def spans(self, numel: int) -> list[tuple[int, int]]:
         return [(a, min(a + self.chunk_elems, numel)) for a in range(0, numel, self.chunk_elems)]
@@ -102,8 +160,9 @@ class RoundExchange:
     def ctx(self, round: int, index: int, lo: int, hi: int) -> ChunkContext:
         return ChunkContext(self.seed, round, index, hi - lo)
 
-    def _event(self, r: int) -> trio.Event:
-        return self.ready.setdefault(r, trio.Event())
+    @staticmethod
+    def _event(events: dict[int, trio.Event], r: int) -> trio.Event:
+        return events.setdefault(r, trio.Event())
 
     def _encode_chunks(
         self, round: int, target: torch.Tensor
@@ -119,11 +178,19 @@ class RoundExchange:
 
     def publish(self, round: int, published: Published) -> None:
         self.published[round] = published
-        self._event(round).set()
+        self._event(self.ready, round).set()
         self.current_round = round
-        for old in [r for r in self.published if r <= round - KEEP_ROUNDS]:
-            del self.published[old]
-            self.ready.pop(old, None)
+        self._forget_before(round - KEEP_ROUNDS + 1)
+
+    def record_state(self, round: int, snapshot: StateSnapshot) -> None:
+        """Our whole state after `round`, served to peers that must resynchronise."""
+        self.snapshots[round] = snapshot
+        self._event(self.snapshot_ready, round).set()
+
+    def _forget_before(self, r: int) -> None:
+        for d in (self.published, self.ready, self.snapshots, self.snapshot_ready):
+            for old in [k for k in d if k < r]:
+                del d[old]
 
     def bytes_out(self, round: int) -> int:
         pub = self.published.get(round)
@@ -134,91 +201,160 @@ class RoundExchange:
         await bulk.serve(stream, SHARD_PROTOCOL, self.run_id, self._resolve, self.traffic)
 
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
-        r, index, what = msg["round"], msg["index"], msg["what"]
+        r, what = msg["round"], msg["what"]
         if peer not in self._peer_names:
             raise bulk.Unavailable("not-peer", "requester does not mix with us")
         if what not in ("delta", "weights"):
             raise bulk.Unavailable("bad-request", f"{SHARD_PROTOCOL} does not serve {what}")
+        if r < self.first_round:
+            raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
         if r <= self.current_round - KEEP_ROUNDS:
             raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
+        if what == "weights":
+            return await self._resolve_weights(r, msg["lo"], msg["hi"])
         with trio.move_on_after(self.round_timeout_s):
-            await self._event(r).wait()
+            await self._event(self.ready, r).wait()
         pub = self.published.get(r)
         if pub is None:
             raise bulk.Unavailable("not-ready", f"round {r} not finished here")
-        if what == "weights":
-            lo, hi = msg["lo"], msg["hi"]
-            if (
-                pub.served is None
-                or not 0 <= lo < hi <= pub.served.numel()
-                or (hi - lo > self.chunk_elems)
-            ):
-                raise bulk.Unavailable("bad-request", f"weights [{lo}, {hi}) not served")
-            return "none", [("values", pub.served[lo:hi].numpy())], {}
         if msg["codec"] != self.codec.name:
             raise bulk.Unavailable("codec", f"this run uses codec {self.codec.name!r}")
+        index = msg["index"]
         if not 0 <= index < len(pub.chunks):
             raise bulk.Unavailable("bad-request", f"chunk {index} of {len(pub.chunks)}")
         enc = pub.chunks[index]
-        return enc.codec, list(enc.parts.items()), dict(enc.meta)
+        return enc.codec, list(enc.parts.items()), {**enc.meta, START_KEY: pub.start}
+
+    async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
+        raise bulk.Unavailable("bad-request", "this exchange serves no weights")
+
+    def _check_range(self, lo: int, hi: int, numel: int) -> None:
+        if not 0 <= lo < hi <= numel or hi - lo > self.chunk_elems:
+            raise bulk.Unavailable("bad-request", f"range [{lo}, {hi}) not served")
 
     # ------------------------------------------------------------------ pulling
-    async def pull_estimate(
-        self, peer: ID, round: int, numel: int, *, weights: bool = False
-    ) -> torch.Tensor | None:
-        """A peer's decoded round-`round` Delta (or its public weights), or None."""
+    async def pull(
+        self, peer: ID, requests: list[bulk.Request], on_piece: bulk.OnPiece, numel: int
+    ) -> bool:
+        """Pull `requests` from `peer`; False if it failed, died or froze meanwhile."""
+        done = False
+
+        async def watch(scope: trio.CancelScope) -> None:
+            while self.liveness.is_alive(peer):
+                await self.liveness.wait_changed()
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                await bulk.pull(
+                    self.host,
+                    peer,
+                    SHARD_PROTOCOL,
+                    self.run_id,
+                    requests,
+                    on_piece,
+                    self.traffic,
+                    wait_s=self.round_timeout_s,
+                    expected_bytes=4 * numel * len(STATE_PARTS),
+                )
+                done = True
+            except (FflError, WireError) as e:
+                log.warning("nothing from %s: %s", short_peer(str(peer)), e)
+            nursery.cancel_scope.cancel()
+        if not done and not self.liveness.is_alive(peer):
+            log.info("gave up on %s: no longer alive", short_peer(str(peer)))
+        return done
+
+    async def pull_delta(self, peer: ID, round: int, numel: int) -> tuple[torch.Tensor, int] | None:
+        """A peer's decoded round-`round` Delta and the start digest it came with."""
         out = torch.empty(numel, dtype=torch.float32)
-        spans = self.spans(numel)
+        starts: set[int] = set()
 
         async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            if weights:
-                out[req.lo : req.hi] = torch.from_numpy(arrays["values"].copy())
-                return
-            enc = Encoded(header.codec, dict(arrays), dict(header.meta))
+            meta = dict(header.meta)
+            start = meta.pop(START_KEY, None)
+            if not isinstance(start, int):
+                raise WireError(str(peer), "schema", "delta without its start digest")
+            starts.add(start)
+            enc = Encoded(header.codec, dict(arrays), meta)
             ctx = self.ctx(round, req.index, req.lo, req.hi)
             out[req.lo : req.hi] = await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
 
-        what, codec = ("weights", "none") if weights else ("delta", self.codec.name)
-        requests = [bulk.Request(round, what, i, lo, hi, codec) for i, (lo, hi) in enumerate(spans)]
-        try:
-            await bulk.pull(
-                self.host,
-                peer,
-                SHARD_PROTOCOL,
-                self.run_id,
-                requests,
-                on_piece,
-                self.traffic,
-                wait_s=self.round_timeout_s,
-                expected_bytes=4 * numel,
-            )
-        except (FflError, WireError) as e:
-            log.warning("round %d: nothing from %s: %s", round, short_peer(str(peer)), e)
+        requests = [
+            bulk.Request(round, "delta", i, lo, hi, self.codec.name)
+            for i, (lo, hi) in enumerate(self.spans(numel))
+        ]
+        if not await self.pull(peer, requests, on_piece, numel):
             return None
-        return out
+        if len(starts) != 1:
+            self.traffic.reject("schema", str(peer))
+            log.warning(
+                "%s sent chunks of one Delta with %d start digests",
+                short_peer(str(peer)),
+                len(starts),
+            )
+            return None
+        return out, starts.pop()
 
     def _decode(self, enc: Encoded, ctx: ChunkContext, peer: str) -> torch.Tensor:
         try:
             self.codec.validate(enc, ctx)
             est = self.codec.decode(enc, ctx)
-        except FormatError as e:
-            self.traffic.reject("codec")
+        except FormatError as e:  # counted (per peer) where bulk.pull catches it
             raise WireError(peer, "codec", str(e)) from None
         if est.shape != (ctx.numel,) or not bool(torch.isfinite(est).all()):
-            self.traffic.reject("codec")
             raise WireError(peer, "codec", f"chunk {ctx.chunk} decodes to a bad estimate")
         return est
 
 
-class Averaging(RoundExchange):
-    """Exact mean of every member's decoded Delta (the complete graph)."""
+START_KEY = "start"  # header meta: the sender's start-of-round state digest
 
-    def __init__(self, *args: object, error_feedback: bool = False, me: ID, **kw: object) -> None:
+
+class Averaging(RoundExchange):
+    """Exact mean of the in-sync members' decoded Deltas (the complete graph)."""
+
+    def __init__(
+        self,
+        *args: object,
+        error_feedback: bool = False,
+        me: ID,
+        robust: str = "none",
+        trim: int = 1,
+        **kw: object,
+    ) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.me = me
+        self.robust = robust
+        self.trim = trim
+        # Rounds after which we were out of sync (and, until a resync, hold no state worth
+        # serving); trimmed with the other per-round books.
+        self.out_of_sync: set[int] = set()
         self.residual: torch.Tensor | None = None if not error_feedback else torch.empty(0)
 
-    def encode(self, round: int, delta: torch.Tensor) -> Published:
+    def _mix(self, kept: dict[bytes, torch.Tensor]) -> torch.Tensor:
+        """The round's aggregate of the in-sync Deltas (fflnode.robust)."""
+        if self.robust == "trimmed-mean":
+            if len(kept) <= 2 * self.trim:
+                log.warning(
+                    "trimmed mean of %d Deltas with trim %d: tolerates fewer corrupt peers",
+                    len(kept),
+                    self.trim,
+                )
+            mix = robust.trimmed_mean(kept, self.trim)
+        elif self.robust == "centered-clip":
+            # From this round's coordinate-wise median, not last round's mix: a resynced
+            # node adopts weights and moments but no mix, and must clip as the rest do.
+            mix, _ = robust.centered_clip(kept, None)
+        else:
+            mix = canonical_mean_of(kept)
+        return mix
+
+    def _forget_before(self, r: int) -> None:
+        super()._forget_before(r)
+        self.out_of_sync = {k for k in self.out_of_sync if k >= r}
+
+    def encode(self, round: int, delta: torch.Tensor, start: int) -> Published:
         """Encode Delta (+ the error-feedback residual); run in a worker thread."""
         target = delta.detach()
         if self.residual is not None and self.residual.numel() == target.numel():
@@ -226,30 +362,115 @@ class Averaging(RoundExchange):
         chunks, estimate = self._encode_chunks(round, target)
         if self.residual is not None:
             self.residual = target - estimate
-        return Published(chunks, estimate)
+        return Published(chunks, estimate, start=start)
 
     async def gather(self, round: int) -> tuple[torch.Tensor, RoundReport]:
-        """The canonical mean of this round's decoded Deltas, ours included."""
-        own = self.published[round].estimate
-        estimates: dict[bytes, torch.Tensor] = {self.me.to_bytes(): own}
+        """The canonical mean of this round's decoded Deltas whose senders started the
+        round from the majority's state; ours is among them unless we are out of sync."""
+        pub = self.published[round]
+        contributions: dict[bytes, tuple[torch.Tensor, int]] = {
+            self.me.to_bytes(): (pub.estimate, pub.start)
+        }
 
         async def one(peer: ID) -> None:
-            est = await self.pull_estimate(peer, round, own.numel())
-            if est is not None:
-                estimates[peer.to_bytes()] = est
+            got = await self.pull_delta(peer, round, pub.estimate.numel())
+            if got is not None:
+                contributions[peer.to_bytes()] = got
 
         async with trio.open_nursery() as nursery:
             for peer in self.peers:
-                nursery.start_soon(one, peer)
-        mean = await trio.to_thread.run_sync(canonical_mean_of, estimates)
-        missing = [str(p) for p in self.peers if p.to_bytes() not in estimates]
+                if self.liveness.is_alive(peer):
+                    nursery.start_soon(one, peer)
+        majority = majority_start(s for _, s in contributions.values())
+        kept = {k: est for k, (est, s) in contributions.items() if s == majority}
+        mean = await trio.to_thread.run_sync(self._mix, kept)
+        by_bytes = {p.to_bytes(): p for p in self.peers}
+        excluded = [str(by_bytes[k]) for k in contributions if k not in kept and k in by_bytes]
+        missing = [str(p) for p in self.peers if p.to_bytes() not in contributions]
         report = RoundReport(
-            round, len(self.peers), len(estimates) - 1, missing, [], self.bytes_out(round), 0.0
+            round,
+            len(self.peers),
+            len(kept) - (1 if self.me.to_bytes() in kept else 0),
+            missing,
+            [],
+            self.bytes_out(round),
+            0.0,
+            excluded,
+            in_sync=pub.start == majority,
+            kept_peers=[by_bytes[k] for k in sorted(kept) if k in by_bytes],
         )
+        if excluded:
+            log.warning("round %d: left out %d out-of-sync peers", round, len(excluded))
+        if not report.in_sync:
+            # We hold no majority state after this round until a resync lands: answer a
+            # peer asking for it now rather than at the round timeout. Two nodes whose
+            # partial views each put the other in the majority would otherwise wait on
+            # each other for that whole timeout.
+            self.out_of_sync.add(round)
+            self._event(self.snapshot_ready, round).set()
         return mean, report
+
+    async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
+        """Our whole state after round r (weights, outer moments), for a resync."""
+        with trio.move_on_after(self.round_timeout_s):
+            await self._event(self.snapshot_ready, r).wait()
+        snap = self.snapshots.get(r)
+        if snap is None and r in self.out_of_sync:
+            raise bulk.Unavailable("out-of-sync", f"round {r}: out of sync here too")
+        if snap is None:
+            raise bulk.Unavailable("not-ready", f"no state after round {r} here")
+        self._check_range(lo, hi, snap.vectors[0].numel())
+        parts = [
+            (name, v[lo:hi].numpy()) for name, v in zip(STATE_PARTS, snap.vectors, strict=False)
+        ]
+        return "none", parts, {"step": snap.step, "digest": snap.digest}
+
+    async def fetch_state(self, peer: ID, round: int, numel: int) -> StateSnapshot | None:
+        """A peer's whole state after `round`, or None unless it arrives intact and its
+        digest (recomputed here) matches the one the peer announced with it."""
+        vectors: list[torch.Tensor] = []
+        claims: set[tuple[int, int]] = set()
+
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            if not vectors:
+                vectors.extend(torch.empty(numel) for _ in arrays)
+            if set(arrays) != set(STATE_PARTS[: len(vectors)]):
+                raise WireError(str(peer), "schema", f"state parts {sorted(arrays)}")
+            for v, name in zip(vectors, STATE_PARTS, strict=False):
+                v[req.lo : req.hi] = torch.from_numpy(arrays[name].copy())
+            step, digest = header.meta.get("step"), header.meta.get("digest")
+            if not isinstance(step, int) or not isinstance(digest, int):
+                raise WireError(str(peer), "schema", "state without its step and digest")
+            claims.add((step, digest))
+
+        requests = [
+            bulk.Request(round, "weights", i, lo, hi, "none")
+            for i, (lo, hi) in enumerate(self.spans(numel))
+        ]
+        if not await self.pull(peer, requests, on_piece, numel) or len(claims) != 1:
+            return None
+        step, digest = claims.pop()
+        snap = StateSnapshot(vectors, step, state_digest(vectors, step))
+        if snap.digest != digest:
+            self.traffic.reject("hash", str(peer))
+            log.warning("state from %s fails its digest", short_peer(str(peer)))
+            return None
+        return snap
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.residual is None else {"ef.residual": self.residual}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.residual is not None and "ef.residual" in state:
+            self.residual = state["ef.residual"]
+
+
+def majority_start(starts: Iterable[int]) -> int:
+    """The most common start digest; ties go to the smallest, so every node picks the
+    same one from the same contributions."""
+    counts = Counter(starts)
+    best = max(counts.values())
+    return min(s for s, c in counts.items() if c == best)
 
 
 def canonical_mean_of(estimates: dict[bytes, torch.Tensor]) -> torch.Tensor:
@@ -277,6 +498,28 @@ class Gossip(RoundExchange):
         self.public -= estimate  # exactly what every neighbour computes on receipt
         return Published(chunks, estimate, served=self.public.clone())
 
+    async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
+        """Our public copy after round r, exact float32 (a neighbour's resync)."""
+        with trio.move_on_after(self.round_timeout_s):
+            await self._event(self.ready, r).wait()
+        pub = self.published.get(r)
+        if pub is None or pub.served is None:
+            raise bulk.Unavailable("not-ready", f"round {r} not finished here")
+        self._check_range(lo, hi, pub.served.numel())
+        return "none", [("values", pub.served[lo:hi].numpy())], {}
+
+    async def pull_public(self, peer: ID, round: int, numel: int) -> torch.Tensor | None:
+        out = torch.empty(numel, dtype=torch.float32)
+
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            out[req.lo : req.hi] = torch.from_numpy(arrays["values"].copy())
+
+        requests = [
+            bulk.Request(round, "weights", i, lo, hi, "none")
+            for i, (lo, hi) in enumerate(self.spans(numel))
+        ]
+        return out if await self.pull(peer, requests, on_piece, numel) else None
+
     async def gather(
         self, round: int, theta_local: torch.Tensor
     ) -> tuple[torch.Tensor, RoundReport]:
@@ -287,7 +530,11 @@ class Gossip(RoundExchange):
 
         async def one(peer: ID) -> None:
             resync = peer in self.stale
-            got = await self.pull_estimate(peer, round, numel, weights=resync)
+            if resync:
+                got = await self.pull_public(peer, round, numel)
+            else:
+                pulled = await self.pull_delta(peer, round, numel)
+                got = None if pulled is None else pulled[0]
             if got is None:
                 self.stale.add(peer)
                 return
@@ -301,7 +548,10 @@ class Gossip(RoundExchange):
 
         async with trio.open_nursery() as nursery:
             for peer in self.peers:
-                nursery.start_soon(one, peer)
+                if self.liveness.is_alive(peer):
+                    nursery.start_soon(one, peer)
+                else:
+                    self.stale.add(peer)
         arrived.sort(key=lambda p: p.to_bytes())
         mixed, gap = await trio.to_thread.run_sync(self._mix, theta_local, arrived)
         report = RoundReport(

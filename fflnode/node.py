@@ -31,18 +31,21 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
-from fflnode import metrics
+from fflnode import checkpoint, metrics
+from fflnode.adversary import Adversary
 from fflnode.codecs import make_codec
-from fflnode.config import Config, split_host_port
+from fflnode.config import Config, read_psk, split_host_port
 from fflnode.errors import ConfigError, FflError, MergeError, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
 from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
+from fflnode.rounds import RoundRecord, RoundRunner
 from fflnode.sdnotify import Notifier, watchdog_interval_s
 from fflnode.tensors import FlatLayout
 from fflnode.train import topology
@@ -62,19 +65,6 @@ SYNTHETIC_TENSOR_ELEMS = 1 << 20  # 4 MiB tensors: like a transformer's weight m
 
 
 @dataclass
-class RoundRecord:
-    round: int
-    loss: float
-    test_accuracy: float | None  # evaluated every train.eval_every rounds
-    peers: int
-    received: int
-    missing: list[str]
-    bytes_out: int
-    consensus_gap: float
-    seconds: float
-
-
-@dataclass
 class NodeReport:
     peer_id: str
     partition_index: int
@@ -90,6 +80,8 @@ class NodeReport:
     wall_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     error: str | None = None
+    resumed_from_round: int | None = None  # the checkpoint this run resumed from
+    catch_up_jumps: list[tuple[int, int]] = field(default_factory=list)
 
 
 def peak_rss_mb() -> float:
@@ -132,7 +124,8 @@ class Node:
         self.cfg = cfg
         self.notifier = notifier or Notifier()
         self.data_dir = cfg.data_dir
-        self.traffic = Traffic()
+        self.gate = Gate.from_config(cfg.access.allow, cfg.access.blacklist_after)
+        self.traffic = Traffic(on_reject=self.gate.offence)
         self.trainer: LocalTrainer | None = None
         self.report: NodeReport | None = None
         self.listening = trio.Event()
@@ -141,6 +134,10 @@ class Node:
         self.membership: Membership | None = None
         self.merge_state = "pending"  # pending | running | done | failed
         self.metrics_port: int | None = None
+        # Resilience tests only: a Byzantine node's corrupted updates and premerge weights.
+        self.adversary = Adversary(cfg.adversary.mode, cfg.run.seed + cfg.train.partition_index)
+        if self.adversary.active:
+            log.warning("adversary mode %r: this node sends corrupted updates", cfg.adversary.mode)
 
     # ----------------------------------------------------------------------- run
     async def run(self) -> NodeReport:
@@ -148,7 +145,7 @@ class Node:
         t0 = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(self.data_dir)
-        host = build_host(key_pair)
+        host = build_host(key_pair, psk=read_psk(cfg), gate=self.gate)
         self.peer_id = host.get_id()
         me = self.peer_id
         layout, train_samples = await trio.to_thread.run_sync(self._prepare_model)
@@ -170,6 +167,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 membership = Membership(host, pubsub, cfg.run.run_id, self.traffic.reject)
                 self.membership = membership
+                pubsub.set_topic_validator(membership.topic, self.gate.validate_announcement, False)
+                await nursery.start(self.gate.run)
                 await nursery.start(membership.run)
                 if cfg.node.metrics:
                     mhost, mport = split_host_port(cfg.node.metrics)
@@ -191,7 +190,15 @@ class Node:
                 log.info("node %s listening on %s", me, ", ".join(self.addrs))
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._bootstrap, host)
-                members = await self._start_barrier(membership)
+                ckpt = None
+                if self.trainer is not None:
+                    ckpt = await trio.to_thread.run_sync(
+                        checkpoint.load, self.data_dir, cfg.run.run_id, layout.numel
+                    )
+                if ckpt is None:
+                    members = await self._start_barrier(membership)
+                else:  # a restart: the run's members are on record, rejoin them
+                    members = await self._rejoin(membership, ckpt)
                 merge = MergeSession(
                     host,
                     membership,
@@ -204,14 +211,33 @@ class Node:
                     piece_elems=cfg.merge.piece_elems,
                     timeout_s=cfg.merge.timeout_s,
                     traffic=self.traffic,
+                    seed=cfg.run.seed,
+                    exclude_outliers=cfg.merge.exclude_outliers,
                 )
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
-                if self.trainer is not None:
-                    exchange = self._exchange(host, members)
-                    host.set_stream_handler(SHARD_PROTOCOL, exchange.handle)
                 membership.phase = "train"
-                for r in range(cfg.run.rounds):
-                    report.rounds.append(await self._round(r, membership, exchange))
+                if self.trainer is not None:
+                    exchange = self._exchange(host, members, membership)
+                    host.set_stream_handler(SHARD_PROTOCOL, exchange.handle)
+                    runner = RoundRunner(
+                        trainer=self.trainer,
+                        exchange=exchange,
+                        membership=membership,
+                        notifier=self.notifier,
+                        data_dir=self.data_dir,
+                        run_id=cfg.run.run_id,
+                        members=members,
+                        rounds=cfg.run.rounds,
+                        eval_every=cfg.train.eval_every,
+                        checkpoint_every=cfg.train.checkpoint_every,
+                        records=report.rounds,
+                        adversary=self.adversary,
+                    )
+                    if ckpt is not None:
+                        runner.resume(ckpt)
+                        report.resumed_from_round = ckpt.round
+                    await runner.run()
+                    report.catch_up_jumps = runner.jumps
                 premerge = self.data_dir / PREMERGE_FILE
                 await trio.to_thread.run_sync(self._write_premerge, premerge, layout)
                 if self.trainer is not None:
@@ -289,6 +315,18 @@ class Node:
                 "counter",
                 "messages rejected, by reason",
                 [({"reason": k}, float(v)) for k, v in self.traffic.rejected.items()],
+            ),
+            S(
+                "fflnode_peers_banned",
+                "gauge",
+                "peers disconnected and refused for sending invalid messages",
+                [({}, float(len(self.gate.banned)))],
+            ),
+            S(
+                "fflnode_connections_refused_total",
+                "counter",
+                "connections the access gate refused, by cause (psk, allowlist, banned)",
+                [({"cause": k}, float(v)) for k, v in self.gate.refused.items()],
             ),
             S(
                 "fflnode_merge_state",
@@ -375,7 +413,17 @@ class Node:
         p = self.cfg.prism
         return {"backend": p.backend, "depth": depth_for_pool(p.pool_mb << 20)}
 
-    def _exchange(self, host: Any, members: list[ID]) -> RoundExchange:
+    async def _rejoin(self, membership: Membership, ckpt: checkpoint.Checkpoint) -> list[ID]:
+        """After a restart: the members from the checkpoint; wait (bounded) to hear one."""
+        members = [ID.from_base58(m) for m in ckpt.members]
+        self.notifier.status(f"rejoining after round {ckpt.round}")
+        others = [m for m in members if m != membership.me]
+        await membership.wait_until(
+            lambda: any(membership.is_alive(m) for m in others), self.cfg.run.start_timeout_s
+        )
+        return members
+
+    def _exchange(self, host: Any, members: list[ID], membership: Membership) -> RoundExchange:
         """The round exchange over this run's topology (fixed, drawn from the run seed):
         exact averaging on the complete graph, consensus gossip on sparse ones."""
         assert self.trainer is not None
@@ -399,6 +447,7 @@ class Node:
             chunk_elems=e.chunk_elems,
             round_timeout_s=e.round_timeout_s,
             traffic=self.traffic,
+            liveness=membership,
         )
         codec = make_codec(e.codec, **params)
         if len(peers) == len(members) - 1:  # everyone: the exact mean needs no copies
@@ -409,6 +458,8 @@ class Node:
                 codec,
                 error_feedback=e.error_feedback,
                 me=me,
+                robust=e.robust,
+                trim=e.trim,
                 **common,
             )
         return Gossip(
@@ -447,7 +498,10 @@ class Node:
                     pending.remove(addr)
                     log.info("connected to bootstrap peer %s", short_peer(str(info.peer_id)))
                 except (trio.TooSlowError, *streams.STREAM_ERRORS) as e:
-                    log.debug("bootstrap %s not reachable yet: %s", addr, e)
+                    if (refused := refusal(e)) is not None:
+                        log.warning("bootstrap %s refused: %s", addr, refused)
+                    else:
+                        log.debug("bootstrap %s not reachable yet: %s", addr, e)
                     # A restarted peer is held in the dial negative cache for 60 s.
                     host.get_network().unblock_peer(info.peer_id)
             if pending:
@@ -471,50 +525,12 @@ class Node:
         log.info("run starts with %d members", len(members))
         return members
 
-    async def _round(self, r: int, membership: Membership, exchange: RoundExchange) -> RoundRecord:
-        assert self.trainer is not None
-        trainer = self.trainer
-        t0 = time.perf_counter()
-        membership.round = r
-        theta_start = trainer.flat()
-        loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
-        theta_local = trainer.flat()
-        if isinstance(exchange, Averaging):
-            pub = await trio.to_thread.run_sync(exchange.encode, r, theta_start - theta_local)
-            exchange.publish(r, pub)
-            g, rep = await exchange.gather(r)
-        else:
-            assert isinstance(exchange, Gossip)
-            exchange.publish(r, await trio.to_thread.run_sync(exchange.encode, r, theta_local))
-            theta_mix, rep = await exchange.gather(r, theta_local)
-            g = theta_start - theta_mix
-        await trio.to_thread.run_sync(trainer.outer_step, theta_start, g)
-        rounds = self.cfg.run.rounds
-        acc = None
-        if (r + 1) % self.cfg.train.eval_every == 0 or r + 1 == rounds:
-            acc = await trio.to_thread.run_sync(trainer.accuracy, test_split())
-        status = (
-            f"round {r + 1}/{rounds} loss {loss:.3f}"
-            + (f" acc {acc:.3f}" if acc is not None else "")
-            + f" peers {rep.received}/{rep.peers}"
-        )
-        self.notifier.status(status)
-        log.log(logging.INFO if acc is not None else logging.DEBUG, status)
-        return RoundRecord(
-            r,
-            loss,
-            acc,
-            rep.peers,
-            rep.received,
-            rep.missing,
-            rep.bytes_out,
-            rep.consensus_gap,
-            time.perf_counter() - t0,
-        )
-
     def _write_premerge(self, path: Path, layout: FlatLayout) -> None:
         if self.trainer is not None:
-            save_tensors(path, self.trainer.state_tensors(), {"fflnode.run": self.cfg.run.run_id})
+            tensors = self.trainer.state_tensors()
+            if self.adversary.active:
+                tensors = {k: self.adversary.corrupt(v) for k, v in tensors.items()}
+            save_tensors(path, tensors, {"fflnode.run": self.cfg.run.run_id})
         else:
             write_synthetic(path, layout, self.cfg.run.seed, self.cfg.train.partition_index)
 
@@ -534,6 +550,7 @@ class Node:
             "owned": outcome.owned,
             "seconds": outcome.seconds,
             "phases": outcome.phase_seconds,
+            "excluded": outcome.excluded,
         }
 
 

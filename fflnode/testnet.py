@@ -24,12 +24,14 @@ import socket
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from fflnode import config as cfgmod
+from fflnode.errors import ConfigError
 
 NOTIFY_TIMEOUT_S = 120.0  # a node that has not said READY by then is broken
 # Whole-run deadline: the issue's bar is 5 minutes for the default 4-node run; a
@@ -58,6 +60,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=0, help="merge shards M (0 = nodes)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-split alpha")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralized run")
+    p.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="NODE@ROUND",
+        help="SIGKILL a node at a round, then restart it on its data dir",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="NODE@ROUND",
+        help="SIGSTOP a node at a round and leave it frozen",
+    )
+    p.add_argument(
+        "--restart-after", type=float, default=3.0, help="seconds a killed node stays down (3)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any node config key for every node, e.g. train.outer_lr=0.7 (TOML value)",
+    )
+    p.add_argument(
+        "--corrupt",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the last K nodes send corrupted updates and premerge weights (see --corrupt-mode)",
+    )
+    p.add_argument(
+        "--corrupt-mode",
+        default="signflip",
+        choices=["signflip", "nan", "random"],
+        help="signflip: -10 x the update; nan: NaNs; random: noise 10 x the update's scale",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -95,7 +134,26 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
         },
         "merge": {"shards": args.shards},
     }
+    if i >= args.nodes - args.corrupt:
+        doc["adversary"] = {"mode": args.corrupt_mode}
+    for key, value in parse_overrides(args.set).items():
+        section, _, name = key.partition(".")
+        doc.setdefault(section, {})[name] = value
     return cfgmod.from_dict(doc, f"testnet node{i}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` pairs; a value is read as TOML, else taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or key.count(".") != 1:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 @dataclasses.dataclass
@@ -104,13 +162,31 @@ class NodeProc:
     data_dir: Path
     notify_path: str
     ready: trio.Event = dataclasses.field(default_factory=trio.Event)
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
     status: str = "starting"
+    round: int = 0
     process: trio.Process | None = None
     exit_code: int | None = None
+    kill_at: int | None = None  # SIGKILL at this round, then restart on the same data dir
+    stop_at: int | None = None  # SIGSTOP at this round, left frozen
+    killed: bool = False
+    stopped: bool = False
+    restarts: int = 0
 
     @property
     def name(self) -> str:
         return f"node{self.index}"
+
+
+def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
+    """--kill / --stop values "I@R" -> {node index: round}."""
+    out = {}
+    for spec in specs:
+        node, _, rnd = spec.partition("@")
+        if not (node.isdigit() and rnd.isdigit() and int(node) < nodes):
+            raise SystemExit(f"fflnode: --{what} {spec!r}: expected NODE@ROUND, NODE < {nodes}")
+        out[int(node)] = int(rnd)
+    return out
 
 
 class Testnet:
@@ -122,7 +198,12 @@ class Testnet:
             NodeProc(i, self.out / f"node{i}", str(self.sock_dir / f"n{i}.sock"))
             for i in range(args.nodes)
         ]
+        for i, r in parse_faults(args.kill, "kill", args.nodes).items():
+            self.procs[i].kill_at = r
+        for i, r in parse_faults(args.stop, "stop", args.nodes).items():
+            self.procs[i].stop_at = r
         self.baseline: dict[str, Any] | None = None
+        self.bootstrap: list[str] = []
 
     def say(self, text: str) -> None:
         if not self.args.quiet:
@@ -140,10 +221,13 @@ class Testnet:
                     if not self.args.no_baseline and self.args.task == "digits":
                         nursery.start_soon(self._baseline)
                     await self._launch(nursery, self.procs[0], [])
-                    boot = json.loads((self.procs[0].data_dir / "node.json").read_text())["addrs"]
+                    self.bootstrap = self._addrs(self.procs[0])[:1]
                     async with trio.open_nursery() as launching:  # the rest start together
                         for proc in self.procs[1:]:
-                            launching.start_soon(self._launch, nursery, proc, boot[:1])
+                            launching.start_soon(self._launch, nursery, proc, self.bootstrap)
+                    if len(self.procs) > 1:  # a second bootstrap peer, should node 0 die
+                        self.bootstrap += self._addrs(self.procs[1])[:1]
+                    nursery.start_soon(self._end_frozen)
             if deadline.cancelled_caught:
                 self.timed_out = True
                 self.say(f"  testnet: not finished within {RUN_DEADLINE_S:.0f} s; nodes stopped")
@@ -151,6 +235,10 @@ class Testnet:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
         wall = time.perf_counter() - t0
         return self._report(wall)
+
+    @staticmethod
+    def _addrs(proc: NodeProc) -> list[str]:
+        return json.loads((proc.data_dir / "node.json").read_text())["addrs"]
 
     async def _launch(self, nursery: trio.Nursery, proc: NodeProc, bootstrap: list[str]) -> None:
         cfg = node_config(self.args, proc.index, self.out, bootstrap)
@@ -166,7 +254,7 @@ class Testnet:
 
     async def _listen(self, proc: NodeProc, sock: trio.socket.SocketType) -> None:
         with sock:
-            while proc.exit_code is None:
+            while not proc.done.is_set():
                 data = await sock.recv(4096)
                 fields = dict(
                     line.split("=", 1)
@@ -178,24 +266,50 @@ class Testnet:
                     # Every round reports; print the evaluated ones and phase changes.
                     if not proc.status.startswith("round ") or " acc " in proc.status:
                         self.say(f"  {proc.name:>6}: {proc.status}")
+                    if proc.status.startswith("round "):
+                        proc.round = int(proc.status.split()[1].split("/")[0])
+                        self._inject_faults(proc)
                 if fields.get("READY") == "1":
                     proc.ready.set()
+
+    def _inject_faults(self, proc: NodeProc) -> None:
+        """Kill or freeze a node when it reports the round its fault is planned for."""
+        if proc.process is None or proc.process.returncode is not None:
+            return
+        if proc.kill_at is not None and not proc.killed and proc.round >= proc.kill_at:
+            proc.killed = True
+            proc.process.kill()  # SIGKILL: no chance to clean up, as a crash
+            self.say(f"  {proc.name:>6}: SIGKILL at round {proc.round} (restart follows)")
+        if proc.stop_at is not None and not proc.stopped and proc.round >= proc.stop_at:
+            proc.stopped = True
+            proc.process.send_signal(signal.SIGSTOP)  # frozen: connections stay open
+            self.say(f"  {proc.name:>6}: SIGSTOP at round {proc.round} (left frozen)")
 
     async def _supervise(self, proc: NodeProc, conf_path: Path) -> None:
         env = dict(os.environ, NOTIFY_SOCKET=proc.notify_path, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "fflnode", "run", "--config", str(conf_path)]
-        with open(proc.data_dir / "node.log", "wb") as logf:
-            result = await trio.run_process(
-                cmd,
-                env=env,
-                stdout=logf,
-                stderr=logf,
-                check=False,
-                deliver_cancel=_terminate_then_kill,
-            )
-        proc.exit_code = result.returncode
+        while True:
+            with open(proc.data_dir / "node.log", "ab") as logf:
+                proc.process = await trio.lowlevel.open_process(
+                    cmd, env=env, stdout=logf, stderr=logf
+                )
+                try:
+                    await proc.process.wait()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await _terminate_then_kill(proc.process)
+            proc.exit_code = proc.process.returncode
+            self.say(f"  {proc.name:>6}: exited with code {proc.exit_code}")
+            if proc.killed and proc.restarts == 0:  # the planned crash: start it again
+                proc.restarts += 1
+                await trio.sleep(self.args.restart_after)  # the outage being simulated
+                cfg = node_config(self.args, proc.index, self.out, self.bootstrap)
+                conf_path.write_text(cfgmod.to_toml(cfg))
+                self.say(f"  {proc.name:>6}: restarting on its data dir")
+                continue
+            break
         proc.ready.set()  # a node that died before READY must not hang the launcher
-        self.say(f"  {proc.name:>6}: exited with code {proc.exit_code}")
+        proc.done.set()
         with trio.CancelScope(shield=True):  # wake our notify listener
             try:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -203,6 +317,15 @@ class Testnet:
                 s.close()
             except OSError:
                 pass
+
+    async def _end_frozen(self) -> None:
+        """Once every node not frozen has finished, end the frozen ones."""
+        for proc in self.procs:
+            if proc.stop_at is None:
+                await proc.done.wait()
+        for proc in self.procs:
+            if proc.stopped and proc.process is not None and proc.process.returncode is None:
+                proc.process.kill()
 
     async def _baseline(self) -> None:
         import torch
@@ -225,32 +348,54 @@ class Testnet:
         for proc in self.procs:
             path = proc.data_dir / "result.json"
             result = json.loads(path.read_text()) if path.exists() else {}
-            nodes[proc.name] = {**result, "exit_code": proc.exit_code}
+            nodes[proc.name] = {
+                **result,
+                "exit_code": proc.exit_code,
+                "killed_and_restarted": proc.killed,
+                "frozen": proc.stopped,
+            }
+        merged = [r["merge"] for r in nodes.values() if r.get("merge")]
+        participants = merged[0]["members"] if merged else []
+        by_peer = {
+            r.get("peer_id"): proc for proc, r in zip(self.procs, nodes.values(), strict=True)
+        }
+        members = [by_peer[p] for p in participants if p in by_peer]
         ref = reference_merge(
-            [p.data_dir / "premerge.safetensors" for p in self.procs], nodes, self.args.model
+            [p.data_dir / "premerge.safetensors" for p in members],
+            [nodes[p.name] for p in members],
+            self.args.model,
         )
-        hashes = {n: r.get("merged_hash") for n, r in nodes.items()}
+        # Why the merge's members left agreed peers out (fingerprint outliers), by peer.
+        outliers: dict[str, str] = {}
+        for m in merged:
+            outliers.update(m.get("excluded") or {})
+        named = {r.get("peer_id"): name for name, r in nodes.items()}
+        # Frozen nodes cannot finish; outliers stop, excluded by every member's rule.
+        expected = [
+            p for p in self.procs if not p.stopped and nodes[p.name].get("peer_id") not in outliers
+        ]
+        hashes = {p.name: nodes[p.name].get("merged_hash") for p in expected}
         files_equal = {
             p.name: merged_equals(p.data_dir / "merged.safetensors", ref["tensors"])
-            for p in self.procs
+            for p in expected
         }
         merge = {
             "hashes_agree": bool(ref["hash"]) and all(h == ref["hash"] for h in hashes.values()),
             "files_equal_reference": all(files_equal.values()),
             "reference_hash": ref["hash"],
             "merged_test_accuracy": ref["accuracy"],
-            "shards": next((r["merge"]["shards"] for r in nodes.values() if r.get("merge")), None),
-            "participants": next(
-                (r["merge"]["members"] for r in nodes.values() if r.get("merge")), []
-            ),
-            "seconds": max(
-                (r["merge"]["seconds"] for r in nodes.values() if r.get("merge")), default=None
-            ),
+            "shards": merged[0]["shards"] if merged else None,
+            "participants": participants,
+            "excluded": [p.name for p in self.procs if p not in members],
+            "outliers": {named.get(peer, peer): why for peer, why in outliers.items()},
+            "seconds": max((m["seconds"] for m in merged), default=None),
         }
         ok = (
-            merge["hashes_agree"]
+            not self.timed_out
+            and merge["hashes_agree"]
             and merge["files_equal_reference"]
-            and all(p.exit_code == 0 for p in self.procs)
+            and all(p.exit_code == 0 for p in expected)
+            and sorted(participants) == sorted(nodes[p.name]["peer_id"] for p in expected)
         )
         return {
             "ok": ok,
@@ -268,6 +413,9 @@ class Testnet:
                     "task",
                     "alpha",
                     "shards",
+                    "corrupt",
+                    "corrupt_mode",
+                    "set",
                 )
             },
             "nodes": nodes,
@@ -278,6 +426,8 @@ class Testnet:
 
 
 async def _terminate_then_kill(process: trio.Process) -> None:
+    if process.returncode is not None:
+        return
     process.send_signal(signal.SIGTERM)
     with trio.move_on_after(STOP_GRACE_S):
         await process.wait()
@@ -285,7 +435,9 @@ async def _terminate_then_kill(process: trio.Process) -> None:
     process.kill()
 
 
-def reference_merge(premerge: list[Path], nodes: dict[str, Any], model: str) -> dict[str, Any]:
+def reference_merge(
+    premerge: list[Path], nodes: list[dict[str, Any]], model: str
+) -> dict[str, Any]:
     """The canonical mean of the premerge files with plain torch, and its hash.
 
     Deliberately independent of fflnode's merge code: safetensors' loader, float64 sums
@@ -296,7 +448,9 @@ def reference_merge(premerge: list[Path], nodes: dict[str, Any], model: str) -> 
     from safetensors.torch import load_file
 
     members = []
-    for path, result in zip(premerge, nodes.values(), strict=True):
+    if not premerge:
+        return {"hash": None, "tensors": None, "accuracy": None}
+    for path, result in zip(premerge, nodes, strict=True):
         if not path.exists() or not result.get("peer_id"):
             return {"hash": None, "tensors": None, "accuracy": None}
         members.append((ID.from_base58(result["peer_id"]).to_bytes(), load_file(str(path))))
@@ -318,9 +472,11 @@ def reference_merge(premerge: list[Path], nodes: dict[str, Any], model: str) -> 
     }
 
 
-def _accuracy_of(tensors: dict[str, Any], nodes: dict[str, Any], model_name: str) -> float | None:
+def _accuracy_of(
+    tensors: dict[str, Any], nodes: list[dict[str, Any]], model_name: str
+) -> float | None:
     """Test accuracy of the reference merged weights (digits task only)."""
-    if not any(r.get("test_accuracy_before_merge") is not None for r in nodes.values()):
+    if not any(r.get("test_accuracy_before_merge") is not None for r in nodes):
         return None
     from fflnode.train.model import build_model
     from fflnode.train.trainer import evaluate, test_split
@@ -347,6 +503,11 @@ def print_summary(report: dict[str, Any]) -> None:
         f"fflnode testnet: {c['nodes']} nodes, {c['rounds']} rounds x {c['local_steps']} "
         f"steps, {c['topology']} topology, codec {c['codec']}, task {c['task']}"
     )
+    extras = [f"--set {kv}" for kv in c.get("set") or []]
+    if c.get("corrupt"):
+        extras.insert(0, f"{c['corrupt']} corrupt node(s) ({c['corrupt_mode']})")
+    if extras:
+        print("  " + ", ".join(extras))
     print(SUMMARY_RULE)
     print(
         f"{'node':<7}{'peer':<16}{'acc before':>11}{'acc merged':>11}"
@@ -361,10 +522,22 @@ def print_summary(report: dict[str, Any]) -> None:
             f"{r.get('bytes_sent', 0) / 1e6:>10.2f}{r.get('bytes_received', 0) / 1e6:>10.2f}"
             f"{r.get('peak_rss_mb', 0):>8.0f}{str(r.get('exit_code')):>6}"
         )
+        if r.get("killed_and_restarted"):
+            jumps = r.get("catch_up_jumps") or []
+            print(
+                f"       SIGKILLed, restarted: resumed from its checkpoint after round "
+                f"{r.get('resumed_from_round')}, caught up {jumps}"
+            )
+        if r.get("frozen"):
+            print("       SIGSTOPped and left frozen: excluded from the merge, killed at the end")
         if r.get("error"):
             print(f"       error: {r['error']}")
     m = report["merge"]
     print(SUMMARY_RULE)
+    if m.get("excluded"):
+        print(f"excluded from merge  {', '.join(m['excluded'])}")
+    for name, why in (m.get("outliers") or {}).items():
+        print(f"  {name}: {why}")
     print(
         f"merged accuracy      {_pct(m['merged_test_accuracy'])}  "
         f"({len(m['participants'])} participants, {m['shards']} shards, "
@@ -437,6 +610,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         print("fflnode: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        node_config(args, 0, Path(args.out), [])  # reject a bad --set before starting
+    except ConfigError as e:
+        print(f"fflnode: {e}", file=sys.stderr)
         return 2
     net = Testnet(args)
     if not args.quiet:

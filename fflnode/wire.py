@@ -50,6 +50,9 @@ MAX_RANK = 4
 MAX_NAME = 64
 MAX_ADDRS = 16
 MAX_STR = 4096  # longest free-text field (error reasons, multiaddrs)
+# Contexts one state.ready may announce: a node holds at most federation.MAX_OWN_CONTEXTS
+# (1024); one announcement per batch keeps a batch under GossipSub's silent rate limit.
+MAX_ANNOUNCED_CONTEXTS = 1024
 DIGEST_BYTES = 16  # blake2b-128: integrity of a body against corruption, not forgery
 # (Noise already authenticates and encrypts the channel.)
 
@@ -101,9 +104,21 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "members": (_LIST, True),
         "shards": (_INT, True),
         "committed": (_BOOL, True),
+        # float32 LE sketch of the premerge weights (fflnode.merge.fingerprint); not
+        # checked for finiteness here: a non-finite one marks its sender an outlier
+        "fp": (_BIN, False),
     },
     # pubsub: the hash of a node's merged model
     "merge.hash": {"run": (_STR, True), "hash": (_STR, True), "digest": (_STR, True)},
+    # pubsub: a node's SSM states for contexts [context, context + count) (version `round`;
+    # count defaults to 1) are ready to be pulled over /fflnode/state/1.0.0
+    # (fflnode/ssm/federation.py); the states themselves never ride pubsub
+    "state.ready": {
+        "run": (_STR, True),
+        "context": (_INT, True),
+        "round": (_INT, True),
+        "count": (_INT, False),
+    },
     # stream: ask a peer for one chunk of something
     "get": {
         "run": (_STR, True),
@@ -127,9 +142,14 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "blake2b": (_BIN, True),
     },
     "ack": {"ok": (_BOOL, True), "reason": (_STR, False)},
+    # stream: application-level liveness (a frozen peer keeps its TCP connection open)
+    "ping": {"run": (_STR, True), "nonce": (_INT, True)},
+    "pong": {"run": (_STR, True), "nonce": (_INT, True)},
     "error": {"code": (_STR, True), "reason": (_STR, True)},
 }
 ROUND_LIMIT = 1 << 31
+# A merge fingerprint is 4 KiB (fflnode.merge.fingerprint); 16 KiB leaves room to grow.
+MAX_FINGERPRINT_BYTES = 16 << 10
 PHASES = ("join", "train", "merge", "done")
 
 
@@ -260,7 +280,7 @@ def decode(
             strict_map_key=True,
             use_list=True,
             max_str_len=MAX_STR,
-            max_bin_len=DIGEST_BYTES * 4,
+            max_bin_len=max(DIGEST_BYTES * 4, MAX_FINGERPRINT_BYTES),
             max_array_len=MAX_MEMBERS,
             max_map_len=32,
             max_ext_len=0,
@@ -328,6 +348,9 @@ def _check_ready(peer: str, doc: dict[str, Any]) -> None:
         raise WireError(peer, "schema", "merge.ready.members must be sorted and unique")
     if not 1 <= doc["shards"] <= 65536:
         raise WireError(peer, "schema", f"merge.ready.shards {doc['shards']} out of range")
+    fp = doc.get("fp")
+    if fp is not None and (len(fp) > MAX_FINGERPRINT_BYTES or len(fp) % 4):
+        raise WireError(peer, "schema", f"merge.ready.fp of {len(fp)} bytes")
 
 
 def _check_hash(peer: str, doc: dict[str, Any]) -> None:
@@ -335,6 +358,15 @@ def _check_hash(peer: str, doc: dict[str, Any]) -> None:
         v = doc[key]
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
             raise WireError(peer, "schema", f"merge.hash.{key} is not a sha256 hex digest")
+
+
+def _check_state_ready(peer: str, doc: dict[str, Any]) -> None:
+    _check_round(peer, "state.ready", doc["round"])
+    if not 0 <= doc["context"] < ROUND_LIMIT:
+        raise WireError(peer, "schema", f"state.ready.context {doc['context']} out of range")
+    count = doc.get("count", 1)
+    if not (1 <= count <= MAX_ANNOUNCED_CONTEXTS and doc["context"] + count <= ROUND_LIMIT):
+        raise WireError(peer, "schema", f"state.ready.count {count} out of range")
 
 
 def _check_get(peer: str, doc: dict[str, Any]) -> None:
@@ -401,6 +433,7 @@ _CHECKS = {
     "hb": _check_hb,
     "merge.ready": _check_ready,
     "merge.hash": _check_hash,
+    "state.ready": _check_state_ready,
     "get": _check_get,
     "bulk": _check_bulk,
 }

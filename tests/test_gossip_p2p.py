@@ -123,7 +123,7 @@ async def test_averaging_gives_every_node_the_bit_identical_canonical_mean():
 
             async def one(pid, r=r, deltas=deltas):
                 a = averagers[pid]
-                a.publish(r, await trio.to_thread.run_sync(a.encode, r, deltas[pid]))
+                a.publish(r, await trio.to_thread.run_sync(a.encode, r, deltas[pid], 7))
                 means[pid], report = await a.gather(r)
                 assert report.received == 3 and not report.missing
 

@@ -154,3 +154,25 @@ def test_mutated_valid_messages_are_accepted_or_rejected_cleanly(data):
         return
     assert msg.kind in wire.SCHEMAS
     assert set(msg.fields) <= set(wire.SCHEMAS[msg.kind])
+
+
+def test_state_ready_announcement_round_trips_and_is_checked():
+    fields = dict(run=RUN, context=7, round=2)
+    msg = wire.decode(wire.encode("state.ready", **fields), PEER, run=RUN, expect={"state.ready"})
+    assert msg.kind == "state.ready" and msg.fields == fields
+    good = dict(v=1, kind="state.ready", run=RUN, context=7, round=2)
+    pack = msgpack.packb
+    rejects("schema", pack({**good, "context": -1}))
+    rejects("schema", pack({**good, "context": wire.ROUND_LIMIT}))
+    rejects("schema", pack({**good, "round": -1}))
+    rejects("schema", pack({**good, "context": 1.5}))
+    rejects("schema", pack({**good, "context": True}))
+    rejects("schema", pack({k: v for k, v in good.items() if k != "context"}))
+    rejects("schema", pack({**good, "h": b"\x00" * 16}))  # a state never rides pubsub
+    batch = dict(run=RUN, context=0, round=2, count=256)  # one announcement for a batch
+    assert wire.decode(wire.encode("state.ready", **batch), PEER).fields == batch
+    rejects("schema", pack({**good, "count": 0}))
+    rejects("schema", pack({**good, "count": wire.MAX_ANNOUNCED_CONTEXTS + 1}))
+    rejects("schema", pack({**good, "context": wire.ROUND_LIMIT - 1, "count": 2}))
+    rejects("schema", pack({**good, "count": True}))
+    rejects("run", pack({**good, "run": "other"}), run=RUN)

@@ -6,7 +6,10 @@ Theory of operation.
    agreed when every member it lists proposes exactly it; the node then commits it and
    announces `committed`. A node that sees a committed proposal listing itself adopts it,
    so views converge even when liveness flickers. Fewer than `quorum` members, or no
-   agreement by the deadline, is a MergeError.
+   agreement by the deadline, is a MergeError. Each proposal carries the fingerprint of
+   its sender's premerge weights; on agreement every member drops the outliers by one
+   rule (fflnode.merge.fingerprint) and the rest merge. An excluded node learns it the
+   same way and stops with MergeExcluded.
 2. Plan. Every participant computes the same plan (fflnode.merge.plan): M shards of the
    flat vector, owners by rendezvous hashing over the agreed members.
 3. Reduce-scatter. An owner pulls its shard from every member in canonical order
@@ -38,6 +41,7 @@ from libp2p.peer.id import ID
 
 from fflnode import wire
 from fflnode.errors import FflError, MergeError, short_peer
+from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
 from fflnode.merge.reduce import CanonicalReducer
 from fflnode.p2p import bulk
@@ -70,6 +74,11 @@ class MergeOutcome:
     owned: list[int]
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # agreed member -> why left out
+
+
+class MergeExcluded(MergeError):
+    """This node's weights are an outlier by the rule every member applies."""
 
 
 def members_digest(members: list[ID]) -> str:
@@ -97,6 +106,8 @@ class MergeSession:
         timeout_s: float,
         traffic: bulk.Traffic,
         store_options: dict[str, object] | None = None,
+        seed: int = 0,
+        exclude_outliers: bool = True,
     ) -> None:
         self.host = host
         self.membership = membership
@@ -104,12 +115,16 @@ class MergeSession:
         self.run_members = set(run_members)
         self.layout = layout
         self.shards_cfg = shards
-        self.quorum = quorum or len(run_members)
+        self.quorum = quorum or len(run_members) // 2 + 1  # 0: a majority of the run
         self.window = window
         self.piece_elems = piece_elems
         self.timeout_s = timeout_s
         self.traffic = traffic
         self.store_options = dict(store_options or {})
+        self.seed = seed
+        self.exclude_outliers = exclude_outliers
+        self.fingerprint: bytes = b""
+        self.fingerprints: dict[ID, bytes | None] = {}
         self.me = host.get_id()
         self.premerge: TensorStore | None = None
         self.premerge_ready = trio.Event()
@@ -128,6 +143,7 @@ class MergeSession:
     def _on_ready(self, peer: ID, msg: wire.Message) -> None:
         if peer in self.run_members:
             self.proposals[peer] = (tuple(msg["members"]), msg["shards"], msg["committed"])
+            self.fingerprints[peer] = msg.fields.get("fp")
 
     def _on_hash(self, peer: ID, msg: wire.Message) -> None:
         if peer in self.run_members:
@@ -174,9 +190,13 @@ class MergeSession:
         if not self.premerge.is_flat_float32() or self.premerge.numel != self.layout.numel:
             raise MergeError(f"{premerge_path}: not the run's canonical float32 flat checkpoint")
         self.premerge_ready.set()
+        self.fingerprint = await self._fingerprint()
+        excluded: dict[str, str] = {}
         with trio.fail_after(self.timeout_s):
             async with trio.open_nursery() as announcer:
                 members = await self._agree(announcer)
+                if self.exclude_outliers:
+                    members, excluded = self._drop_outliers(members)
                 phases["agree"] = time.perf_counter() - t0
                 digest = members_digest(members)
                 member_bytes = canonical_members([p.to_bytes() for p in members])
@@ -212,7 +232,33 @@ class MergeSession:
             [s.index for s in owned],
             time.perf_counter() - t0,
             phases,
+            excluded,
         )
+
+    async def _fingerprint(self) -> bytes:
+        """The premerge weights' fingerprint, streamed piece by piece through Prism."""
+        fp = fingerprint.Fingerprinter(self.seed)
+        for lo in range(0, self.layout.numel, self.piece_elems):
+            hi = min(lo + self.piece_elems, self.layout.numel)
+            piece = await self._read_premerge(lo, hi)
+            await trio.to_thread.run_sync(fp.add, piece, lo)
+        return fp.to_bytes()
+
+    def _drop_outliers(self, members: list[ID]) -> tuple[list[ID], dict[str, str]]:
+        """The agreed members minus those whose fingerprint is an outlier."""
+        fps = {str(p): self.fingerprints.get(p) for p in members if p != self.me}
+        fps[str(self.me)] = self.fingerprint
+        verdict = fingerprint.outliers(fps, len(self.fingerprint))
+        for peer, why in verdict.excluded.items():
+            log.warning("merge: excluding %s: %s", short_peer(peer), why)
+        if str(self.me) in verdict.excluded:
+            raise MergeExcluded(f"excluded from the merge: {verdict.excluded[str(self.me)]}")
+        kept = [p for p in members if str(p) not in verdict.excluded]
+        if len(kept) < self.quorum:
+            raise MergeError(
+                f"{len(kept)} members after excluding outliers, below the quorum {self.quorum}"
+            )
+        return kept, verdict.excluded
 
     def close(self) -> None:
         """Release the premerge file once no member can need it (after wait_all_done)."""
@@ -279,7 +325,11 @@ class MergeSession:
             now = trio.current_time()
             if (tuple(proposal), committed) != announced or now - last_sent >= HEARTBEAT_S:
                 await self.membership.publish(
-                    "merge.ready", members=proposal, shards=m, committed=committed
+                    "merge.ready",
+                    members=proposal,
+                    shards=m,
+                    committed=committed,
+                    fp=self.fingerprint,
                 )
                 announced, last_sent = (tuple(proposal), committed), now
             if committed:
@@ -298,7 +348,9 @@ class MergeSession:
         """Keep the committed proposal visible for members still converging."""
         while True:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
-            await self.membership.publish("merge.ready", members=proposal, shards=m, committed=True)
+            await self.membership.publish(
+                "merge.ready", members=proposal, shards=m, committed=True, fp=self.fingerprint
+            )
 
     # ------------------------------------------------------------------ 3. reduce
     async def _reduce(self, shard: Shard, members: list[bytes]) -> None:

@@ -61,6 +61,9 @@ class Traffic:
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    # Told (peer, reason) of each rejection whose sender is known: the access gate's
+    # per-peer counter (fflnode.p2p.gate.Gate.offence). None: nobody counts per peer.
+    on_reject: Callable[[str, str], None] | None = None
 
     def add_sent(self, protocol: str, n: int) -> None:
         self.sent[protocol] = self.sent.get(protocol, 0) + n
@@ -68,8 +71,10 @@ class Traffic:
     def add_received(self, protocol: str, n: int) -> None:
         self.received[protocol] = self.received.get(protocol, 0) + n
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, peer: str = "") -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if peer and self.on_reject is not None:
+            self.on_reject(peer, reason)
 
     @property
     def total_sent(self) -> int:
@@ -139,7 +144,7 @@ async def pull(
             f"{short_peer(str(peer))}: {protocol} did not complete within {deadline:.0f} s"
         ) from None
     except WireError as e:
-        traffic.reject(e.reason)
+        traffic.reject(e.reason, e.peer)
         raise
     except streams.STREAM_ERRORS as e:
         raise PeerUnavailable(
@@ -209,7 +214,7 @@ async def serve(
                 )
             traffic.add_sent(protocol, sent)
     except WireError as e:
-        traffic.reject(e.reason)
+        traffic.reject(e.reason, e.peer)
         log.warning("rejected %s request: %s", protocol, e)
     except trio.TooSlowError:
         log.warning("%s: sending a %s body to %s timed out", protocol, protocol, short_peer(peer))

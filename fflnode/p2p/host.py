@@ -16,6 +16,9 @@ Owns every py-libp2p knob fflnode turns, in one place:
 * Leaving `host.run` does not close the connections (peers keep seeing us for
   seconds); `running_host` closes the host first.
 * The `libp2p` logger is routed into the node's logging (it is silent otherwise).
+* Every connection passes the access gate (fflnode.p2p.gate) at its security upgrade:
+  a psk mismatch fails in milliseconds instead of a 10 s timeout, and only allowed,
+  unbanned peers get a muxed connection.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 
+from fflnode.p2p.gate import Gate  # noqa: E402
+
 # 65535-byte Noise messages minus the 16-byte AEAD tag minus yamux's 12-byte header,
 # rounded so one yamux frame fits one Noise message exactly.
 YAMUX_MAX_MESSAGE_SIZE = 65519
@@ -61,16 +66,22 @@ GOSSIP_MSGS_PER_NODE_PER_S = 4
 MIN_MESH_DIVERSITY_IPS = 1
 
 
-def build_host(key_pair: KeyPair, *, psk: str | None = None) -> IHost:
-    """A libp2p host offering only Noise and yamux, over TCP."""
+def build_host(key_pair: KeyPair, *, psk: str | None = None, gate: Gate | None = None) -> IHost:
+    """A libp2p host offering only Noise and yamux, over TCP, behind an access gate.
+
+    `psk`: the private-network key, 64 hex characters. `gate`: who may connect; the
+    default admits everyone but still diagnoses a psk mismatch in milliseconds.
+    """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_ID: noise},
         muxer_opt={_yamux.PROTOCOL_ID: _yamux.Yamux},
         psk=psk,
         connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
     )
+    (gate or Gate()).install(host, private=psk is not None)
+    return host
 
 
 @asynccontextmanager

@@ -10,18 +10,25 @@ the merge need them.
 Other announcement kinds on the same topic (merge proposals, hashes) are handed to
 whoever registered for them with `on(kind, callback)`. Pubsub is for small control
 messages only: py-libp2p drops payloads >= 1 MiB silently (DESIGN.md).
+
+Frozen peers. py-libp2p never notices a peer that stopped (SIGSTOP): its TCP connection
+stays open and a read from it waits forever. A peer whose heartbeat is overdue is pinged
+over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
+not alive, disconnected (which fails every stream open to it at once), until a fresh
+heartbeat proves it back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pubsub import Pubsub
@@ -33,6 +40,12 @@ from fflnode.p2p import streams
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+PING_PROTOCOL = "/fflnode/ping/1.0.0"
+# A heartbeat this late gets its sender pinged: 2.5 missed beats, more than pubsub's
+# jitter on a busy machine, well before MEMBER_TIMEOUT_S declares it dead anyway.
+OVERDUE_S = 2.5
+# A live peer answers a ping in milliseconds; 2 s covers a loaded 2-core machine.
+PING_TIMEOUT_S = 2.0
 # Declared dead after this long without a heartbeat: 5 missed beats, which rides out
 # a loaded 2-core machine pausing a node for a couple of seconds.
 MEMBER_TIMEOUT_S = 5.0
@@ -61,7 +74,9 @@ Handler = Callable[[ID, wire.Message], None]
 class Membership:
     """Who is in the run, as seen from this node."""
 
-    def __init__(self, host: IHost, pubsub: Pubsub, run_id: str, on_reject: Callable[[str], None]):
+    def __init__(
+        self, host: IHost, pubsub: Pubsub, run_id: str, on_reject: Callable[[str, str], None]
+    ):
         self.host = host
         self.pubsub = pubsub
         self.run_id = run_id
@@ -75,15 +90,28 @@ class Membership:
         self._changed = trio.Event()
         self._on_reject = on_reject
         self._dialing: set[ID] = set()
+        self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
 
     # -- observers --
     def on(self, kind: str, handler: Handler) -> None:
         self._handlers.setdefault(kind, []).append(handler)
 
     def alive(self) -> list[ID]:
-        """Peers (not me) heard from within MEMBER_TIMEOUT_S."""
+        """Peers (not me) heard from within MEMBER_TIMEOUT_S and not suspected frozen."""
         now = trio.current_time()
-        return [p for p, v in self.peers.items() if now - v.last_seen <= MEMBER_TIMEOUT_S]
+        return [
+            p
+            for p, v in self.peers.items()
+            if now - v.last_seen <= MEMBER_TIMEOUT_S and p not in self.suspects
+        ]
+
+    def is_alive(self, peer: ID) -> bool:
+        v = self.peers.get(peer)
+        return (
+            v is not None
+            and trio.current_time() - v.last_seen <= MEMBER_TIMEOUT_S
+            and peer not in self.suspects
+        )
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -104,9 +132,11 @@ class Membership:
     # -- tasks --
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         subscription = await self.pubsub.subscribe(self.topic)
+        self.host.set_stream_handler(PING_PROTOCOL, self.handle_ping)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive, subscription, nursery)
             nursery.start_soon(self._beat)
+            nursery.start_soon(self._watch, nursery)
             task_status.started()
 
     async def publish(self, kind: str, **fields: object) -> None:
@@ -142,7 +172,7 @@ class Membership:
                     expect={"hb", "merge.ready", "merge.hash"},
                 )
             except WireError as e:
-                self._on_reject(e.reason)
+                self._on_reject(e.reason, e.peer)
                 log.warning("ignored announcement: %s", e)
                 continue
             if decoded.kind == "hb":
@@ -153,6 +183,10 @@ class Membership:
 
     def _heartbeat(self, sender: ID, msg: wire.Message, nursery: trio.Nursery) -> None:
         view = self.peers.get(sender)
+        if view is not None and not self.is_alive(sender):
+            # Back after a crash or a freeze: py-libp2p keeps a failed peer in a dial
+            # negative cache for 60 s, which would refuse every stream to it meanwhile.
+            self.host.get_network().unblock_peer(sender)  # type: ignore[attr-defined]
         if view is None:
             view = self.peers[sender] = PeerView(sender, trio.current_time())
             log.info(
@@ -160,11 +194,74 @@ class Membership:
             )
         if msg["seq"] <= view.seq:
             return  # stale or replayed heartbeat: ignore, do not refresh liveness
+        if sender in self.suspects and msg["seq"] > self.suspects[sender]:
+            del self.suspects[sender]
+            log.info("peer %s is back", short_peer(str(sender)))
         view.last_seen = trio.current_time()
         view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
         view.addrs = msg["addrs"]
         if not self.host.get_network().connections.get(sender) and sender not in self._dialing:
             nursery.start_soon(self._dial, sender, list(view.addrs))
+
+    # ------------------------------------------------------------------ liveness
+    async def _watch(self, nursery: trio.Nursery) -> None:
+        """Ping every peer whose heartbeat is overdue; suspect those that do not answer."""
+        pinging: set[ID] = set()
+
+        async def check(peer: ID) -> None:
+            try:
+                if not await self.ping(peer):
+                    self.suspect(peer, "missed heartbeats and did not answer a ping")
+                    with trio.move_on_after(PING_TIMEOUT_S):
+                        await self.host.disconnect(peer)
+            finally:
+                pinging.discard(peer)
+
+        while True:
+            now = trio.current_time()
+            for peer, view in list(self.peers.items()):
+                late = now - view.last_seen > OVERDUE_S
+                if late and peer not in self.suspects and peer not in pinging:
+                    pinging.add(peer)
+                    nursery.start_soon(check, peer)
+            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
+    def suspect(self, peer: ID, why: str) -> None:
+        view = self.peers.get(peer)
+        self.suspects[peer] = view.seq if view else -1
+        log.warning("peer %s suspected frozen or gone: %s", short_peer(str(peer)), why)
+        self._notify()
+
+    async def ping(self, peer: ID) -> bool:
+        """True when `peer` answers a ping within PING_TIMEOUT_S."""
+        nonce = int.from_bytes(os.urandom(6), "big")
+        stream = None
+        try:
+            with trio.fail_after(PING_TIMEOUT_S):
+                stream = await self.host.new_stream(peer, [PING_PROTOCOL])
+                await streams.send_message(stream, "ping", run=self.run_id, nonce=nonce)
+                msg = await streams.recv_message(stream, expect={"pong"}, run=self.run_id)
+                ok = msg["nonce"] == nonce
+        except (trio.TooSlowError, WireError, *streams.STREAM_ERRORS):
+            ok = False
+        if stream is not None:
+            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+        return ok
+
+    async def handle_ping(self, stream: INetStream) -> None:
+        ok = False
+        try:
+            with trio.fail_after(PING_TIMEOUT_S):
+                msg = await streams.recv_message(stream, expect={"ping"}, run=self.run_id)
+                await streams.send_message(stream, "pong", run=self.run_id, nonce=msg["nonce"])
+                ok = True
+        except WireError as e:
+            self._on_reject(e.reason, e.peer)
+            log.warning("rejected ping: %s", e)
+        except (trio.TooSlowError, *streams.STREAM_ERRORS):
+            pass
+        finally:
+            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
 
     async def _dial(self, peer: ID, addrs: list[str]) -> None:
         """Connect to a peer learnt from its heartbeat, so direct streams can reach it."""

@@ -164,6 +164,25 @@ class LocalTrainer:
                 p.copy_(flat[pos : pos + p.numel()].view_as(p))
                 pos += p.numel()
 
+    def state_vectors(self) -> list[torch.Tensor]:
+        """The whole training state as flat vectors: weights, then the outer optimizer's
+        moments that exist (what a resyncing node adopts, fflnode.exchange)."""
+        return [self.flat(), *(t for t in (self.outer.m, self.outer.v) if t is not None)]
+
+    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
+        self.load_flat(vectors[0])
+        moments = list(vectors[1:]) + [None, None]
+        self.outer.m, self.outer.v = (
+            None if t is None else t.clone() for t in moments[:2]
+        )
+        self.outer.t = outer_step
+
+    def sampler_state(self) -> torch.Tensor:
+        return self.gen.get_state()
+
+    def load_sampler_state(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
 

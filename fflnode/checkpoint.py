@@ -1,0 +1,101 @@
+"""Per-round checkpoints: everything a node needs to resume, written atomically.
+
+A checkpoint is one safetensors file, data_dir/checkpoint.safetensors, holding the
+flat weights, the outer optimizer's moments, the exchange's error-feedback state and the
+local batch sampler's state as tensors, and in its metadata the run id, the round it
+follows, the outer step counter and the members of the run. It is written through the
+atomic writer (temporary file, fsync, rename, fsync of the directory), so `kill -9` at
+any moment leaves either the previous checkpoint or the new one, never a torn file; a
+killed writer's temporary is deleted at the next start.
+
+Promise of `load`: a checkpoint is accepted only if it parses, belongs to this run, and
+its tensors have the shapes this node's model expects; anything else is a FormatError
+naming the file and the problem (the node then refuses to start rather than train from
+a state it cannot trust).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fflnode.errors import FormatError
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.writer import remove_stale_temporaries, save_tensors
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+META_KEY = "fflnode.checkpoint"
+FORMAT = "fflnode.checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    round: int  # the last completed round
+    members: list[str]
+    outer_step: int
+    weights: torch.Tensor
+    outer: dict[str, torch.Tensor] = field(default_factory=dict)  # "m", "v" when present
+    exchange: dict[str, torch.Tensor] = field(default_factory=dict)
+    sampler: torch.Tensor | None = None  # torch.Generator state (uint8)
+
+
+def path_in(data_dir: Path) -> Path:
+    return data_dir / CHECKPOINT_FILE
+
+
+def save(data_dir: Path, ckpt: Checkpoint) -> Path:
+    tensors = {"weights": ckpt.weights.detach().contiguous()}
+    tensors.update({f"outer.{k}": v.detach().contiguous() for k, v in ckpt.outer.items()})
+    tensors.update({f"exchange.{k}": v.detach().contiguous() for k, v in ckpt.exchange.items()})
+    if ckpt.sampler is not None:
+        tensors["sampler"] = ckpt.sampler
+    meta = {
+        "format": FORMAT, "run_id": ckpt.run_id, "round": ckpt.round,
+        "members": ckpt.members, "outer_step": ckpt.outer_step,
+    }
+    return save_tensors(path_in(data_dir), tensors, {META_KEY: json.dumps(meta)})
+
+
+def load(data_dir: Path, run_id: str, numel: int) -> Checkpoint | None:
+    """The node's checkpoint for `run_id`, None when there is none."""
+    remove_stale_temporaries(data_dir)
+    path = path_in(data_dir)
+    if not path.exists():
+        return None
+    with SafetensorsFile(path) as f:
+        raw = f.header.metadata.get(META_KEY)
+        try:
+            meta = json.loads(raw) if raw else None
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise FormatError(f"{path}: not an fflnode checkpoint")
+        if meta.get("run_id") != run_id:
+            raise FormatError(
+                f"{path}: checkpoint of run {meta.get('run_id')!r}, this node is configured "
+                f"for {run_id!r}: move the file away to start a new run"
+            )
+        tensors = f.tensors()
+    for key in ("round", "outer_step"):
+        if not isinstance(meta.get(key), int) or meta[key] < -1:
+            raise FormatError(f"{path}: bad {key} {meta.get(key)!r}")
+    members = meta.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise FormatError(f"{path}: bad member list")
+    weights = tensors.pop("weights", None)
+    if weights is None or weights.dtype != torch.float32 or weights.shape != (numel,):
+        raise FormatError(f"{path}: weights do not fit this model ({numel} parameters)")
+    outer = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("outer.")}
+    if any(v.shape != (numel,) for v in outer.values()):
+        raise FormatError(f"{path}: optimizer state does not fit this model")
+    exchange = {
+        k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("exchange.")
+    }
+    sampler = tensors.pop("sampler", None)
+    return Checkpoint(
+        run_id, meta["round"], members, meta["outer_step"], weights, outer, exchange, sampler
+    )

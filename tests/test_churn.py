@@ -1,0 +1,62 @@
+"""Churn on a real testnet: kill -9 one node mid-run, SIGSTOP another; the rest finish."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fflnode_cmd
+
+CHURN_TIMEOUT_S = 600  # ~60 s here when the machine is quiet; CI shares its 2 cores
+NODES, ROUNDS, KILLED, KILL_AT, FROZEN, FREEZE_AT = 6, 24, 2, 6, 4, 12
+
+
+@pytest.mark.slow
+def test_six_nodes_survive_a_kill_and_a_freeze_and_merge_among_survivors(tmp_path: Path):
+    out = tmp_path / "churn"
+    proc = subprocess.run(
+        fflnode_cmd(
+            "testnet", "--nodes", str(NODES), "--rounds", str(ROUNDS), "--local-steps", "2",
+            "--kill", f"{KILLED}@{KILL_AT}", "--stop", f"{FROZEN}@{FREEZE_AT}",
+            "--no-baseline", "--no-plot", "--out", str(out),
+        ),
+        cwd=REPO, capture_output=True, text=True, timeout=CHURN_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    merge, nodes = report["merge"], report["nodes"]
+    assert report["ok"] is True
+
+    # The frozen node is out of the merge; the other five merged bit-identically.
+    assert merge["excluded"] == [f"node{FROZEN}"]
+    assert len(merge["participants"]) == NODES - 1
+    assert merge["hashes_agree"] and merge["files_equal_reference"]
+    frozen = nodes[f"node{FROZEN}"]
+    assert frozen["frozen"] is True and frozen["exit_code"] == -9  # killed by the testnet
+    for name, node in nodes.items():
+        if name == f"node{FROZEN}":
+            continue
+        assert node["exit_code"] == 0, (name, node.get("error"))
+        assert node["merged_hash"] == merge["reference_hash"]
+        assert node["peer_id"] in merge["participants"]
+        assert node["merge"]["members"] == merge["participants"]  # everyone agreed on it
+
+    # The killed node came back with the same identity, resumed from its own checkpoint
+    # (a round it completed before the kill), caught up with the run and finished it.
+    killed = nodes[f"node{KILLED}"]
+    assert killed["killed_and_restarted"] is True
+    assert killed["resumed_from_round"] is not None
+    assert 0 <= killed["resumed_from_round"] < KILL_AT
+    assert killed["rounds"][-1]["round"] == ROUNDS - 1
+    jumps = killed["catch_up_jumps"]
+    assert all(to > frm for frm, to in jumps)
+    log = (out / f"node{KILLED}" / "node.log").read_text()
+    assert f"resumed from the checkpoint after round {killed['resumed_from_round']}" in log
+
+    # Survivors noticed the frozen peer through the application-level ping.
+    survivor_log = (out / "node0" / "node.log").read_text()
+    assert "suspected frozen or gone" in survivor_log
+    assert "restarted: resumed from its checkpoint after round" in proc.stdout

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""End-to-end comparisons on the real testnet, one table per suite, all runs in one go.
+
+    .venv/bin/python tools/bench_testnet.py codecs      # issue 4: codecs, same seeds/rounds
+    .venv/bin/python tools/bench_testnet.py byzantine   # issue 6: 1 of 5 nodes corrupt
+
+Every row is one `fflnode testnet` run (real processes, real sockets) with the same seed,
+rounds, local steps and recipe; only the codec (or the attack and the defence) changes.
+A run must end with the merged hashes agreeing with the testnet's own reference, or the
+benchmark stops.
+
+Recipe: DiLoCo (inner Adam, H local steps; outer Nesterov SGD lr 0.7, momentum 0.9),
+complete graph, sequential digits. Bytes are the exchange's (the /fflnode/shard/1.0.0
+protocol, summed over nodes); the final merge costs the same for every codec and is
+left out. Per-step FedAvg is the standard FL pattern priced on the same graph: after
+every local step each node ships its dense fp32 gradient to each of its n - 1 peers,
+steps x n x (n - 1) x 4 x params bytes in total (a server-based FedAvg moves 2 x 4 x
+params per node per step instead, (n - 1) / 2 times less; both ratios are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUN_TIMEOUT_S = 1200
+SHARD_PROTOCOL = "/fflnode/shard/1.0.0"
+DILOCO = [
+    'train.inner_optimizer="adam"',
+    "train.inner_lr=0.003",
+    'train.outer_optimizer="sgd"',
+    "train.outer_lr=0.7",
+    "train.outer_momentum=0.9",
+    'train.lr_schedule="constant"',
+]
+
+
+def run_testnet(out: Path, nodes: int, rounds: int, steps: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "fflnode", "testnet", "--nodes", str(nodes)]
+    cmd += ["--rounds", str(rounds), "--local-steps", str(steps), "--eval-every", str(rounds)]
+    cmd += ["--no-plot", "--quiet", "--out", str(out)]
+    for kv in DILOCO:
+        cmd += ["--set", kv]
+    cmd += extra
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    wall = time.perf_counter() - t0
+    report = json.loads((out / "report.json").read_text())
+    if not report["merge"]["hashes_agree"]:
+        sys.exit(f"run {extra} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    exchange = sum(
+        n.get("traffic", {}).get("sent", {}).get(SHARD_PROTOCOL, 0)
+        for n in report["nodes"].values()
+    )
+    return {"report": report, "exchange_bytes": exchange, "wall": wall}
+
+
+def params() -> int:
+    from fflnode.train.model import build_model
+
+    return sum(p.numel() for p in build_model("ssd", 0).parameters())
+
+
+def codecs(args: argparse.Namespace, tmp: Path) -> None:
+    n, r, h = args.nodes, args.rounds, args.local_steps
+    # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
+    topk_ratio = 1 / 64
+    ef = ["--set", "exchange.error_feedback=true"]  # every lossy codec gets it
+    rows = [
+        ("none", []),
+        ("holo 1 bit", ["--codec", "holo", "--bits", "1", *ef]),
+        ("holo 2 bits", ["--codec", "holo", "--bits", "2", *ef]),
+        ("topk 1/64 (= 1 bit)", ["--codec", "topk", "--ratio", str(topk_ratio), *ef]),
+        ("sketch 1/64", ["--codec", "sketch", "--ratio", str(topk_ratio), *ef]),
+    ]
+    if args.only:
+        rows = [row for row in rows if row[0].split()[0] in args.only]
+    p = params()
+    fedavg = r * h * n * (n - 1) * 4 * p
+    server = r * h * n * 2 * 4 * p
+    print(f"{n} nodes, {r} rounds x {h} local steps, {p} parameters, seed {args.seed}")
+    print(
+        f"per-step fp32 FedAvg on this graph: {fedavg / 1e6:.1f} MB (server-based {server / 1e6:.1f} MB)"
+    )
+    head = f"{'codec':<22}{'merged acc':>11}{'exchange MB':>13}{'vs none':>9}{'vs FedAvg':>11}"
+    head += f"{'vs server':>11}{'wall s':>8}"
+    print(head)
+    base = None
+    for name, extra in rows:
+        res = run_testnet(tmp / name.split()[0], n, r, h, [*extra, "--seed", str(args.seed)])
+        acc = res["report"]["merge"]["merged_test_accuracy"]
+        b = res["exchange_bytes"]
+        base = base or (b if name == "none" else None)
+        vs_none = f"{base / b:.1f}x" if base else "-"
+        print(
+            f"{name:<22}{100 * acc:>10.2f}%{b / 1e6:>13.3f}{vs_none:>9}"
+            f"{fedavg / b:>10.0f}x{server / b:>10.0f}x{res['wall']:>8.0f}",
+            flush=True,
+        )
+
+
+def byzantine(args: argparse.Namespace, tmp: Path) -> None:
+    n, r, h = args.nodes, args.rounds, args.local_steps
+    rows = [
+        ("honest, exact mean", []),
+        ("1 signflip, exact mean", ["--corrupt", "1"]),
+        ("1 signflip, trimmed mean", ["--corrupt", "1", "--set", 'exchange.robust="trimmed-mean"']),
+        (
+            "1 signflip, centered clip",
+            ["--corrupt", "1", "--set", 'exchange.robust="centered-clip"'],
+        ),
+        ("honest, trimmed mean", ["--set", 'exchange.robust="trimmed-mean"']),
+    ]
+    print(f"{n} nodes, {r} rounds x {h} local steps, seed {args.seed}; corrupt = node{n - 1}")
+    print(
+        f"{'run':<28}{'merged acc':>11}{'participants':>14}{'excluded at merge':>20}{'wall s':>8}"
+    )
+    for name, extra in rows:
+        res = run_testnet(tmp / str(len(name)), n, r, h, [*extra, "--seed", str(args.seed)])
+        m = res["report"]["merge"]
+        outl = ", ".join(m.get("outliers") or {}) or "-"
+        print(
+            f"{name:<28}{100 * m['merged_test_accuracy']:>10.2f}%{len(m['participants']):>14}"
+            f"{outl:>20}{res['wall']:>8.0f}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("suite", choices=["codecs", "byzantine"])
+    ap.add_argument("--nodes", type=int, default=0, help="4 for codecs, 5 for byzantine")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local-steps", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="codec rows to run (codecs suite)")
+    args = ap.parse_args()
+    args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
+    with tempfile.TemporaryDirectory(prefix="fflnode-bench-") as tmp:
+        (codecs if args.suite == "codecs" else byzantine)(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
