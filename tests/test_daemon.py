@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,3 +177,64 @@ def test_status_reads_a_running_node_through_its_metrics_endpoint(tmp_path: Path
         timeout=60,
     )
     assert gone.returncode == 1 and "no answer" in gone.stderr
+
+
+# The supervisor's watchdog timeout given to the node: it pings every half of it.
+WATCHDOG_USEC = 400_000
+WATCHDOG_PINGS = 3  # pings that show the loop keeps pinging, not a single late one
+
+
+def test_watchdog_pings_come_from_the_loop_and_stop_when_it_stalls(tmp_path: Path, notify_socket):
+    """WATCHDOG=1 every WATCHDOG_USEC / 2 while the loop runs; a stopped process sends
+    none (systemd would restart it), and pings resume when it runs again."""
+    path, sock = notify_socket
+    cfg = write_config(tmp_path)  # waits for a second node forever: an idle, live loop
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC=str(WATCHDOG_USEC))
+    proc = subprocess.Popen(
+        fflnode_cmd("run", "--config", str(cfg)), cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    timeout = WATCHDOG_USEC / 1e6
+    try:
+        notifications(sock, "READY=1", STARTUP_TIMEOUT_S)
+        for _ in range(WATCHDOG_PINGS):
+            notifications(sock, "WATCHDOG=1", 10 * timeout)
+        proc.send_signal(signal.SIGSTOP)  # a stalled loop: what the watchdog is for
+        stalled = []
+        with contextlib.suppress(AssertionError):  # nothing must arrive while stopped
+            stalled = notifications(sock, "WATCHDOG=1", 3 * timeout)
+        # One ping may have been in flight when the signal landed; none after it.
+        assert len([n for n in stalled if n.get("WATCHDOG") == "1"]) <= 1
+        with contextlib.suppress(AssertionError):
+            notifications(sock, "WATCHDOG=1", 3 * timeout)
+            raise AssertionError("a stopped node kept pinging the watchdog")
+        proc.send_signal(signal.SIGCONT)
+        notifications(sock, "WATCHDOG=1", 10 * timeout)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=SHUTDOWN_LIMIT_S + 5) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+def test_status_lines_report_rounds_and_peers_then_stopping(tmp_path: Path, notify_socket):
+    """A one-node run: STATUS= carries the round and the peers, then STOPPING=1."""
+    path, sock = notify_socket
+    cfg = write_config(tmp_path, nodes=1)
+    cfg.write_text(cfg.read_text().replace("rounds = 1", "rounds = 3"))
+    proc = start(cfg, path)
+    try:
+        seen = notifications(sock, "STOPPING=1", STARTUP_TIMEOUT_S * 2)
+        statuses = [n["STATUS"] for n in seen if "STATUS" in n]
+        for r in (1, 2, 3):
+            assert any(s.startswith(f"round {r}/3 ") and "peers 0/0" in s for s in statuses), (
+                statuses
+            )
+        assert any(s.startswith("merged ") for s in statuses), statuses
+        assert proc.wait(timeout=SHUTDOWN_LIMIT_S + 5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
