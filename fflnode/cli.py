@@ -1,4 +1,4 @@
-"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status."""
+"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status, states."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")
 
+    sts = sub.add_parser("states", help="F-SSD demo: N nodes pull and merge MQAR states")
+    from fflnode.ssm.federation_demo import add_arguments as states_arguments
+
+    states_arguments(sts)
+
     bench = sub.add_parser("bench", help="benchmarks: `fflnode bench io FILE`")
     bench.add_argument("what", choices=["io"], help="io: Prism read backends vs the rest")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="FILE [options]; --help")
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode import status
 
         return status.main(args)
+    if args.command == "states":
+        from fflnode.ssm import federation_demo
+
+        return federation_demo.main(args)
     if args.command == "doctor":
         from fflnode import doctor
 

@@ -18,6 +18,8 @@ For one layer "merged" is exactly "centralized" (states.py); for 2 and 4 layers 
 shows how far it drifts, with the relative error of each layer's merged state against the
 centralized one. Bytes: one node's states on the wire vs its raw tokens vs a weight delta.
 
+The task and its training recipe live in fflnode/ssm/mqar.py (shared with `fflnode states`).
+
     PYTHONPATH=. .venv/bin/python tools/mqar.py            # the docs/benchmarks.md table
 """
 
@@ -25,15 +27,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fflnode.ssm.model import SSDConfig, SSDModel
+from fflnode.ssm.model import SSDModel
+from fflnode.ssm.mqar import (  # noqa: F401  (re-exported: the task lives in the package)
+    KEYS,
+    PAIRS,
+    QUERY,
+    VALUES,
+    Batch,
+    config,
+    sample,
+    train,
+)
 from fflnode.ssm.states import (
     LayerState,
     merge_model,
@@ -42,66 +52,9 @@ from fflnode.ssm.states import (
     wire_nbytes,
 )
 
-KEYS = 64  # key vocabulary; the state's d_state equals it, so keys can be orthogonal
-VALUES = 64  # value vocabulary: chance recall is 1/VALUES
-QUERY = VALUES  # the value-field id that marks a query token
-PAIRS = 32  # pairs per sequence, split over the nodes (divisible by 2, 4 and 8)
 NODE_COUNTS = (2, 4, 8)
 EVAL_SEQUENCES = 256
 PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])  # identity multihash, Ed25519
-
-
-@dataclass(frozen=True)
-class Batch:
-    pairs: torch.Tensor  # (S, PAIRS, 2) int64: (key, value) context tokens
-    queries: torch.Tensor  # (S, PAIRS, 2): (key, QUERY), keys in random order
-    answers: torch.Tensor  # (S, PAIRS): the value of each query's key
-
-
-def sample(rng: np.random.Generator, n: int) -> Batch:
-    keys = np.argsort(rng.random((n, KEYS)), axis=1)[:, :PAIRS]  # distinct keys per sequence
-    values = rng.integers(0, VALUES, (n, PAIRS))
-    order = np.argsort(rng.random((n, PAIRS)), axis=1)
-    q_keys = np.take_along_axis(keys, order, 1)
-    answers = np.take_along_axis(values, order, 1)
-    pairs = np.stack([keys, values], -1)
-    queries = np.stack([q_keys, np.full_like(q_keys, QUERY)], -1)
-    return Batch(*(torch.as_tensor(a, dtype=torch.long) for a in (pairs, queries, answers)))
-
-
-def config(layers: int) -> SSDConfig:
-    return SSDConfig(
-        vocab_sizes=(KEYS, VALUES + 1),
-        d_model=64,
-        n_layers=layers,
-        d_state=KEYS,
-        headdim=32,
-        expand=2,
-        mlp_ratio=2,
-        chunk_size=32,
-        n_outputs=VALUES,
-        readout="sequence",
-        a_init_range=(0.05, 0.5),  # slow decays to start from: recall needs long memory
-    )
-
-
-def train(layers: int, steps: int, seed: int, batch: int, lr: float) -> tuple[SSDModel, float]:
-    """Train on full sequences (all pairs, then all queries); loss on the queries only."""
-    torch.manual_seed(seed)
-    model = SSDModel(config(layers))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        b = sample(rng, batch)
-        logits = model(torch.cat([b.pairs, b.queries], dim=1))[:, PAIRS:]
-        loss = F.cross_entropy(logits.reshape(-1, VALUES), b.answers.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval(), time.perf_counter() - t0
 
 
 def peer_ids(n: int, rng: np.random.Generator) -> list[bytes]:
