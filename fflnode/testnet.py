@@ -97,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["signflip", "nan", "random"],
         help="signflip: -10 x the update; nan: NaNs; random: noise 10 x the update's scale",
     )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=RUN_DEADLINE_S,
+        help=f"whole-run deadline in seconds ({RUN_DEADLINE_S:.0f})",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -216,7 +222,7 @@ class Testnet:
         self.out.mkdir(parents=True)
         self.timed_out = False
         try:
-            with trio.move_on_after(RUN_DEADLINE_S) as deadline:
+            with trio.move_on_after(self.args.deadline) as deadline:
                 async with trio.open_nursery() as nursery:
                     if not self.args.no_baseline and self.args.task == "digits":
                         nursery.start_soon(self._baseline)
@@ -230,7 +236,7 @@ class Testnet:
                     nursery.start_soon(self._end_frozen)
             if deadline.cancelled_caught:
                 self.timed_out = True
-                self.say(f"  testnet: not finished within {RUN_DEADLINE_S:.0f} s; nodes stopped")
+                self.say(f"  testnet: not done within {self.args.deadline:.0f} s; nodes stopped")
         finally:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
         wall = time.perf_counter() - t0

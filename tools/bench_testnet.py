@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RUN_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 3600  # one run; ~10 min each on a loaded 2-core machine
 SHARD_PROTOCOL = "/fflnode/shard/1.0.0"
 DILOCO = [
     'train.inner_optimizer="adam"',
@@ -43,7 +43,7 @@ DILOCO = [
 def run_testnet(out: Path, nodes: int, rounds: int, steps: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "fflnode", "testnet", "--nodes", str(nodes)]
     cmd += ["--rounds", str(rounds), "--local-steps", str(steps), "--eval-every", str(rounds)]
-    cmd += ["--no-plot", "--quiet", "--out", str(out)]
+    cmd += ["--no-plot", "--quiet", "--out", str(out), "--deadline", str(RUN_TIMEOUT_S - 60)]
     for kv in DILOCO:
         cmd += ["--set", kv]
     cmd += extra
@@ -85,14 +85,16 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     server = r * h * n * 2 * 4 * p
     print(f"{n} nodes, {r} rounds x {h} local steps, {p} parameters, seed {args.seed}")
     print(
-        f"per-step fp32 FedAvg on this graph: {fedavg / 1e6:.1f} MB (server-based {server / 1e6:.1f} MB)"
+        f"per-step fp32 FedAvg on this graph: {fedavg / 1e6:.1f} MB"
+        f" (server-based {server / 1e6:.1f} MB)"
     )
     head = f"{'codec':<22}{'merged acc':>11}{'exchange MB':>13}{'vs none':>9}{'vs FedAvg':>11}"
     head += f"{'vs server':>11}{'wall s':>8}"
     print(head)
     base = None
     for name, extra in rows:
-        res = run_testnet(tmp / name.split()[0], n, r, h, [*extra, "--seed", str(args.seed)])
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        res = run_testnet(tmp / slug, n, r, h, [*extra, "--seed", str(args.seed)])
         acc = res["report"]["merge"]["merged_test_accuracy"]
         b = res["exchange_bytes"]
         base = base or (b if name == "none" else None)
@@ -121,7 +123,8 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
         f"{'run':<28}{'merged acc':>11}{'participants':>14}{'excluded at merge':>20}{'wall s':>8}"
     )
     for name, extra in rows:
-        res = run_testnet(tmp / str(len(name)), n, r, h, [*extra, "--seed", str(args.seed)])
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        res = run_testnet(tmp / slug, n, r, h, [*extra, "--seed", str(args.seed)])
         m = res["report"]["merge"]
         outl = ", ".join(m.get("outliers") or {}) or "-"
         print(
