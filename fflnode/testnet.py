@@ -303,7 +303,7 @@ class Testnet:
                     await proc.process.wait()
                 finally:
                     with trio.CancelScope(shield=True):
-                        await _terminate_then_kill(proc.process)
+                        await terminate_then_kill(proc.process)
             proc.exit_code = proc.process.returncode
             self.say(f"  {proc.name:>6}: exited with code {proc.exit_code}")
             if proc.killed and proc.restarts == 0:  # the planned crash: start it again
@@ -431,7 +431,8 @@ class Testnet:
         }
 
 
-async def _terminate_then_kill(process: trio.Process) -> None:
+async def terminate_then_kill(process: trio.Process) -> None:
+    """SIGTERM, then SIGKILL after STOP_GRACE_S; returns once the process is reaped."""
     if process.returncode is not None:
         return
     process.send_signal(signal.SIGTERM)
@@ -439,6 +440,7 @@ async def _terminate_then_kill(process: trio.Process) -> None:
         await process.wait()
         return
     process.kill()
+    await process.wait()
 
 
 def reference_merge(

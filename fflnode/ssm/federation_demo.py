@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from fflnode.testnet import terminate_then_kill
 
 log = logging.getLogger(__name__)
 
@@ -424,19 +425,8 @@ async def _supervise(args: argparse.Namespace, out: Path) -> list[int | None]:
     finally:
         with trio.CancelScope(shield=True):
             for child in children:
-                await _terminate_then_kill(child.process)
+                await terminate_then_kill(child.process)
     return [c.process.returncode for c in children]
-
-
-async def _terminate_then_kill(process: trio.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(STOP_GRACE_S):
-        await process.wait()
-        return
-    process.kill()
-    await process.wait()
 
 
 def _parent_main(args: argparse.Namespace) -> int:
