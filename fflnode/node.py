@@ -431,6 +431,7 @@ class Node:
         params: dict[str, Any] = {}
         if e.codec == "holo":
             params["bits"] = e.bits
+            params["scale"] = e.holo_scale
         elif e.codec in ("topk", "sketch"):
             params["ratio"] = e.ratio
         by_bytes = {p.to_bytes(): p for p in members}
