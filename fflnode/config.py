@@ -80,7 +80,7 @@ class ExchangeSection:
     bits: int = 1  # holo codec
     # holo's per-tile scale: "unbiased" (DRIVE/EDEN; NMSE 0.57 at 1 bit) or "mse" (the
     # least-squares scale: lower error, biased, which error feedback carries forward)
-    holo_scale: Literal["unbiased", "mse"] = "unbiased"
+    holo_scale: Literal["unbiased", "mse"] = "mse"
     ratio: float = 0.03  # topk / sketch: fraction of coordinates kept
     # Consensus step of the gossip mix (sparse topologies, fflnode.exchange): 1.0 averages
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.

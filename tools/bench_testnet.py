@@ -71,10 +71,12 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
     topk_ratio = 1 / 64
     ef = ["--set", "exchange.error_feedback=true"]  # every lossy codec gets it
+    mse, unbiased = (["--set", f'exchange.holo_scale="{s}"'] for s in ("mse", "unbiased"))
     rows = [
         ("none", []),
-        ("holo 1 bit", ["--codec", "holo", "--bits", "1", *ef]),
-        ("holo 2 bits", ["--codec", "holo", "--bits", "2", *ef]),
+        ("holo 1 bit", ["--codec", "holo", "--bits", "1", *ef, *mse]),
+        ("holo 2 bits", ["--codec", "holo", "--bits", "2", *ef, *mse]),
+        ("holo 1 bit unbiased", ["--codec", "holo", "--bits", "1", *ef, *unbiased]),
         ("topk 1/64 (= 1 bit)", ["--codec", "topk", "--ratio", str(topk_ratio), *ef]),
         ("sketch 1/64", ["--codec", "sketch", "--ratio", str(topk_ratio), *ef]),
     ]
@@ -116,7 +118,6 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
             "1 signflip, centered clip",
             ["--corrupt", "1", "--set", 'exchange.robust="centered-clip"'],
         ),
-        ("honest, trimmed mean", ["--set", 'exchange.robust="trimmed-mean"']),
     ]
     print(f"{n} nodes, {r} rounds x {h} local steps, seed {args.seed}; corrupt = node{n - 1}")
     print(
