@@ -61,6 +61,10 @@ SHARD_PROTOCOL = "/fflnode/shard/1.0.0"
 # wait for its round r+1 before starting r+2); a node catching up from heartbeats,
 # which lag up to a second (~4 rounds here), can still fetch the round it jumps to.
 KEEP_ROUNDS = 4
+# Rounds past our own a peer may ask for and be made to wait on: one in step asks for at
+# most the next (it published first); further ahead is refused at once, which bounds the
+# per-round books a member's requests can grow to KEEP_ROUNDS + ROUNDS_AHEAD entries.
+ROUNDS_AHEAD = 2
 
 
 @dataclass
@@ -210,6 +214,10 @@ class RoundExchange:
             raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
         if r <= self.current_round - KEEP_ROUNDS:
             raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
+        if r > max(self.current_round, self.first_round) + ROUNDS_AHEAD:
+            # Nobody in step asks that far ahead, and waiting would keep one event per
+            # asked round: refuse at once (a peer that far ahead does not wait for us).
+            raise bulk.Unavailable("not-ready", f"round {r} is ahead of us ({self.current_round})")
         if what == "weights":
             return await self._resolve_weights(r, msg["lo"], msg["hi"])
         with trio.move_on_after(self.round_timeout_s):
@@ -436,6 +444,8 @@ class Averaging(RoundExchange):
                 vectors.extend(torch.empty(numel) for _ in arrays)
             if set(arrays) != set(STATE_PARTS[: len(vectors)]):
                 raise WireError(str(peer), "schema", f"state parts {sorted(arrays)}")
+            if any(a.shape != (req.hi - req.lo,) for a in arrays.values()):
+                raise WireError(str(peer), "schema", f"state piece [{req.lo}, {req.hi}) misshapen")
             for v, name in zip(vectors, STATE_PARTS, strict=False):
                 v[req.lo : req.hi] = torch.from_numpy(arrays[name].copy())
             step, digest = header.meta.get("step"), header.meta.get("digest")
@@ -512,7 +522,12 @@ class Gossip(RoundExchange):
         out = torch.empty(numel, dtype=torch.float32)
 
         async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            out[req.lo : req.hi] = torch.from_numpy(arrays["values"].copy())
+            values = arrays.get("values")
+            if len(arrays) != 1 or values is None or values.dtype != np.float32:
+                raise WireError(str(peer), "schema", f"public copy parts {sorted(arrays)}")
+            if values.shape != (req.hi - req.lo,):
+                raise WireError(str(peer), "schema", f"public copy [{req.lo}, {req.hi}) misshapen")
+            out[req.lo : req.hi] = torch.from_numpy(values.copy())
 
         requests = [
             bulk.Request(round, "weights", i, lo, hi, "none")

@@ -298,7 +298,7 @@ def decode(
         raise WireError(
             peer, "version", f"wire version {version!r}, this node speaks {WIRE_VERSION}"
         )
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:  # a list or map kind is unhashable
         raise WireError(peer, "schema", f"unknown message kind {kind!r}")
     allowed = set(expect) if expect is not None else None
     if allowed is not None and kind not in allowed:
@@ -419,7 +419,11 @@ def _parse_parts(peer: str, raw: list[Any]) -> tuple[Part, ...]:
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            # no dimension beyond the largest body: with a 0 elsewhere numpy cannot hold it
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_BODY_BYTES
+                for d in shape
+            )
         ):
             raise WireError(peer, "schema", f"bulk part {name!r} has an invalid shape")
         if int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize > MAX_BODY_BYTES:

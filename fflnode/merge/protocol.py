@@ -141,7 +141,9 @@ class MergeSession:
 
     # ------------------------------------------------------------------ announcements
     def _on_ready(self, peer: ID, msg: wire.Message) -> None:
-        if peer in self.run_members:
+        # A proposal naming a peer outside the run is no proposal (_agree looks each up).
+        run = {str(p) for p in self.run_members}
+        if peer in self.run_members and run.issuperset(msg["members"]):
             self.proposals[peer] = (tuple(msg["members"]), msg["shards"], msg["committed"])
             self.fingerprints[peer] = msg.fields.get("fp")
 
@@ -383,6 +385,8 @@ class MergeSession:
         requests = [bulk.Request(MERGE_ROUND, "premerge", shard.index, lo, hi) for lo, hi in pieces]
 
         def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            if set(arrays) != {"values"}:
+                raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not 'values'")
             reducer.add(member, piece_of[req.lo], arrays["values"])
 
         peer = ID(member)
@@ -431,10 +435,12 @@ class MergeSession:
         ]
 
         async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            values = arrays["values"]
+            values = arrays.get("values")
+            if set(arrays) != {"values"} or values.dtype != np.float32:
+                raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not float32 values")
             if values.shape != (req.hi - req.lo,):
                 raise MergeError(
-                    f"shard {shard.index}: piece of {values.shape[0]} elements "
+                    f"shard {shard.index}: piece of shape {list(values.shape)} "
                     f"for [{req.lo}, {req.hi})"
                 )
             await trio.to_thread.run_sync(writer.write_flat, req.lo, values)

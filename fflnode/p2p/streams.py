@@ -48,10 +48,15 @@ def peer_of(stream: INetStream) -> str:
 
 
 async def read_exactly(stream: INetStream, n: int, into: memoryview | None = None) -> memoryview:
-    """Read exactly n bytes (into `into` when given); EOF first is a truncation."""
-    buf = into if into is not None else memoryview(bytearray(n))
-    if len(buf) != n:
-        raise ValueError(f"buffer of {len(buf)} bytes for a {n}-byte read")
+    """Read exactly n bytes (into `into` when given); EOF first is a truncation.
+
+    Without `into` the buffer grows with what arrives: a peer that claims n bytes and
+    sends few costs what it sent, not n (a caller's `into` is sized from a validated
+    header, and allocated by that caller).
+    """
+    if into is not None and len(into) != n:
+        raise ValueError(f"buffer of {len(into)} bytes for a {n}-byte read")
+    grown = bytearray()
     got = 0
     while got < n:
         try:
@@ -62,9 +67,12 @@ async def read_exactly(stream: INetStream, n: int, into: memoryview | None = Non
             raise WireError(peer_of(stream), "truncated", f"stream ended after {got} of {n} bytes")
         if len(piece) > n - got:  # a stream read never returns more than asked; be sure
             raise WireError(peer_of(stream), "length", "read returned more than requested")
-        buf[got : got + len(piece)] = piece
+        if into is None:
+            grown += piece
+        else:
+            into[got : got + len(piece)] = piece
         got += len(piece)
-    return buf
+    return into if into is not None else memoryview(grown)
 
 
 async def send_message(stream: INetStream, kind: str, **fields: object) -> None:

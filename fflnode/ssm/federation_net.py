@@ -197,7 +197,7 @@ class StateFederation:
                     expect={"state.ready"},
                 )
             except WireError as e:
-                self.traffic.reject(e.reason)
+                self.traffic.reject(e.reason, e.peer)  # counted against the sender (gate)
                 log.warning("ignored state announcement: %s", e)
                 continue
             contexts, round = federation.parse_ready(decoded)
