@@ -113,6 +113,7 @@ class MergeSession:
         self.membership = membership
         self.run_id = run_id
         self.run_members = set(run_members)
+        self._run_member_names = {str(p) for p in run_members}
         self.layout = layout
         self.shards_cfg = shards
         self.quorum = quorum or len(run_members) // 2 + 1  # 0: a majority of the run
@@ -159,6 +160,8 @@ class MergeSession:
         await bulk.serve(stream, MERGE_PROTOCOL, self.run_id, self._resolve, self.traffic)
 
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
+        if peer not in self._run_member_names:  # before waiting: outsiders wait for nothing
+            raise bulk.Unavailable("not-member", "requester is not a member of this run")
         with trio.move_on_after(self.timeout_s):
             await self.agreed_event.wait()
         if self.agreed is None or peer not in {str(p) for p in self.agreed}:

@@ -46,6 +46,10 @@ PING_PROTOCOL = "/fflnode/ping/1.0.0"
 OVERDUE_S = 2.5
 # A live peer answers a ping in milliseconds; 2 s covers a loaded 2-core machine.
 PING_TIMEOUT_S = 2.0
+# Identities the peer book holds: a run has at most wire.MAX_MEMBERS nodes, and new
+# identities cost an attacker nothing, so the book is capped; when full a newcomer gets
+# in only by displacing the longest-silent suspect.
+MAX_PEERS = wire.MAX_MEMBERS
 # Declared dead after this long without a heartbeat: 5 missed beats, which rides out
 # a loaded 2-core machine pausing a node for a couple of seconds.
 MEMBER_TIMEOUT_S = 5.0
@@ -188,6 +192,9 @@ class Membership:
             # negative cache for 60 s, which would refuse every stream to it meanwhile.
             self.host.get_network().unblock_peer(sender)  # type: ignore[attr-defined]
         if view is None:
+            if len(self.peers) >= MAX_PEERS and not self._forget_a_suspect():
+                log.debug("peer book full: ignoring newcomer %s", short_peer(str(sender)))
+                return
             view = self.peers[sender] = PeerView(sender, trio.current_time())
             log.info(
                 "peer %s joined (round %d, %s)", short_peer(str(sender)), msg["round"], msg["phase"]
@@ -225,6 +232,15 @@ class Membership:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
+    def _forget_a_suspect(self) -> bool:
+        """Make room in a full peer book: drop the longest-silent suspect, if any."""
+        if not self.suspects:
+            return False
+        oldest = min(self.suspects, key=lambda p: self.peers[p].last_seen if p in self.peers else 0)
+        self.suspects.pop(oldest)
+        self.peers.pop(oldest, None)
+        return True
 
     def suspect(self, peer: ID, why: str) -> None:
         view = self.peers.get(peer)
