@@ -54,8 +54,11 @@ def save(data_dir: Path, ckpt: Checkpoint) -> Path:
     if ckpt.sampler is not None:
         tensors["sampler"] = ckpt.sampler
     meta = {
-        "format": FORMAT, "run_id": ckpt.run_id, "round": ckpt.round,
-        "members": ckpt.members, "outer_step": ckpt.outer_step,
+        "format": FORMAT,
+        "run_id": ckpt.run_id,
+        "round": ckpt.round,
+        "members": ckpt.members,
+        "outer_step": ckpt.outer_step,
     }
     return save_tensors(path_in(data_dir), tensors, {META_KEY: json.dumps(meta)})
 

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     status_arguments(st)
 
     sk = sub.add_parser(
-        "sketch", help="sketch a safetensors model of any size with bounded memory",
+        "sketch",
+        help="sketch a safetensors model of any size with bounded memory",
         add_help=False,
     )
     sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")

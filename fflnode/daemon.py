@@ -24,7 +24,7 @@ import traceback
 import trio
 
 from fflnode import config
-from fflnode.errors import ConfigError, FflError, IdentityError, MergeError
+from fflnode.errors import ConfigError, FflError, IdentityError, MergeError, leaf_error
 from fflnode.node import Node
 from fflnode.p2p.host import route_libp2p_logging
 from fflnode.sdnotify import Notifier
@@ -97,13 +97,6 @@ def main(config_path: str) -> int:
         return trio.run(serve, cfg, notifier)
     finally:
         notifier.close()
-
-
-def leaf_error(error: BaseException) -> BaseException:
-    """The first non-group exception inside nested exception groups (what went wrong)."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    return error
 
 
 def exit_now(code: int) -> None:

@@ -42,6 +42,13 @@ class MergeError(FflError):
     """The final global merge could not complete exactly; never downgraded to a warning."""
 
 
+def leaf_error(error: BaseException) -> BaseException:
+    """The first non-group exception inside nested exception groups (what went wrong)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
 class PeerUnavailable(FflError):
     """A peer could not be reached, or did not answer within its deadline."""
 

@@ -65,8 +65,11 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 async def serve(
-    host: str, port: int, snapshot: Callable[[], list[Sample]],
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    host: str,
+    port: int,
+    snapshot: Callable[[], list[Sample]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /metrics until cancelled; reports the bound port through task_status."""
     listeners = await trio.open_tcp_listeners(port, host=host)

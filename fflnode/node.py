@@ -35,9 +35,17 @@ from fflnode import checkpoint, metrics
 from fflnode.adversary import Adversary
 from fflnode.codecs import make_codec
 from fflnode.config import Config, read_psk, split_host_port
-from fflnode.errors import ConfigError, FflError, MergeError, short_peer
+from fflnode.errors import ConfigError, FflError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
-from fflnode.merge.protocol import MERGE_PROTOCOL, MergeOutcome, MergeSession
+from fflnode.merge.protocol import (
+    MERGE_ATTEMPTS,
+    MERGE_PROTOCOL,
+    MergeExcluded,
+    MergeMismatch,
+    MergeOutcome,
+    MergeRetry,
+    MergeSession,
+)
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.gate import Gate, refusal
@@ -199,21 +207,7 @@ class Node:
                     members = await self._start_barrier(membership)
                 else:  # a restart: the run's members are on record, rejoin them
                     members = await self._rejoin(membership, ckpt)
-                merge = MergeSession(
-                    host,
-                    membership,
-                    cfg.run.run_id,
-                    members,
-                    layout,
-                    shards=cfg.merge.shards,
-                    quorum=cfg.merge.quorum,
-                    window=cfg.merge.window,
-                    piece_elems=cfg.merge.piece_elems,
-                    timeout_s=cfg.merge.timeout_s,
-                    traffic=self.traffic,
-                    seed=cfg.run.seed,
-                    exclude_outliers=cfg.merge.exclude_outliers,
-                )
+                merge = self._merge_session(host, membership, members, layout, 0)
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 membership.phase = "train"
                 if self.trainer is not None:
@@ -245,11 +239,18 @@ class Node:
                 membership.phase = "merge"
                 self.notifier.status("merging")
                 self.merge_state = "running"
-                try:
-                    outcome = await merge.run(premerge, self.data_dir / MERGED_FILE)
-                except BaseException:
-                    self.merge_state = "failed"
-                    raise
+                while True:
+                    try:
+                        outcome = await merge.run(premerge, self.data_dir / MERGED_FILE)
+                        break
+                    except BaseException as e:
+                        attempt = self._next_merge_attempt(merge, leaf_error(e))
+                        if attempt is None:
+                            self.merge_state = "failed"
+                            raise
+                    merge.close()
+                    merge = self._merge_session(host, membership, members, layout, attempt)
+                    host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 self.merge_state = "done"
                 self._record_merge(report, outcome)
                 membership.phase = "done"
@@ -473,6 +474,41 @@ class Node:
             **common,
         )
 
+    def _merge_session(
+        self, host: Any, membership: Membership, members: list[ID], layout: FlatLayout, attempt: int
+    ) -> MergeSession:
+        cfg = self.cfg
+        return MergeSession(
+            host,
+            membership,
+            cfg.run.run_id,
+            members,
+            layout,
+            shards=cfg.merge.shards,
+            quorum=cfg.merge.quorum,
+            window=cfg.merge.window,
+            piece_elems=cfg.merge.piece_elems,
+            timeout_s=cfg.merge.timeout_s,
+            traffic=self.traffic,
+            seed=cfg.run.seed,
+            exclude_outliers=cfg.merge.exclude_outliers,
+            attempt=attempt,
+            on_phase=self.notifier.status,
+        )
+
+    @staticmethod
+    def _next_merge_attempt(merge: MergeSession, error: BaseException) -> int | None:
+        """The merge attempt to make after `error`, or None when it must not be retried:
+        not a merge failure, this node excluded, the hashes disagreeing, or no attempts
+        left. A member lost mid-merge, or peers that moved on, get another attempt."""
+        if not isinstance(error, MergeError) or isinstance(error, MergeExcluded | MergeMismatch):
+            return None
+        attempt = error.attempt if isinstance(error, MergeRetry) else merge.attempt + 1
+        if attempt >= MERGE_ATTEMPTS:
+            return None
+        log.warning("merge attempt %d failed: %s; trying again (%d)", merge.attempt, error, attempt)
+        return attempt
+
     async def _watchdog(self) -> None:
         """WATCHDOG=1 from the event loop itself: a stalled loop stops the pings."""
         interval = watchdog_interval_s()
@@ -552,6 +588,7 @@ class Node:
             "seconds": outcome.seconds,
             "phases": outcome.phase_seconds,
             "excluded": outcome.excluded,
+            "attempt": outcome.attempt,
         }
 
 

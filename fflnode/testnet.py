@@ -180,18 +180,28 @@ class NodeProc:
     restarts: int = 0
 
     @property
+    def lost_in_merge(self) -> bool:
+        """Killed during the final merge and left down: it cannot finish."""
+        return self.killed and self.kill_at == AT_MERGE
+
+    @property
     def name(self) -> str:
         return f"node{self.index}"
 
 
+AT_MERGE = -1  # a fault planned for the final merge ("I@merge") instead of a round
+
+
 def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
-    """--kill / --stop values "I@R" -> {node index: round}."""
+    """--kill / --stop values "I@R" or "I@merge" -> {node index: round or AT_MERGE}."""
     out = {}
     for spec in specs:
         node, _, rnd = spec.partition("@")
-        if not (node.isdigit() and rnd.isdigit() and int(node) < nodes):
-            raise SystemExit(f"fflnode: --{what} {spec!r}: expected NODE@ROUND, NODE < {nodes}")
-        out[int(node)] = int(rnd)
+        if not (node.isdigit() and (rnd.isdigit() or rnd == "merge") and int(node) < nodes):
+            raise SystemExit(
+                f"fflnode: --{what} {spec!r}: expected NODE@ROUND or NODE@merge, NODE < {nodes}"
+            )
+        out[int(node)] = AT_MERGE if rnd == "merge" else int(rnd)
     return out
 
 
@@ -274,7 +284,7 @@ class Testnet:
                         self.say(f"  {proc.name:>6}: {proc.status}")
                     if proc.status.startswith("round "):
                         proc.round = int(proc.status.split()[1].split("/")[0])
-                        self._inject_faults(proc)
+                    self._inject_faults(proc)
                 if fields.get("READY") == "1":
                     proc.ready.set()
 
@@ -282,14 +292,22 @@ class Testnet:
         """Kill or freeze a node when it reports the round its fault is planned for."""
         if proc.process is None or proc.process.returncode is not None:
             return
-        if proc.kill_at is not None and not proc.killed and proc.round >= proc.kill_at:
+        merging = proc.status.startswith("merge agreed")  # members agreed, transfers next
+
+        def due(at: int | None) -> bool:
+            return at is not None and (merging if at == AT_MERGE else proc.round >= at)
+
+        if due(proc.kill_at) and not proc.killed:
             proc.killed = True
             proc.process.kill()  # SIGKILL: no chance to clean up, as a crash
-            self.say(f"  {proc.name:>6}: SIGKILL at round {proc.round} (restart follows)")
-        if proc.stop_at is not None and not proc.stopped and proc.round >= proc.stop_at:
+            when = "in the merge (stays down)" if merging else f"at round {proc.round}"
+            after = "" if merging else " (restart follows)"
+            self.say(f"  {proc.name:>6}: SIGKILL {when}{after}")
+        if due(proc.stop_at) and not proc.stopped:
             proc.stopped = True
             proc.process.send_signal(signal.SIGSTOP)  # frozen: connections stay open
-            self.say(f"  {proc.name:>6}: SIGSTOP at round {proc.round} (left frozen)")
+            when = "in the merge" if merging else f"at round {proc.round}"
+            self.say(f"  {proc.name:>6}: SIGSTOP {when} (left frozen)")
 
     async def _supervise(self, proc: NodeProc, conf_path: Path) -> None:
         env = dict(os.environ, NOTIFY_SOCKET=proc.notify_path, PYTHONUNBUFFERED="1")
@@ -306,7 +324,9 @@ class Testnet:
                         await terminate_then_kill(proc.process)
             proc.exit_code = proc.process.returncode
             self.say(f"  {proc.name:>6}: exited with code {proc.exit_code}")
-            if proc.killed and proc.restarts == 0:  # the planned crash: start it again
+            if proc.killed and proc.restarts == 0 and proc.kill_at != AT_MERGE:
+                # the planned crash: start it again (a node killed in the merge stays down:
+                # the merge completes without it, and there is nothing left to rejoin)
                 proc.restarts += 1
                 await trio.sleep(self.args.restart_after)  # the outage being simulated
                 cfg = node_config(self.args, proc.index, self.out, self.bootstrap)
@@ -357,8 +377,9 @@ class Testnet:
             nodes[proc.name] = {
                 **result,
                 "exit_code": proc.exit_code,
-                "killed_and_restarted": proc.killed,
+                "killed_and_restarted": proc.killed and not proc.lost_in_merge,
                 "frozen": proc.stopped,
+                "killed_in_merge": proc.lost_in_merge,
             }
         merged = [r["merge"] for r in nodes.values() if r.get("merge")]
         participants = merged[0]["members"] if merged else []
@@ -378,7 +399,11 @@ class Testnet:
         named = {r.get("peer_id"): name for name, r in nodes.items()}
         # Frozen nodes cannot finish; outliers stop, excluded by every member's rule.
         expected = [
-            p for p in self.procs if not p.stopped and nodes[p.name].get("peer_id") not in outliers
+            p
+            for p in self.procs
+            if not p.stopped
+            and not p.lost_in_merge
+            and nodes[p.name].get("peer_id") not in outliers
         ]
         hashes = {p.name: nodes[p.name].get("merged_hash") for p in expected}
         files_equal = {
@@ -395,6 +420,7 @@ class Testnet:
             "excluded": [p.name for p in self.procs if p not in members],
             "outliers": {named.get(peer, peer): why for peer, why in outliers.items()},
             "seconds": max((m["seconds"] for m in merged), default=None),
+            "attempt": max((m.get("attempt", 0) for m in merged), default=None),
         }
         ok = (
             not self.timed_out
@@ -530,7 +556,9 @@ def print_summary(report: dict[str, Any]) -> None:
             f"{r.get('bytes_sent', 0) / 1e6:>10.2f}{r.get('bytes_received', 0) / 1e6:>10.2f}"
             f"{r.get('peak_rss_mb', 0):>8.0f}{str(r.get('exit_code')):>6}"
         )
-        if r.get("killed_and_restarted"):
+        if r.get("killed_in_merge"):
+            print("       SIGKILLed during the final merge and left down")
+        elif r.get("killed_and_restarted"):
             jumps = r.get("catch_up_jumps") or []
             print(
                 f"       SIGKILLed, restarted: resumed from its checkpoint after round "
@@ -549,7 +577,9 @@ def print_summary(report: dict[str, Any]) -> None:
     print(
         f"merged accuracy      {_pct(m['merged_test_accuracy'])}  "
         f"({len(m['participants'])} participants, {m['shards']} shards, "
-        f"merge {m['seconds'] or 0:.1f} s)"
+        f"merge {m['seconds'] or 0:.1f} s"
+        + (f", attempt {m['attempt'] + 1}" if m.get("attempt") else "")
+        + ")"
     )
     if report.get("centralized"):
         cen = report["centralized"]

@@ -104,12 +104,18 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "members": (_LIST, True),
         "shards": (_INT, True),
         "committed": (_BOOL, True),
+        "attempt": (_INT, False),  # which try of the merge (a member lost mid-merge: +1)
         # float32 LE sketch of the premerge weights (fflnode.merge.fingerprint); not
         # checked for finiteness here: a non-finite one marks its sender an outlier
         "fp": (_BIN, False),
     },
     # pubsub: the hash of a node's merged model
-    "merge.hash": {"run": (_STR, True), "hash": (_STR, True), "digest": (_STR, True)},
+    "merge.hash": {
+        "run": (_STR, True),
+        "hash": (_STR, True),
+        "digest": (_STR, True),
+        "attempt": (_INT, False),
+    },
     # pubsub: a node's SSM states for contexts [context, context + count) (version `round`;
     # count defaults to 1) are ready to be pulled over /fflnode/state/1.0.0
     # (fflnode/ssm/federation.py); the states themselves never ride pubsub
@@ -150,6 +156,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 ROUND_LIMIT = 1 << 31
 # A merge fingerprint is 4 KiB (fflnode.merge.fingerprint); 16 KiB leaves room to grow.
 MAX_FINGERPRINT_BYTES = 16 << 10
+MAX_MERGE_ATTEMPT = 64  # merge attempts a message may name; a node makes a handful
 PHASES = ("join", "train", "merge", "done")
 
 
@@ -348,12 +355,19 @@ def _check_ready(peer: str, doc: dict[str, Any]) -> None:
         raise WireError(peer, "schema", "merge.ready.members must be sorted and unique")
     if not 1 <= doc["shards"] <= 65536:
         raise WireError(peer, "schema", f"merge.ready.shards {doc['shards']} out of range")
+    _check_attempt(peer, "merge.ready", doc)
     fp = doc.get("fp")
     if fp is not None and (len(fp) > MAX_FINGERPRINT_BYTES or len(fp) % 4):
         raise WireError(peer, "schema", f"merge.ready.fp of {len(fp)} bytes")
 
 
+def _check_attempt(peer: str, kind: str, doc: dict[str, Any]) -> None:
+    if not 0 <= doc.get("attempt", 0) < MAX_MERGE_ATTEMPT:
+        raise WireError(peer, "schema", f"{kind}.attempt {doc['attempt']} out of range")
+
+
 def _check_hash(peer: str, doc: dict[str, Any]) -> None:
+    _check_attempt(peer, "merge.hash", doc)
     for key in ("hash", "digest"):
         v = doc[key]
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):

@@ -60,3 +60,33 @@ def test_six_nodes_survive_a_kill_and_a_freeze_and_merge_among_survivors(tmp_pat
     survivor_log = (out / "node0" / "node.log").read_text()
     assert "suspected frozen or gone" in survivor_log
     assert "restarted: resumed from its checkpoint after round" in proc.stdout
+
+
+MERGE_NODES, MERGE_MB, LOST = 4, 32, 3  # 32 MB: the transfers outlast the kill
+
+
+@pytest.mark.slow
+def test_a_member_killed_mid_merge_costs_one_attempt_and_its_shards_move(tmp_path: Path):
+    """SIGKILL a node right after the members agreed (its shards are being reduced and
+    served): the others fail that attempt, agree again without it, and merge exactly."""
+    out = tmp_path / "merge-churn"
+    proc = subprocess.run(
+        fflnode_cmd(
+            "testnet", "--nodes", str(MERGE_NODES), "--task", "synthetic",
+            "--synthetic-mb", str(MERGE_MB), "--kill", f"{LOST}@merge", "--no-plot",
+            "--out", str(out),
+        ),
+        cwd=REPO, capture_output=True, text=True, timeout=CHURN_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    merge, nodes = report["merge"], report["nodes"]
+    assert report["ok"] is True and merge["hashes_agree"] and merge["files_equal_reference"]
+    assert merge["excluded"] == [f"node{LOST}"] and len(merge["participants"]) == MERGE_NODES - 1
+    assert nodes[f"node{LOST}"]["killed_in_merge"] is True
+    survivors = [n for name, n in nodes.items() if name != f"node{LOST}"]
+    attempts = {n["merge"]["attempt"] for n in survivors}
+    assert len(attempts) == 1 and attempts.pop() >= 1  # the first attempt died with it
+    owners = sorted(i for n in survivors for i in n["merge"]["owned"])
+    assert owners == list(range(MERGE_NODES - 1))  # every shard of the new plan owned
+    assert "SIGKILL in the merge" in proc.stdout

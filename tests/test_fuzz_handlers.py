@@ -61,7 +61,7 @@ from fflnode.exchange import (
 )
 from fflnode.merge import protocol as merge_protocol
 from fflnode.merge.plan import Shard, canonical_members, plan
-from fflnode.merge.protocol import MERGE_ROUND, MergeSession
+from fflnode.merge.protocol import MergeSession
 from fflnode.merge.reduce import CanonicalReducer
 from fflnode.p2p import bulk, streams
 from fflnode.p2p.host import build_host, build_pubsub
@@ -1033,7 +1033,7 @@ def pullers(host: PullHost, traffic: bulk.Traffic) -> dict[str, Puller]:
     premerge, merged = np.arange(NUMEL, dtype=np.float32), -np.arange(NUMEL, dtype=np.float32)
 
     def merge_reqs(what: str) -> list[bulk.Request]:
-        return [bulk.Request(MERGE_ROUND, what, shard.index, lo, hi) for lo, hi in pieces]
+        return [bulk.Request(0, what, shard.index, lo, hi) for lo, hi in pieces]
 
     async def pull_premerge() -> np.ndarray:
         reducer = CanonicalReducer([SERVER.to_bytes()], pieces, session.window)

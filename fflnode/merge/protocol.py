@@ -10,6 +10,11 @@ Theory of operation.
    its sender's premerge weights; on agreement every member drops the outliers by one
    rule (fflnode.merge.fingerprint) and the rest merge. An excluded node learns it the
    same way and stops with MergeExcluded.
+   A member lost after agreement (killed, frozen) fails the shards that needed it; the
+   node then starts attempt k + 1 (node.py, up to MERGE_ATTEMPTS): every message and
+   request names its attempt, older ones are ignored or refused, a node that hears of a
+   newer attempt joins it, and the new agreement leaves the lost member out, so its
+   shards get new owners.
 2. Plan. Every participant computes the same plan (fflnode.merge.plan): M shards of the
    flat vector, owners by rendezvous hashing over the agreed members.
 3. Reduce-scatter. An owner pulls its shard from every member in canonical order
@@ -31,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +69,9 @@ SHARD_PARALLELISM = 2
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
-MERGE_ROUND = 0  # merge requests carry round 0: there is one merge per run
+# A member lost mid-merge costs one attempt; three survive two losses in a row, and a
+# run that keeps losing members that fast has a bigger problem than the merge.
+MERGE_ATTEMPTS = 3
 
 
 @dataclass
@@ -75,6 +83,19 @@ class MergeOutcome:
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # agreed member -> why left out
+    attempt: int = 0  # the attempt that completed (> 0: a member was lost mid-merge)
+
+
+class MergeRetry(MergeError):
+    """Peers moved on to a newer attempt of the merge: join it."""
+
+    def __init__(self, attempt: int) -> None:
+        super().__init__(f"peers started merge attempt {attempt}")
+        self.attempt = attempt
+
+
+class MergeMismatch(MergeError):
+    """The merged hashes disagree: a correctness failure, never retried."""
 
 
 class MergeExcluded(MergeError):
@@ -108,6 +129,8 @@ class MergeSession:
         store_options: dict[str, object] | None = None,
         seed: int = 0,
         exclude_outliers: bool = True,
+        attempt: int = 0,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.host = host
         self.membership = membership
@@ -123,6 +146,9 @@ class MergeSession:
         self.traffic = traffic
         self.store_options = dict(store_options or {})
         self.seed = seed
+        self.attempt = attempt
+        self.on_phase = on_phase or (lambda status: None)  # systemd STATUS= of each phase
+        self.newer_attempt = attempt  # the highest attempt a run member announced
         self.exclude_outliers = exclude_outliers
         self.fingerprint: bytes = b""
         self.fingerprints: dict[ID, bytes | None] = {}
@@ -143,13 +169,16 @@ class MergeSession:
     # ------------------------------------------------------------------ announcements
     def _on_ready(self, peer: ID, msg: wire.Message) -> None:
         # A proposal naming a peer outside the run is no proposal (_agree looks each up).
-        run = {str(p) for p in self.run_members}
-        if peer in self.run_members and run.issuperset(msg["members"]):
+        if peer not in self.run_members or not self._run_member_names.issuperset(msg["members"]):
+            return
+        attempt = msg.fields.get("attempt", 0)
+        self.newer_attempt = max(self.newer_attempt, attempt)
+        if attempt == self.attempt:
             self.proposals[peer] = (tuple(msg["members"]), msg["shards"], msg["committed"])
             self.fingerprints[peer] = msg.fields.get("fp")
 
     def _on_hash(self, peer: ID, msg: wire.Message) -> None:
-        if peer in self.run_members:
+        if peer in self.run_members and msg.fields.get("attempt", 0) == self.attempt:
             self.hashes[peer] = (msg["hash"], msg["digest"])
 
     def _m(self, members: list[ID]) -> int:
@@ -162,6 +191,8 @@ class MergeSession:
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
         if peer not in self._run_member_names:  # before waiting: outsiders wait for nothing
             raise bulk.Unavailable("not-member", "requester is not a member of this run")
+        if msg["round"] != self.attempt:
+            raise bulk.Unavailable("stale-attempt", f"this node is at merge attempt {self.attempt}")
         with trio.move_on_after(self.timeout_s):
             await self.agreed_event.wait()
         if self.agreed is None or peer not in {str(p) for p in self.agreed}:
@@ -210,6 +241,7 @@ class MergeSession:
                 self.agreed = members
                 self.agreed_event.set()
                 owned = [s for s in self.plan if s.owner == self.me.to_bytes()]
+                self.on_phase(f"merge agreed: {len(members)} members, attempt {self.attempt}")
                 log.info(
                     "merge: %d members agreed, %d shards, this node owns %s",
                     len(members),
@@ -238,6 +270,7 @@ class MergeSession:
             time.perf_counter() - t0,
             phases,
             excluded,
+            self.attempt,
         )
 
     async def _fingerprint(self) -> bytes:
@@ -315,6 +348,8 @@ class MergeSession:
         announced: tuple[tuple[str, ...], bool] | None = None
         last_sent = -float("inf")
         while True:
+            if self.newer_attempt > self.attempt:
+                raise MergeRetry(self.newer_attempt)
             view = sorted({str(p) for p in self.membership.alive() if p in self.run_members} | {me})
             adopted = self._committed_including(me)
             proposal = list(adopted) if adopted is not None else view
@@ -335,6 +370,7 @@ class MergeSession:
                     shards=m,
                     committed=committed,
                     fp=self.fingerprint,
+                    attempt=self.attempt,
                 )
                 announced, last_sent = (tuple(proposal), committed), now
             if committed:
@@ -342,6 +378,10 @@ class MergeSession:
                 return [by_str[p] for p in proposal]
             with trio.move_on_after(HEARTBEAT_S):
                 await self.membership.wait_changed()
+
+    def _lost(self, members: list[ID]) -> list[ID]:
+        """Agreed members that died or froze since (a verify wait ends early for them)."""
+        return [p for p in members if p != self.me and not self.membership.is_alive(p)]
 
     def _committed_including(self, me: str) -> tuple[str, ...] | None:
         for members, _, committed in self.proposals.values():
@@ -354,7 +394,12 @@ class MergeSession:
         while True:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
             await self.membership.publish(
-                "merge.ready", members=proposal, shards=m, committed=True, fp=self.fingerprint
+                "merge.ready",
+                members=proposal,
+                shards=m,
+                committed=True,
+                fp=self.fingerprint,
+                attempt=self.attempt,
             )
 
     # ------------------------------------------------------------------ 3. reduce
@@ -385,7 +430,9 @@ class MergeSession:
             for k, (lo, hi) in enumerate(pieces):
                 reducer.add(member, k, await self._read_premerge(lo, hi))
             return
-        requests = [bulk.Request(MERGE_ROUND, "premerge", shard.index, lo, hi) for lo, hi in pieces]
+        requests = [
+            bulk.Request(self.attempt, "premerge", shard.index, lo, hi) for lo, hi in pieces
+        ]
 
         def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
             if set(arrays) != {"values"}:
@@ -433,7 +480,7 @@ class MergeSession:
             await trio.to_thread.run_sync(writer.write_flat, shard.lo, self.results[shard.index])
             return
         requests = [
-            bulk.Request(MERGE_ROUND, "merged", shard.index, lo, hi)
+            bulk.Request(self.attempt, "merged", shard.index, lo, hi)
             for lo, hi in shard.pieces(self.piece_elems)
         ]
 
@@ -467,22 +514,29 @@ class MergeSession:
 
     # ------------------------------------------------------------------ 5. verify
     async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
-        await self.membership.publish("merge.hash", hash=my_hash, digest=digest)
+        await self.membership.publish(
+            "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
+        )
         others = [p for p in members if p != self.me]
 
         def have_all() -> bool:
-            return all(p in self.hashes for p in others)
+            done = all(p in self.hashes for p in others)
+            return done or bool(self._lost(others)) or self.newer_attempt > self.attempt
 
         async def republish() -> None:
             while True:
                 await trio.sleep(HEARTBEAT_S)  # a period: late joiners need our hash too
-                await self.membership.publish("merge.hash", hash=my_hash, digest=digest)
+                await self.membership.publish(
+                    "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
+                )
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(republish)
             await self.membership.wait_until(have_all, self.timeout_s)
             nursery.cancel_scope.cancel()
         missing = [short_peer(str(p)) for p in others if p not in self.hashes]
+        if self.newer_attempt > self.attempt:
+            raise MergeRetry(self.newer_attempt)
         if missing:
             raise MergeError(f"no merged hash from {', '.join(missing)}")
         wrong = [
@@ -491,7 +545,7 @@ class MergeSession:
             if self.hashes[p] != (my_hash, digest)
         ]
         if wrong:
-            raise MergeError(
+            raise MergeMismatch(
                 f"merged hashes disagree: ours {my_hash[:12]} (members {digest[:8]}), "
                 f"theirs {', '.join(wrong)}"
             )

@@ -172,9 +172,7 @@ class LocalTrainer:
     def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
         self.load_flat(vectors[0])
         moments = list(vectors[1:]) + [None, None]
-        self.outer.m, self.outer.v = (
-            None if t is None else t.clone() for t in moments[:2]
-        )
+        self.outer.m, self.outer.v = (None if t is None else t.clone() for t in moments[:2])
         self.outer.t = outer_step
 
     def sampler_state(self) -> torch.Tensor:
