@@ -114,6 +114,13 @@ def build_pubsub(host: IHost, run_nodes: int) -> tuple[Pubsub, GossipSub]:
     return Pubsub(host, router), router
 
 
+REDUNDANT_ERROR_LOGGERS = (
+    "libp2p.transport.tcp.tcp",
+    "libp2p.host.basic_host",
+    "libp2p.protocol_muxer.multiselect_client",
+)
+
+
 def route_libp2p_logging(level: int) -> None:
     """Send py-libp2p's own records through the node's handlers, at `level` or above.
 
@@ -128,3 +135,8 @@ def route_libp2p_logging(level: int) -> None:
     for name, logger in logging.Logger.manager.loggerDict.items():
         if name.startswith("libp2p.") and isinstance(logger, logging.Logger) and logger.level:
             logger.setLevel(lib_level)
+    # A dial to a dead or refusing peer makes these log ERROR lines on every attempt (4 per
+    # dial); fflnode reports the failure once, with the peer and the reason, where it acts
+    # on it. They stay visible at debug.
+    for name in REDUNDANT_ERROR_LOGGERS:
+        logging.getLogger(name).setLevel(lib_level if level <= logging.DEBUG else logging.CRITICAL)
