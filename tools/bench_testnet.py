@@ -119,7 +119,14 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
             ["--corrupt", "1", "--set", 'exchange.robust="centered-clip"'],
         ),
     ]
-    print(f"{n} nodes, {r} rounds x {h} local steps, seed {args.seed}; corrupt = node{n - 1}")
+    rows.append(("1 NaN (data lost), exact mean", ["--corrupt", "1", "--corrupt-mode", "nan"]))
+    if args.only:
+        rows = [row for row in rows if any(o in row[0] for o in args.only)]
+    rows = [(name, [*extra, "--alpha", str(args.alpha)]) for name, extra in rows]
+    print(
+        f"{n} nodes, {r} rounds x {h} local steps, seed {args.seed}, Dirichlet alpha"
+        f" {args.alpha}; corrupt = node{n - 1}"
+    )
     print(
         f"{'run':<28}{'merged acc':>11}{'participants':>14}{'excluded at merge':>20}{'wall s':>8}"
     )
@@ -142,7 +149,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--local-steps", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", nargs="*", help="codec rows to run (codecs suite)")
+    ap.add_argument("--only", nargs="*", help="rows to run (codec names, or run-name parts)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-split alpha")
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
     with tempfile.TemporaryDirectory(prefix="fflnode-bench-") as tmp:
