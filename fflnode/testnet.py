@@ -397,12 +397,15 @@ class Testnet:
         for m in merged:
             outliers.update(m.get("excluded") or {})
         named = {r.get("peer_id"): name for name, r in nodes.items()}
-        # Frozen nodes cannot finish; outliers stop, excluded by every member's rule.
+        # Frozen nodes and nodes killed in the merge cannot finish; corrupt nodes (--corrupt)
+        # may be banned or excluded as outliers: the checks below hold the honest ones.
+        first_corrupt = self.args.nodes - self.args.corrupt
         expected = [
             p
             for p in self.procs
             if not p.stopped
             and not p.lost_in_merge
+            and p.index < first_corrupt
             and nodes[p.name].get("peer_id") not in outliers
         ]
         hashes = {p.name: nodes[p.name].get("merged_hash") for p in expected}
