@@ -45,6 +45,7 @@ from fflnode.merge.protocol import (
     MergeOutcome,
     MergeRetry,
     MergeSession,
+    MergeTimeout,
 )
 from fflnode.p2p import identity, streams
 from fflnode.p2p.bulk import Traffic
@@ -499,9 +500,11 @@ class Node:
     @staticmethod
     def _next_merge_attempt(merge: MergeSession, error: BaseException) -> int | None:
         """The merge attempt to make after `error`, or None when it must not be retried:
-        not a merge failure, this node excluded, the hashes disagreeing, or no attempts
-        left. A member lost mid-merge, or peers that moved on, get another attempt."""
-        if not isinstance(error, MergeError) or isinstance(error, MergeExcluded | MergeMismatch):
+        not a merge failure, this node excluded, the hashes disagreeing, the deadline
+        passed, or no attempts left. A member lost mid-merge, or peers that moved on, get
+        another attempt."""
+        final = MergeExcluded | MergeMismatch | MergeTimeout
+        if not isinstance(error, MergeError) or isinstance(error, final):
             return None
         attempt = error.attempt if isinstance(error, MergeRetry) else merge.attempt + 1
         if attempt >= MERGE_ATTEMPTS:

@@ -94,6 +94,10 @@ class MergeRetry(MergeError):
         self.attempt = attempt
 
 
+class MergeTimeout(MergeError):
+    """The merge deadline passed; another attempt would wait as long again."""
+
+
 class MergeMismatch(MergeError):
     """The merged hashes disagree: a correctness failure, never retried."""
 
@@ -227,41 +231,53 @@ class MergeSession:
             raise MergeError(f"{premerge_path}: not the run's canonical float32 flat checkpoint")
         self.premerge_ready.set()
         self.fingerprint = await self._fingerprint()
+        with trio.move_on_after(self.timeout_s) as deadline:
+            outcome = await self._run_phases(t0, phases, out_path)
+        if deadline.cancelled_caught:
+            stage = "agree on members" if self.agreed is None else "complete"
+            raise MergeTimeout(
+                f"merge attempt {self.attempt} did not {stage} within merge.timeout_s"
+                f" = {self.timeout_s:.0f} s (alive run members: {len(self.membership.alive())})"
+            )
+        return outcome
+
+    async def _run_phases(
+        self, t0: float, phases: dict[str, float], out_path: Path
+    ) -> MergeOutcome:
         excluded: dict[str, str] = {}
-        with trio.fail_after(self.timeout_s):
-            async with trio.open_nursery() as announcer:
-                members = await self._agree(announcer)
-                if self.exclude_outliers:
-                    members, excluded = self._drop_outliers(members)
-                phases["agree"] = time.perf_counter() - t0
-                digest = members_digest(members)
-                member_bytes = canonical_members([p.to_bytes() for p in members])
-                self.plan = plan(self.run_id, self.layout.numel, self._m(members), member_bytes)
-                self.result_ready = {s.index: trio.Event() for s in self.plan}
-                self.agreed = members
-                self.agreed_event.set()
-                owned = [s for s in self.plan if s.owner == self.me.to_bytes()]
-                self.on_phase(f"merge agreed: {len(members)} members, attempt {self.attempt}")
-                log.info(
-                    "merge: %d members agreed, %d shards, this node owns %s",
-                    len(members),
-                    len(self.plan),
-                    [s.index for s in owned],
-                )
-                t1 = time.perf_counter()
-                await self._bounded(owned, lambda s: self._reduce(s, member_bytes))
-                phases["reduce_scatter"] = time.perf_counter() - t1
-                t2 = time.perf_counter()
-                with AtomicSafetensorsWriter.for_flat(
-                    out_path, self.layout, {"fflnode.run": self.run_id, "fflnode.digest": digest}
-                ) as writer:
-                    await self._bounded(self.plan, lambda s: self._gather(s, writer))
-                    await trio.to_thread.run_sync(writer.commit)
-                phases["all_gather"] = time.perf_counter() - t2
-                my_hash = await self._hash_file(out_path)
-                await self._verify(members, my_hash, digest)
-                phases["verify"] = time.perf_counter() - t2 - phases["all_gather"]
-                announcer.cancel_scope.cancel()
+        async with trio.open_nursery() as announcer:
+            members = await self._agree(announcer)
+            if self.exclude_outliers:
+                members, excluded = self._drop_outliers(members)
+            phases["agree"] = time.perf_counter() - t0
+            digest = members_digest(members)
+            member_bytes = canonical_members([p.to_bytes() for p in members])
+            self.plan = plan(self.run_id, self.layout.numel, self._m(members), member_bytes)
+            self.result_ready = {s.index: trio.Event() for s in self.plan}
+            self.agreed = members
+            self.agreed_event.set()
+            owned = [s for s in self.plan if s.owner == self.me.to_bytes()]
+            self.on_phase(f"merge agreed: {len(members)} members, attempt {self.attempt}")
+            log.info(
+                "merge: %d members agreed, %d shards, this node owns %s",
+                len(members),
+                len(self.plan),
+                [s.index for s in owned],
+            )
+            t1 = time.perf_counter()
+            await self._bounded(owned, lambda s: self._reduce(s, member_bytes))
+            phases["reduce_scatter"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            with AtomicSafetensorsWriter.for_flat(
+                out_path, self.layout, {"fflnode.run": self.run_id, "fflnode.digest": digest}
+            ) as writer:
+                await self._bounded(self.plan, lambda s: self._gather(s, writer))
+                await trio.to_thread.run_sync(writer.commit)
+            phases["all_gather"] = time.perf_counter() - t2
+            my_hash = await self._hash_file(out_path)
+            await self._verify(members, my_hash, digest)
+            phases["verify"] = time.perf_counter() - t2 - phases["all_gather"]
+            announcer.cancel_scope.cancel()
         return MergeOutcome(
             my_hash,
             [str(p) for p in members],
