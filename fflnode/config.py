@@ -90,8 +90,9 @@ class ExchangeSection:
     error_feedback: bool = False
     # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
     # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
-    # coordinate; "centered-clip" clips each Delta's distance to last round's mix.
-    robust: Literal["none", "trimmed-mean", "centered-clip"] = "none"
+    # coordinate; "mad-mean" averages the values within 5 MADs of each coordinate's
+    # median; "centered-clip" clips each Delta's distance to the coordinate median.
+    robust: Literal["none", "trimmed-mean", "mad-mean", "centered-clip"] = "none"
     trim: int = 1  # values dropped at each end per coordinate (trimmed-mean)
     chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this

@@ -350,6 +350,8 @@ class Averaging(RoundExchange):
                     self.trim,
                 )
             mix = robust.trimmed_mean(kept, self.trim)
+        elif self.robust == "mad-mean":
+            mix = robust.mad_mean(kept)
         elif self.robust == "centered-clip":
             # From this round's coordinate-wise median, not last round's mix: a resynced
             # node adopts weights and moments but no mix, and must clip as the rest do.

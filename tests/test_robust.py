@@ -157,3 +157,16 @@ def test_merge_ready_carries_a_fingerprint_and_caps_it():
         wire.decode(wire.encode("merge.ready", **too_big), "peer", run="r")
     with pytest.raises(wire.WireError, match="fp"):
         wire.decode(wire.encode("merge.ready", **dict(fields, fp=b"\x00" * 5)), "peer", run="r")
+
+
+def test_mad_mean_drops_the_attacker_and_keeps_every_honest_value():
+    xs, target = with_attacker("signflip")
+    assert rel(robust.mad_mean(xs), target) < 0.1
+    # The trimmed mean also drops an honest extreme opposite the attacker: biased.
+    assert rel(robust.mad_mean(xs), target) < rel(robust.trimmed_mean(xs, 1), target)
+    honest_only = honest()
+    assert rel(robust.mad_mean(honest_only), canonical_mean_of(honest_only)) < 0.1
+    same = {k: torch.ones(10) for k in (b"a", b"b", b"c")}  # MAD 0: the median passes
+    assert torch.equal(robust.mad_mean(same), torch.ones(10))
+    shuffled = {k: xs[k] for k in reversed(list(xs))}
+    assert torch.equal(robust.mad_mean(xs), robust.mad_mean(shuffled))

@@ -114,6 +114,7 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
         ("honest, exact mean", []),
         ("1 signflip, exact mean", ["--corrupt", "1"]),
         ("1 signflip, trimmed mean", ["--corrupt", "1", "--set", 'exchange.robust="trimmed-mean"']),
+        ("1 signflip, MAD mean", ["--corrupt", "1", "--set", 'exchange.robust="mad-mean"']),
         (
             "1 signflip, centered clip",
             ["--corrupt", "1", "--set", 'exchange.robust="centered-clip"'],
