@@ -104,14 +104,15 @@ def test_kill_during_checkpoint_writes_always_leaves_a_loadable_one(tmp_path: Pa
             first = int(child.stdout.readline())  # announced before its first write
             assert first == next_round
             # Let a few writes complete sometimes, kill during the first one other times.
+            seen = [first]
             for _ in range(rng.randrange(3)):
-                child.stdout.readline()
+                seen.append(int(child.stdout.readline()))
             with contextlib.suppress(subprocess.TimeoutExpired):  # it never exits by itself
                 child.wait(timeout=rng.uniform(0, KILL_WINDOW_S))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=CHILD_READY_TIMEOUT_S)
-        announced = [first, *(int(x) for x in child.stdout.read().split())]
+        announced = [*seen, *(int(x) for x in child.stdout.read().split())]
         got = checkpoint.load(tmp_path, RUN, NUMEL)  # also deletes the killed temporaries
         assert got is not None
         assert got.round == on_disk or got.round in announced  # old or new, never other
