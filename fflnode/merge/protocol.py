@@ -380,14 +380,7 @@ class MergeSession:
             # announcement wakes every peer's loop, so answering each one would echo.
             now = trio.current_time()
             if (tuple(proposal), committed) != announced or now - last_sent >= HEARTBEAT_S:
-                await self.membership.publish(
-                    "merge.ready",
-                    members=proposal,
-                    shards=m,
-                    committed=committed,
-                    fp=self.fingerprint,
-                    attempt=self.attempt,
-                )
+                await self._announce(proposal, m, committed)
                 announced, last_sent = (tuple(proposal), committed), now
             if committed:
                 announcer.start_soon(self._keep_announcing, proposal, m)
@@ -409,14 +402,18 @@ class MergeSession:
         """Keep the committed proposal visible for members still converging."""
         while True:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
-            await self.membership.publish(
-                "merge.ready",
-                members=proposal,
-                shards=m,
-                committed=True,
-                fp=self.fingerprint,
-                attempt=self.attempt,
-            )
+            await self._announce(proposal, m, True)
+
+    async def _announce(self, proposal: list[str], m: int, committed: bool) -> None:
+        """Our proposal, with the fingerprint and the attempt every proposal carries."""
+        await self.membership.publish(
+            "merge.ready",
+            members=proposal,
+            shards=m,
+            committed=committed,
+            fp=self.fingerprint,
+            attempt=self.attempt,
+        )
 
     # ------------------------------------------------------------------ 3. reduce
     async def _reduce(self, shard: Shard, members: list[bytes]) -> None:
@@ -530,24 +527,21 @@ class MergeSession:
 
     # ------------------------------------------------------------------ 5. verify
     async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
-        await self.membership.publish(
-            "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
-        )
         others = [p for p in members if p != self.me]
 
         def have_all() -> bool:
             done = all(p in self.hashes for p in others)
             return done or bool(self._lost(others)) or self.newer_attempt > self.attempt
 
-        async def republish() -> None:
-            while True:
-                await trio.sleep(HEARTBEAT_S)  # a period: late joiners need our hash too
+        async def publish() -> None:
+            while True:  # now, then every heartbeat: late joiners need our hash too
                 await self.membership.publish(
                     "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
                 )
+                await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(republish)
+            nursery.start_soon(publish)
             await self.membership.wait_until(have_all, self.timeout_s)
             nursery.cancel_scope.cancel()
         missing = [short_peer(str(p)) for p in others if p not in self.hashes]
