@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import trio
@@ -73,6 +74,25 @@ class PeerView:
 
 
 Handler = Callable[[ID, wire.Message], None]
+
+
+def decode_announcement(
+    msg: Any, me: ID, run_id: str, expect: set[str], on_reject: Callable[[str, str], None]
+) -> tuple[ID, wire.Message] | None:
+    """A pubsub message of this run from another node, decoded and checked; None for our
+    own echo or a rejected one (counted against its sender, logged)."""
+    sender = ID(msg.from_id)
+    if sender == me:
+        return None
+    try:
+        decoded = wire.decode(
+            msg.data, str(sender), run=run_id, limit=wire.MAX_PUBSUB_BYTES, expect=expect
+        )
+    except WireError as e:
+        on_reject(e.reason, e.peer)
+        log.warning("ignored announcement: %s", e)
+        return None
+    return sender, decoded
 
 
 class Membership:
@@ -162,23 +182,13 @@ class Membership:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
     async def _receive(self, subscription: object, nursery: trio.Nursery) -> None:
+        expect = {"hb", "merge.ready", "merge.hash"}
         while True:
             msg = await subscription.get()  # type: ignore[attr-defined]
-            sender = ID(msg.from_id)
-            if sender == self.me:
+            got = decode_announcement(msg, self.me, self.run_id, expect, self._on_reject)
+            if got is None:
                 continue
-            try:
-                decoded = wire.decode(
-                    msg.data,
-                    str(sender),
-                    run=self.run_id,
-                    limit=wire.MAX_PUBSUB_BYTES,
-                    expect={"hb", "merge.ready", "merge.hash"},
-                )
-            except WireError as e:
-                self._on_reject(e.reason, e.peer)
-                log.warning("ignored announcement: %s", e)
-                continue
+            sender, decoded = got
             if decoded.kind == "hb":
                 self._heartbeat(sender, decoded, nursery)
             for handler in self._handlers.get(decoded.kind, []):

@@ -39,7 +39,7 @@ from libp2p.peer.id import ID
 from fflnode import wire
 from fflnode.errors import PeerUnavailable, WireError, short_peer
 from fflnode.p2p import bulk
-from fflnode.p2p.membership import HEARTBEAT_S, Membership
+from fflnode.p2p.membership import HEARTBEAT_S, Membership, decode_announcement
 from fflnode.ssm import federation
 from fflnode.ssm.federation import STATE_CODEC, STATE_PROTOCOL, STATE_WHAT, Lookup, StateBook
 from fflnode.ssm.states import LayerState
@@ -185,21 +185,11 @@ class StateFederation:
         me = self.host.get_id()
         while True:  # for the node's lifetime; cancelled with its nursery
             msg = await subscription.get()  # type: ignore[attr-defined]
-            sender = ID(msg.from_id)
-            if sender == me:
+            # a rejection counts against its sender (the gate)
+            got = decode_announcement(msg, me, self.run_id, {"state.ready"}, self.traffic.reject)
+            if got is None:
                 continue
-            try:
-                decoded = wire.decode(
-                    msg.data,
-                    str(sender),
-                    run=self.run_id,
-                    limit=wire.MAX_PUBSUB_BYTES,
-                    expect={"state.ready"},
-                )
-            except WireError as e:
-                self.traffic.reject(e.reason, e.peer)  # counted against the sender (gate)
-                log.warning("ignored state announcement: %s", e)
-                continue
+            sender, decoded = got
             contexts, round = federation.parse_ready(decoded)
             self.announcements.add(sender.to_bytes(), contexts, round)
             self._heard.set()
