@@ -32,7 +32,7 @@ of the stacked inputs beyond the inputs themselves.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -56,6 +56,14 @@ def _ordered(estimates: Mapping[bytes, torch.Tensor]) -> list[torch.Tensor]:
     return [estimates[k] for k in sorted(estimates)]
 
 
+def _blocks(xs: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(lo, hi, the inputs' elements [lo, hi) stacked in float64), BLOCK_ELEMS at a time."""
+    numel = xs[0].numel()
+    for lo in range(0, numel, BLOCK_ELEMS):
+        hi = min(lo + BLOCK_ELEMS, numel)
+        yield lo, hi, torch.stack([x[lo:hi].to(torch.float64) for x in xs])
+
+
 def trimmed_mean(estimates: Mapping[bytes, torch.Tensor], trim: int) -> torch.Tensor:
     """Coordinate-wise mean after dropping `trim` values at each end.
 
@@ -66,11 +74,8 @@ def trimmed_mean(estimates: Mapping[bytes, torch.Tensor], trim: int) -> torch.Te
     if n == 0:
         raise ValueError("trimmed mean of no inputs")
     t = min(trim, (n - 1) // 2)
-    numel = xs[0].numel()
-    out = torch.empty(numel, dtype=torch.float32)
-    for lo in range(0, numel, BLOCK_ELEMS):
-        hi = min(lo + BLOCK_ELEMS, numel)
-        block = torch.stack([x[lo:hi].to(torch.float64) for x in xs])
+    out = torch.empty(xs[0].numel(), dtype=torch.float32)
+    for lo, hi, block in _blocks(xs):
         kept = torch.sort(block, dim=0).values[t : n - t]
         out[lo:hi] = (kept.sum(dim=0) / (n - 2 * t)).to(torch.float32)
     return out
@@ -81,11 +86,8 @@ def mad_mean(estimates: Mapping[bytes, torch.Tensor]) -> torch.Tensor:
     xs = _ordered(estimates)
     if not xs:
         raise ValueError("MAD-filtered mean of no inputs")
-    numel = xs[0].numel()
-    out = torch.empty(numel, dtype=torch.float32)
-    for lo in range(0, numel, BLOCK_ELEMS):
-        hi = min(lo + BLOCK_ELEMS, numel)
-        block = torch.stack([x[lo:hi].to(torch.float64) for x in xs])
+    out = torch.empty(xs[0].numel(), dtype=torch.float32)
+    for lo, hi, block in _blocks(xs):
         # quantile(0.5) is the true median (torch.median takes the lower middle value)
         med = block.quantile(0.5, dim=0)
         dev = (block - med).abs()
