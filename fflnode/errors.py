@@ -20,18 +20,58 @@ class IdentityError(FflError):
     """The node's identity key is unreadable, malformed or has unsafe permissions."""
 
 
+# A logged detail about untrusted input is at most this many characters: enough to
+# name a field and show the start of a bad value, never a peer-sized log line.
+MAX_DETAIL_CHARS = 240
+# Characters of one untrusted string `shown` in a message.
+MAX_SHOWN_CHARS = 48
+
+
+def shown(value: object) -> str:
+    """A bounded, escaped description of an untrusted value, for error messages.
+
+    Never `repr` a peer's value: a container nested a thousand deep makes `repr` raise
+    RecursionError, and a long string floods the log. Strings are cut to MAX_SHOWN_CHARS
+    and escaped to printable ASCII; containers and bytes are shown by type and length
+    only; nothing here recurses.
+    """
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        text = str(value) if -(10**30) < value < 10**30 else f"<int of {value.bit_length()} bits>"
+        return text
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        cut = value[:MAX_SHOWN_CHARS].encode("unicode_escape").decode("ascii")
+        return f"'{cut}'" + (f"... ({len(value)} chars)" if len(value) > MAX_SHOWN_CHARS else "")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return f"<{type(value).__name__}>"
+
+
+def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text` cut to `limit` characters with non-printable characters escaped."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class WireError(FflError):
     """A message from a peer was rejected.
 
     `reason` is a short stable slug (e.g. "oversized", "schema", "hash") used as a metrics
-    label; the message text names the peer and says what was wrong.
+    label; the message text names the peer and says what was wrong, bounded and escaped
+    (`bounded`), however the detail was built.
     """
 
     def __init__(self, peer: str, reason: str, detail: str) -> None:
         self.peer = peer
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{short_peer(peer)}: {reason}: {detail}")
+        self.detail = bounded(detail)
+        super().__init__(f"{short_peer(peer)}: {reason}: {self.detail}")
 
 
 class FormatError(FflError):

@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fflnode.errors import WireError
+from fflnode.errors import WireError, shown
 
 WIRE_VERSION = 1
 LENGTH_PREFIX = struct.Struct(">I")
@@ -53,6 +53,14 @@ MAX_STR = 4096  # longest free-text field (error reasons, multiaddrs)
 # Contexts one state.ready may announce: a node holds at most federation.MAX_OWN_CONTEXTS
 # (1024); one announcement per batch keeps a batch under GossipSub's silent rate limit.
 MAX_ANNOUNCED_CONTEXTS = 1024
+# Nesting depth of the deepest message: bulk.parts is map > list of parts > [name, dtype,
+# shape] > shape list = 4. Deeper input is refused before msgpack builds a single object,
+# so nothing downstream (validators, comparisons, log lines) can recurse on it.
+MAX_DEPTH = 4
+# msgpack objects in one message: the largest is merge.ready, MAX_MEMBERS member IDs
+# plus a dozen fields; anything with more is refused before it is built.
+MAX_OBJECTS = MAX_MEMBERS + 64
+MAX_MAP_LEN = 32  # fields of the widest kind, with room
 DIGEST_BYTES = 16  # blake2b-128: integrity of a body against corruption, not forgery
 # (Noise already authenticates and encrypts the channel.)
 
@@ -257,6 +265,79 @@ def dtype_name(dt: np.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------- decoding
+# msgpack type bytes -> (length-field bytes, fixed payload bytes) for scalars and
+# strings (bin/str/ext: the payload length is read from the length field).
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_FIXED.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})
+_FIXED.update({0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17})  # fixext: type byte + data
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin, str
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length, type byte, data
+_ARRAYS = {0xDC: 2, 0xDD: 4}
+_MAPS = {0xDE: 2, 0xDF: 4}
+
+
+def check_structure(data: bytes, peer: str) -> None:
+    """Walk msgpack bytes without building objects (no recursion, O(objects) steps):
+    nesting within MAX_DEPTH, at most MAX_OBJECTS objects, containers within their
+    limits, every length inside the data. Raises WireError("malformed" / "oversized")."""
+    n, pos, objects = len(data), 0, 0
+    pending = [1]  # objects still to read at each open nesting level; the top holds one
+
+    def need(k: int) -> None:
+        if pos + k > n:
+            raise WireError(peer, "malformed", f"msgpack value runs past the end at byte {pos}")
+
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        objects += 1
+        if objects > MAX_OBJECTS:
+            raise WireError(peer, "oversized", f"more than {MAX_OBJECTS} values in one message")
+        need(1)
+        b = data[pos]
+        pos += 1
+        count = -1  # elements of a container opened here
+        if b <= 0x7F or b >= 0xE0:
+            continue
+        if 0x80 <= b <= 0x8F:
+            count = 2 * (b & 0x0F)
+        elif 0x90 <= b <= 0x9F:
+            count = b & 0x0F
+        elif 0xA0 <= b <= 0xBF:
+            need(b & 0x1F)
+            pos += b & 0x1F
+        elif b in _FIXED:
+            need(_FIXED[b])
+            pos += _FIXED[b]
+        elif b in _SIZED or b in _EXT:
+            width = _SIZED.get(b) or _EXT[b]
+            need(width)
+            length = int.from_bytes(data[pos : pos + width], "big") + (1 if b in _EXT else 0)
+            pos += width
+            need(length)
+            pos += length
+        elif b in _ARRAYS or b in _MAPS:
+            width = _ARRAYS.get(b) or _MAPS[b]
+            need(width)
+            length = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+            count = length if b in _ARRAYS else 2 * length
+        else:  # 0xC1: never used
+            raise WireError(peer, "malformed", f"byte 0x{b:02x} at {pos - 1} is not msgpack")
+        if count >= 0:
+            if count > 2 * MAX_MAP_LEN and (b in _MAPS or 0x80 <= b <= 0x8F):
+                raise WireError(peer, "oversized", f"a map of {count // 2} entries")
+            if count > MAX_MEMBERS:
+                raise WireError(peer, "oversized", f"an array of {count} elements")
+            if len(pending) >= MAX_DEPTH + 1:
+                raise WireError(peer, "malformed", f"nesting deeper than {MAX_DEPTH} levels")
+            pending.append(count)
+    if pos != n:
+        raise WireError(peer, "malformed", "trailing bytes after the message")
+
+
 def decode_length(prefix: bytes, peer: str, limit: int = MAX_MESSAGE_BYTES) -> int:
     """The length of the next framed message; refuses it before any allocation."""
     if len(prefix) != LENGTH_PREFIX.size:
@@ -280,6 +361,7 @@ def decode(
     """Parse and validate one message from `peer`; raises WireError on anything wrong."""
     if len(data) > limit:
         raise WireError(peer, "oversized", f"{len(data)}-byte message exceeds {limit}")
+    check_structure(data, peer)
     try:
         doc = msgpack.unpackb(
             data,
@@ -289,39 +371,39 @@ def decode(
             max_str_len=MAX_STR,
             max_bin_len=max(DIGEST_BYTES * 4, MAX_FINGERPRINT_BYTES),
             max_array_len=MAX_MEMBERS,
-            max_map_len=32,
+            max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
         )
     except msgpack.ExtraData:
         raise WireError(peer, "malformed", "trailing bytes after the message") from None
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__} {e}") from None
-    except RecursionError:
-        raise WireError(peer, "malformed", "nesting too deep") from None
+        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__}") from None
     if not isinstance(doc, dict):
         raise WireError(peer, "schema", f"message is a {type(doc).__name__}, not a map")
     version, kind = doc.pop("v", None), doc.pop("kind", None)
     if version != WIRE_VERSION or type(version) is not int:
         raise WireError(
-            peer, "version", f"wire version {version!r}, this node speaks {WIRE_VERSION}"
+            peer, "version", f"wire version {shown(version)}, this node speaks {WIRE_VERSION}"
         )
     if not isinstance(kind, str) or kind not in SCHEMAS:  # a list or map kind is unhashable
-        raise WireError(peer, "schema", f"unknown message kind {kind!r}")
+        raise WireError(peer, "schema", f"unknown message kind {shown(kind)}")
     allowed = set(expect) if expect is not None else None
     if allowed is not None and kind not in allowed:
-        raise WireError(peer, "unexpected", f"got {kind!r} where {sorted(allowed)} was expected")
+        raise WireError(peer, "unexpected", f"got {kind} where {sorted(allowed)} was expected")
     schema = SCHEMAS[kind]
     for key, value in doc.items():
         if key not in schema:
-            raise WireError(peer, "schema", f"{kind}: unknown field {key!r}")
+            raise WireError(peer, "schema", f"{kind}: unknown field {shown(key)}")
         types_, _ = schema[key]
         if not isinstance(value, types_) or (isinstance(value, bool) and bool not in types_):
             raise WireError(peer, "schema", f"{kind}.{key} has type {type(value).__name__}")
     for key, (_, required) in schema.items():
         if required and key not in doc:
-            raise WireError(peer, "schema", f"{kind}: missing field {key!r}")
+            raise WireError(peer, "schema", f"{kind}: missing field {key}")
     if run is not None and "run" in doc and doc["run"] != run:
-        raise WireError(peer, "run", f"message for run {doc['run']!r}, this node is in {run!r}")
+        raise WireError(
+            peer, "run", f"message for run {shown(doc['run'])}, this node is in {run!r}"
+        )
     _CHECKS.get(kind, _no_check)(peer, doc)
     return Message(kind, doc)
 
@@ -343,7 +425,7 @@ def _check_str_list(peer: str, where: str, items: list[Any], limit: int) -> None
 def _check_hb(peer: str, doc: dict[str, Any]) -> None:
     _check_round(peer, "hb", doc["round"])
     if doc["phase"] not in PHASES:
-        raise WireError(peer, "schema", f"hb.phase {doc['phase']!r} not in {PHASES}")
+        raise WireError(peer, "schema", f"hb.phase {shown(doc['phase'])} not in {PHASES}")
     _check_str_list(peer, "hb.addrs", doc["addrs"], MAX_ADDRS)
     if doc["seq"] < 0:
         raise WireError(peer, "schema", "hb.seq negative")
@@ -354,7 +436,7 @@ def _check_ready(peer: str, doc: dict[str, Any]) -> None:
     if doc["members"] != sorted(set(doc["members"])):
         raise WireError(peer, "schema", "merge.ready.members must be sorted and unique")
     if not 1 <= doc["shards"] <= 65536:
-        raise WireError(peer, "schema", f"merge.ready.shards {doc['shards']} out of range")
+        raise WireError(peer, "schema", f"merge.ready.shards {shown(doc['shards'])} out of range")
     _check_attempt(peer, "merge.ready", doc)
     fp = doc.get("fp")
     if fp is not None and (len(fp) > MAX_FINGERPRINT_BYTES or len(fp) % 4):
@@ -386,7 +468,7 @@ def _check_state_ready(peer: str, doc: dict[str, Any]) -> None:
 def _check_get(peer: str, doc: dict[str, Any]) -> None:
     _check_round(peer, "get", doc["round"])
     if doc["what"] not in WHAT:
-        raise WireError(peer, "schema", f"get.what {doc['what']!r} not in {WHAT}")
+        raise WireError(peer, "schema", f"get.what {shown(doc['what'])} not in {WHAT}")
     if not (0 <= doc["index"] < ROUND_LIMIT and 0 <= doc["lo"] <= doc["hi"] < 1 << 48):
         raise WireError(peer, "schema", "get: index or [lo, hi) out of range")
 
@@ -394,7 +476,7 @@ def _check_get(peer: str, doc: dict[str, Any]) -> None:
 def _check_bulk(peer: str, doc: dict[str, Any]) -> None:
     _check_round(peer, "bulk", doc["round"])
     if doc["what"] not in WHAT:
-        raise WireError(peer, "schema", f"bulk.what {doc['what']!r} not in {WHAT}")
+        raise WireError(peer, "schema", f"bulk.what {shown(doc['what'])} not in {WHAT}")
     if len(doc["blake2b"]) != DIGEST_BYTES:
         raise WireError(peer, "schema", "bulk.blake2b has the wrong length")
     if not 0 <= doc["nbytes"] <= MAX_BODY_BYTES:
@@ -427,9 +509,9 @@ def _parse_parts(peer: str, raw: list[Any]) -> tuple[Part, ...]:
             raise WireError(peer, "schema", "bulk part must be [name, dtype, shape]")
         name, dtype, shape = item
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or name in names:
-            raise WireError(peer, "schema", f"bulk part name {name!r} invalid or repeated")
+            raise WireError(peer, "schema", f"bulk part name {shown(name)} invalid or repeated")
         if dtype not in DTYPES:
-            raise WireError(peer, "dtype", f"dtype {dtype!r} is not on the whitelist")
+            raise WireError(peer, "dtype", f"dtype {shown(dtype)} is not on the whitelist")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_RANK
@@ -439,9 +521,9 @@ def _parse_parts(peer: str, raw: list[Any]) -> tuple[Part, ...]:
                 for d in shape
             )
         ):
-            raise WireError(peer, "schema", f"bulk part {name!r} has an invalid shape")
+            raise WireError(peer, "schema", f"bulk part {shown(name)} has an invalid shape")
         if int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize > MAX_BODY_BYTES:
-            raise WireError(peer, "oversized", f"bulk part {name!r} shape {shape} too large")
+            raise WireError(peer, "oversized", f"bulk part {shown(name)} is too large")
         names.add(name)
         parts.append(Part(name, dtype, tuple(shape)))
     return tuple(parts)
@@ -483,7 +565,9 @@ def check_bulk_context(
         ("codec", h.codec, codec),
     ):
         if got != want:
-            raise WireError(peer, name, f"bulk {name} {got!r} where {want!r} was requested")
+            raise WireError(
+                peer, name, f"bulk {name} {shown(got)} where {shown(want)} was requested"
+            )
 
 
 def check_body(h: BulkHeader, body: memoryview, peer: str) -> dict[str, np.ndarray]:
@@ -499,7 +583,9 @@ def check_body(h: BulkHeader, body: memoryview, peer: str) -> dict[str, np.ndarr
         ).reshape(part.shape)
         if part.dtype in FLOAT_DTYPES and not np.isfinite(arr).all():
             raise WireError(
-                peer, "nonfinite", f"{h.what} chunk {h.index} part {part.name!r} holds NaN or Inf"
+                peer,
+                "nonfinite",
+                f"{h.what} chunk {h.index} part {shown(part.name)} holds NaN or Inf",
             )
         out[part.name] = arr
         pos += part.nbytes

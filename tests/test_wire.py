@@ -176,3 +176,96 @@ def test_state_ready_announcement_round_trips_and_is_checked():
     rejects("schema", pack({**good, "context": wire.ROUND_LIMIT - 1, "count": 2}))
     rejects("schema", pack({**good, "count": True}))
     rejects("run", pack({**good, "run": "other"}), run=RUN)
+
+
+# ----------------------------------------------------------------- nesting and log safety
+def nested(depth: int, leaf: object = 1) -> object:
+    """A list nested `depth` deep, built without recursion."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def python_depth(value: object) -> int:
+    """Container nesting depth of a decoded value, computed iteratively (the oracle)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, list | dict):
+            deepest = max(deepest, d + 1)
+            todo += [(x, d + 1) for x in (v if isinstance(v, list) else [*v, *v.values()])]
+    return deepest
+
+
+@pytest.mark.parametrize("where", ["kind", "v", "run", "part-name", "extra"])
+def test_deep_nesting_is_refused_before_decoding_wherever_it_hides(where: str) -> None:
+    deep = nested(1000)
+    doc = dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1)
+    if where == "part-name":
+        doc = msgpack.unpackb(bulk_doc())
+        doc["parts"] = [[deep, "f32", [4]]]
+    elif where == "extra":
+        doc["x"] = deep
+    else:
+        doc[where] = deep
+    data = msgpack.packb(doc, use_bin_type=True)
+    assert len(data) < 1200  # about 1 KB: the size of the attack
+    err = rejects("malformed", data)
+    assert "nesting deeper than" in str(err)
+    assert len(str(err)) < 300
+
+
+def test_every_legitimate_message_fits_the_depth_and_object_limits() -> None:
+    biggest = dict(
+        run=RUN, members=sorted(f"12D3KooW{i:044d}" for i in range(wire.MAX_MEMBERS)),
+        shards=4, committed=True, attempt=0, fp=b"\x00" * 4096,
+    )
+    assert wire.decode(wire.encode("merge.ready", **biggest), PEER).kind == "merge.ready"
+    header, _ = wire.bulk_header(
+        run=RUN, round=0, what="delta", index=0, codec="holo",
+        parts=[(f"p{i}", np.zeros((1, 1, 1, 2), np.float32)) for i in range(wire.MAX_PARTS)],
+    )
+    assert wire.decode(header[4:], PEER).kind == "bulk"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+        | st.text(max_size=8) | st.binary(max_size=8),
+        lambda kids: st.lists(kids, max_size=4)
+        | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+        max_leaves=30,
+    )
+)
+def test_structure_check_matches_an_independent_depth_count(value: object) -> None:
+    data = msgpack.packb(value, use_bin_type=True)
+    depth = python_depth(value)
+    try:
+        wire.check_structure(data, PEER)
+        accepted = True
+    except WireError:
+        accepted = False
+    assert accepted == (depth <= wire.MAX_DEPTH)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("run", "\x1b[31m" + "A" * 100_000), ("phase", "\n" * 4000), ("kind", "x" * 4000)],
+)
+def test_error_messages_about_hostile_values_are_bounded_and_escaped(field, value) -> None:
+    doc = dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1)
+    doc[field] = value
+    with pytest.raises(WireError) as info:
+        wire.decode(msgpack.packb(doc), PEER, run=RUN)
+    text = str(info.value)
+    assert len(text) <= 300
+    assert text.isprintable()  # no terminal escapes or newlines reach a log line
+
+
+def test_a_truncated_container_is_malformed_not_a_crash() -> None:
+    data = msgpack.packb(dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1))
+    for cut in range(1, len(data)):
+        with pytest.raises(WireError):
+            wire.decode(data[:cut], PEER)

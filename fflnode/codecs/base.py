@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fflnode.errors import ConfigError, FormatError
+from fflnode.errors import ConfigError, FormatError, shown
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Codec(ABC):
     def validate(self, enc: Encoded, ctx: ChunkContext) -> None:
         """Raise FormatError unless `enc` is a well-formed encoding of a ctx chunk."""
         if enc.codec != self.name:
-            raise FormatError(f"codec {enc.codec!r} where {self.name!r} was agreed")
+            raise FormatError(f"codec {shown(enc.codec)} where {self.name!r} was agreed")
         spec = self.part_spec(ctx)
         if spec is None:
             return
@@ -72,7 +72,7 @@ class Codec(ABC):
             a = enc.parts[name]
             if a.dtype != np.dtype(dtype) or tuple(a.shape) != shape:
                 raise FormatError(
-                    f"{self.name}: part {name!r} is {a.dtype}{list(a.shape)}, "
+                    f"{self.name}: part {name} is {a.dtype}{list(a.shape)}, "
                     f"expected {dtype}{list(shape)}"
                 )
 

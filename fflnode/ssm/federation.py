@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from fflnode import wire
-from fflnode.errors import ConfigError, FormatError, MergeError, WireError
+from fflnode.errors import ConfigError, FormatError, MergeError, WireError, shown
 from fflnode.ssm.states import LayerState, StateShape, from_arrays, merge_model, to_arrays
 
 STATE_PROTOCOL = "/fflnode/state/1.0.0"
@@ -124,9 +124,9 @@ def check_request(msg: wire.Message) -> tuple[int, int]:
     """(context, round) of a `get` this protocol serves; raises ValueError with the reason
     a request is refused (the shell answers it with an `error` message, not a body)."""
     if msg["what"] != STATE_WHAT:
-        raise ValueError(f"{STATE_PROTOCOL} serves what={STATE_WHAT!r}, not {msg['what']!r}")
+        raise ValueError(f"{STATE_PROTOCOL} serves what={STATE_WHAT!r}, not {shown(msg['what'])}")
     if msg["codec"] != STATE_CODEC:
-        raise ValueError(f"codec {msg['codec']!r}, this node serves {STATE_CODEC!r}")
+        raise ValueError(f"codec {shown(msg['codec'])}, this node serves {STATE_CODEC!r}")
     if msg["lo"] != 0 or msg["hi"] != 0:
         raise ValueError("a state is one piece: lo and hi must be 0")
     return msg["index"], msg["round"]
@@ -151,7 +151,9 @@ def states_from_body(
         ("codec", header.codec, STATE_CODEC),
     ):
         if got != want:
-            raise WireError(peer, name, f"state {name} {got!r} where {want!r} was requested")
+            raise WireError(
+                peer, name, f"state {name} {shown(got)} where {shown(want)} was requested"
+            )
     if header.meta:
         raise WireError(peer, "schema", f"state body carries unknown meta {sorted(header.meta)}")
     want = expected_parts(spec)
@@ -166,13 +168,14 @@ def states_from_body(
             raise WireError(
                 peer,
                 "dtype",
-                f"state part {got_part.name!r} is {got_part.dtype}, only {STATE_DTYPE} is accepted",
+                f"state part {shown(got_part.name)} is {got_part.dtype}, "
+                f"only {STATE_DTYPE} is accepted",
             )
         if got_part.shape != want_part.shape:
             raise WireError(
                 peer,
                 "shape",
-                f"state part {got_part.name!r} has shape {list(got_part.shape)}, "
+                f"state part {shown(got_part.name)} has shape {list(got_part.shape)}, "
                 f"the local model's is {list(want_part.shape)}",
             )
     h, log_decay = arrays[PART_H], arrays[PART_LOG_DECAY]
