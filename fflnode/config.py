@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import multiaddr
 
+from fflnode.admission import parse_secret
 from fflnode.errors import ConfigError
 
 MISSING = dataclasses.MISSING
@@ -34,8 +35,6 @@ class NodeSection:
     bootstrap: list[str] = field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
-    # Stay up after the run finished (serving merged weights) instead of exiting 0.
-    linger: bool = False
     # Prometheus endpoint "HOST:PORT" (port 0 picks one, written to node.json); "" = off.
     metrics: str = ""
 
@@ -76,7 +75,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ExchangeSection:
-    codec: str = "none"
+    codec: Literal["none", "holo", "topk", "sketch"] = "none"  # fflnode.codecs.CODECS
     bits: int = 1  # holo codec
     # holo's per-tile scale: "unbiased" (DRIVE/EDEN; NMSE 0.57 at 1 bit) or "mse" (the
     # least-squares scale: lower error, biased, which error feedback carries forward)
@@ -132,6 +131,11 @@ class AccessSection:
     # 20 keeps a broken build diagnosable from our log, and caps what a hostile peer
     # costs us at 20 rejected decodes.
     blacklist_after: int = 20
+    # Closed run: a file holding a run secret (64 hex characters, like the psk); every
+    # heartbeat then proves knowledge of it (fflnode.admission), so a peer without it is
+    # never admitted, whatever it knows of the run. Works across go/js libp2p transports,
+    # unlike the psk. Relative paths resolve against this file's directory. "" = open run.
+    run_secret_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,12 +214,8 @@ def _is_peer_id(v: str) -> bool:
         return False
 
 
-def read_psk(cfg: Config) -> str | None:
-    """The private-network key in access.psk_file as 64 hex characters; None when unset."""
-    if not cfg.access.psk_file:
-        return None
-    path = Path(cfg.access.psk_file)
-    where = f"{cfg.source}: access.psk_file {path}"
+def _read_private_file(path: Path, where: str) -> str:
+    """A small key file's text; refused when others may read it or it is not small."""
     try:
         mode = path.stat().st_mode
         with path.open("rb") as f:
@@ -227,15 +227,37 @@ def read_psk(cfg: Config) -> str | None:
             f"{where} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
             f"run 'chmod 600 {path}' (or 640 with the node's group)"
         )
-    key = data.decode("ascii", "replace").strip()  # never echo the key in a message
-    if len(data) > MAX_PSK_FILE_BYTES or len(key) != PSK_HEX_CHARS:
+    if len(data) > MAX_PSK_FILE_BYTES:
+        raise ConfigError(f"{where} is larger than a key file ({MAX_PSK_FILE_BYTES} bytes)")
+    return data.decode("ascii", "replace")
+
+
+def read_psk(cfg: Config) -> str | None:
+    """The private-network key in access.psk_file as 64 hex characters; None when unset."""
+    if not cfg.access.psk_file:
+        return None
+    path = Path(cfg.access.psk_file)
+    where = f"{cfg.source}: access.psk_file {path}"
+    key = _read_private_file(path, where).strip()  # never echo the key in a message
+    if len(key) != PSK_HEX_CHARS:
         raise ConfigError(
-            f"{where} must hold {PSK_HEX_CHARS} hex characters (32 bytes), "
-            f"found {len(key) if len(data) <= MAX_PSK_FILE_BYTES else 'more'}"
+            f"{where} must hold {PSK_HEX_CHARS} hex characters (32 bytes), found {len(key)}"
         )
     if any(c not in "0123456789abcdefABCDEF" for c in key):
         raise ConfigError(f"{where} must hold hex characters only (0-9, a-f)")
     return key.lower()
+
+
+def read_run_secret(cfg: Config) -> bytes | None:
+    """The run secret in access.run_secret_file as 32 bytes; None in an open run."""
+    if not cfg.access.run_secret_file:
+        return None
+    path = Path(cfg.access.run_secret_file)
+    text = _read_private_file(path, f"{cfg.source}: access.run_secret_file {path}")
+    try:
+        return parse_secret(text, f"{cfg.source}: access.run_secret_file {path}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _is_host_port(v: str) -> bool:
@@ -364,11 +386,13 @@ def load(path: str | os.PathLike[str]) -> Config:
     if not data_dir.is_absolute():
         node = dataclasses.replace(cfg.node, data_dir=str((p.parent / data_dir).resolve()))
         cfg = dataclasses.replace(cfg, node=node)
-    psk_file = Path(cfg.access.psk_file)
-    if cfg.access.psk_file and not psk_file.is_absolute():
-        access = dataclasses.replace(cfg.access, psk_file=str((p.parent / psk_file).resolve()))
-        cfg = dataclasses.replace(cfg, access=access)
+    for key in ("psk_file", "run_secret_file"):
+        value = getattr(cfg.access, key)
+        if value and not Path(value).is_absolute():
+            access = dataclasses.replace(cfg.access, **{key: str((p.parent / value).resolve())})
+            cfg = dataclasses.replace(cfg, access=access)
     read_psk(cfg)  # a bad key stops the daemon now, not at its first dial
+    read_run_secret(cfg)
     return cfg
 
 

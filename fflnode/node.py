@@ -32,9 +32,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from fflnode import checkpoint, metrics
+from fflnode.admission import Admission
 from fflnode.adversary import Adversary
 from fflnode.codecs import make_codec
-from fflnode.config import Config, read_psk, split_host_port
+from fflnode.config import Config, read_psk, read_run_secret, split_host_port
 from fflnode.errors import ConfigError, FflError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
 from fflnode.merge.protocol import (
@@ -128,6 +129,40 @@ def write_synthetic(path: Path, layout: FlatLayout, seed: int, part: int) -> Non
         w.commit()
 
 
+def run_descriptor(cfg: Config, layout: FlatLayout) -> dict[str, object]:
+    """What every participant must have identical (fflnode.admission), by group."""
+    t, e, m, r = cfg.train, cfg.exchange, cfg.merge, cfg.run
+    return {
+        "seed": r.seed,
+        "size": [r.nodes, r.rounds],
+        "topology": [r.topology, r.degree if r.topology == "random-regular" else 0],
+        "task": [t.task, t.model, t.width, t.alpha, t.synthetic_mb if t.task == "synthetic" else 0],
+        "layout": [[s.name, list(s.shape)] for s in layout.slots],
+        "recipe": [
+            t.local_steps,
+            t.batch_size,
+            t.inner_optimizer,
+            t.inner_lr,
+            t.outer_optimizer,
+            t.outer_lr,
+            t.outer_momentum,
+            t.lr_schedule,
+        ],
+        "exchange": [
+            e.codec,
+            e.bits,
+            e.holo_scale,
+            e.ratio,
+            e.gamma,
+            e.error_feedback,
+            e.robust,
+            e.trim,
+            e.chunk_elems,
+        ],
+        "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
+    }
+
+
 class Node:
     def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
@@ -158,12 +193,17 @@ class Node:
         self.peer_id = host.get_id()
         me = self.peer_id
         layout, train_samples = await trio.to_thread.run_sync(self._prepare_model)
+        admission = Admission(run_descriptor(cfg, layout), read_run_secret(cfg))
         report = self.report = NodeReport(str(me), cfg.train.partition_index, train_samples)
         try:
             listen = [multiaddr.Multiaddr(a) for a in cfg.node.listen]
         except Exception as e:  # multiaddr raises assorted types
             raise ConfigError(f"{cfg.source}: node.listen has an invalid address: {e}") from None
-        pubsub, router = build_pubsub(host, cfg.run.nodes)
+        pubsub, router = build_pubsub(
+            host,
+            cfg.run.nodes,
+            lambda peer, reason, detail: self.traffic.reject(reason, peer, detail),
+        )
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(running_host(host, listen))
             await stack.enter_async_context(background_trio_service(pubsub))
@@ -174,9 +214,17 @@ class Node:
             stack.push_async_callback(close_host, host)
             await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
-                membership = Membership(host, pubsub, cfg.run.run_id, self.traffic.reject)
+                membership = Membership(
+                    host,
+                    pubsub,
+                    cfg.run.run_id,
+                    self.traffic,
+                    admission,
+                    self.gate.validate_announcement,
+                )
                 self.membership = membership
-                pubsub.set_topic_validator(membership.topic, self.gate.validate_announcement, False)
+                # decoded and admitted before GossipSub forwards it (issue 10)
+                pubsub.set_topic_validator(membership.topic, membership.validate, False)
                 await nursery.start(self.gate.run)
                 await nursery.start(membership.run)
                 if cfg.node.metrics:
@@ -493,6 +541,7 @@ class Node:
             traffic=self.traffic,
             seed=cfg.run.seed,
             exclude_outliers=cfg.merge.exclude_outliers,
+            store_options=self._store_options(),
             attempt=attempt,
             on_phase=self.notifier.status,
         )

@@ -61,6 +61,7 @@ MAX_DEPTH = 4
 # plus a dozen fields; anything with more is refused before it is built.
 MAX_OBJECTS = MAX_MEMBERS + 64
 MAX_MAP_LEN = 32  # fields of the widest kind, with room
+MAX_ADMIT_GROUPS = 16  # run-descriptor groups in a heartbeat (fflnode.admission: 8 today)
 DIGEST_BYTES = 16  # blake2b-128: integrity of a body against corruption, not forgery
 # (Noise already authenticates and encrypts the channel.)
 
@@ -105,6 +106,10 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "phase": (_STR, True),
         "addrs": (_LIST, True),
         "seq": (_INT, True),
+        # the sender's run descriptor: {group: 8-byte digest} (fflnode.admission)
+        "admit": (_MAP, True),
+        # HMAC-SHA256 proof of the run secret, in a closed run (fflnode.admission)
+        "proof": (_BIN, False),
     },
     # pubsub: a node's proposal of who takes part in the final merge
     "merge.ready": {
@@ -429,6 +434,14 @@ def _check_hb(peer: str, doc: dict[str, Any]) -> None:
     _check_str_list(peer, "hb.addrs", doc["addrs"], MAX_ADDRS)
     if doc["seq"] < 0:
         raise WireError(peer, "schema", "hb.seq negative")
+    admit = doc["admit"]
+    if len(admit) > MAX_ADMIT_GROUPS or not all(
+        isinstance(k, str) and 0 < len(k) <= MAX_NAME and isinstance(v, bytes) and len(v) == 8
+        for k, v in admit.items()
+    ):
+        raise WireError(peer, "schema", "hb.admit must map short names to 8-byte digests")
+    if "proof" in doc and len(doc["proof"]) != 32:
+        raise WireError(peer, "schema", f"hb.proof of {len(doc['proof'])} bytes, not 32")
 
 
 def _check_ready(peer: str, doc: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ async def peers(n: int, run_id: str = "test-run") -> AsyncIterator[list[Peer]]:
             stack.push_async_callback(close_host, host)  # first to run on exit
             await pubsub.wait_until_ready()
             traffic = Traffic()
-            out.append(Peer(host, Membership(host, pubsub, run_id, traffic.reject), traffic))
+            out.append(Peer(host, Membership(host, pubsub, run_id, traffic), traffic))
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         for p in out:

@@ -210,7 +210,7 @@ async def test_honest_peers_keep_training_exactly_under_a_flood_and_ban_the_floo
             traffic = Traffic(on_reject=gate.offence)
             host = build_host(create_new_key_pair(), gate=gate)
             pubsub = await start(host)
-            membership = Membership(host, pubsub, RUN, traffic.reject)
+            membership = Membership(host, pubsub, RUN, traffic)
             pubsub.set_topic_validator(membership.topic, gate.validate_announcement, False)
             honest.append(Honest(host, pubsub, gate, traffic, membership))
         hostile = build_host(create_new_key_pair())

@@ -231,7 +231,7 @@ OTHER_KINDS = [
     doc("ack", ok=True),
     doc("ack", ok=False, reason="no"),
     doc("error", code="gone", reason="r"),
-    doc("hb", run=RUN, round=1, phase="train", addrs=[], seq=1),
+    doc("hb", run=RUN, round=1, phase="train", addrs=[], seq=1, admit={}),
     doc("merge.ready", run=RUN, members=["a", "b"], shards=2, committed=False),
     doc("merge.hash", run=RUN, hash=HEX64, digest=HEX64),
     doc("state.ready", run=RUN, context=0, round=0, count=1),
@@ -448,27 +448,40 @@ def inputs(
 class Prediction:
     """What the handler must do with an input, by the sans-IO codec."""
 
-    reason: str | None  # the rejection it must count, or None
+    reason: str | None  # the rejection that ends the stream, or None
     messages: list[wire.Message] = field(default_factory=list)  # decoded before the end
+    # rejections counted on the way that do not end the stream (an ack refusing our body)
+    along: list[str] = field(default_factory=list)
     pieces: int = 0  # pull: answers verified and handed on
     outcome: str = "ok"  # pull: "ok", "wire" (WireError) or "unavailable"
 
 
 def _next_frame(
-    avail: bytes, pos: int, eof: bool, peer: str, *, expect: set[str], eof_first: bool
+    avail: bytes,
+    pos: int,
+    eof: bool,
+    peer: str,
+    *,
+    expect: set[str],
+    eof_first: bool,
+    stall: bool = False,
 ) -> tuple[wire.Message, int] | Prediction:
     """The message framed at `pos` in the bytes a stream delivered (`avail`, then EOF when
     `eof`, else a stall or reset): (message, next position), or the Prediction ending the
-    stream there. `eof_first`: an EOF before a message is a truncation, not a clean end."""
+    stream there. `eof_first`: an EOF before a message is a truncation, not a clean end.
+    `stall`: the stream stalls after `avail` and the handler's deadline for a message it
+    has begun (streams.MESSAGE_STALL_S) is the one that fires: a begun message is then an
+    offence ("stalled"), waiting between messages is not."""
     rest = len(avail) - pos
+    partial = "stalled" if stall else None
     if rest < wire.LENGTH_PREFIX.size:
-        return Prediction("truncated" if eof and (rest or eof_first) else None)
+        return Prediction("truncated" if eof and (rest or eof_first) else partial if rest else None)
     try:
         n = wire.decode_length(avail[pos : pos + 4], peer)
     except WireError as e:
         return Prediction(e.reason)
     if rest - 4 < n:
-        return Prediction("truncated" if eof else None)
+        return Prediction("truncated" if eof else partial)
     try:
         return wire.decode(avail[pos + 4 : pos + 4 + n], peer, expect=expect, run=RUN), pos + 4 + n
     except WireError as e:
@@ -479,16 +492,20 @@ def predict_serve(inp: Input, expect: set[str], single: bool) -> Prediction:
     """bulk.serve (`single` False) or the ping handler (`single` True) on `inp`."""
     avail = inp.data if inp.cut is None else inp.data[: inp.cut]
     eof, peer = inp.cut is None, str(inp.peer)
+    # the ping handler's own 2 s deadline ends a stalled ping first, and is not an offence
+    stall = not eof and inp.end == "stall" and not single
     pos, msgs = 0, []
     while True:
-        got = _next_frame(avail, pos, eof, peer, expect=expect, eof_first=single)
+        got = _next_frame(avail, pos, eof, peer, expect=expect, eof_first=single, stall=stall)
         if isinstance(got, Prediction):
             got.messages = msgs
+            got.along = [m.kind + "-refused" for m in msgs if m.kind == "ack" and not m["ok"]]
             return got
         msg, pos = got
         msgs.append(msg)
         if single or (msg.kind == "get" and inp.fail_writes):  # the reply cannot be written
-            return Prediction(None, msgs)
+            along = [m.kind + "-refused" for m in msgs if m.kind == "ack" and not m["ok"]]
+            return Prediction(None, msgs, along=along)
 
 
 def predict_pull(inp: Input, requests: list[bulk.Request]) -> Prediction:
@@ -497,9 +514,12 @@ def predict_pull(inp: Input, requests: list[bulk.Request]) -> Prediction:
         return Prediction(None, outcome="unavailable")
     avail = inp.data if inp.cut is None else inp.data[: inp.cut]
     eof, peer = inp.cut is None, str(inp.peer)
+    stall = not eof and inp.end == "stall"
     pos, pieces = 0, 0
     for req in requests:
-        got = _next_frame(avail, pos, eof, peer, expect={"bulk", "error"}, eof_first=True)
+        got = _next_frame(
+            avail, pos, eof, peer, expect={"bulk", "error"}, eof_first=True, stall=stall
+        )
         if isinstance(got, Prediction):
             outcome = "wire" if got.reason else "unavailable"
             return Prediction(got.reason, pieces=pieces, outcome=outcome)
@@ -512,6 +532,8 @@ def predict_pull(inp: Input, requests: list[bulk.Request]) -> Prediction:
                 h, peer, round=req.round, what=req.what, index=req.index, codec=req.codec
             )
             if len(avail) - pos < h.nbytes:
+                if stall:  # the header came: the body's own deadline fires (streams)
+                    raise WireError(peer, "stalled", "body")
                 if not eof:
                     return Prediction(None, pieces=pieces, outcome="unavailable")
                 raise WireError(peer, "truncated", "body")
@@ -641,7 +663,7 @@ async def merge_target() -> tuple[Target, Callable[[], Any]]:
     host = build_host(create_new_key_pair(bytes([10]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
-    membership = Membership(host, pubsub, RUN, traffic.reject)
+    membership = Membership(host, pubsub, RUN, traffic)
     me = host.get_id()
     layout = FlatLayout.from_shapes({"w": (NUMEL,)})
     s = MergeSession(
@@ -713,7 +735,7 @@ async def ping_target() -> tuple[Target, Callable[[], Any]]:
     host = build_host(create_new_key_pair(bytes([11]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
-    m = Membership(host, pubsub, RUN, traffic.reject)
+    m = Membership(host, pubsub, RUN, traffic)
     m.peers[MEMBER] = PeerView(MEMBER, 0.0, 3, "train", ["/ip4/127.0.0.1/tcp/9"], 5)
 
     def state() -> Any:
@@ -742,7 +764,7 @@ async def state_target() -> tuple[Target, Callable[[], Any]]:
     host = build_host(create_new_key_pair(bytes([12]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
-    membership = Membership(host, pubsub, RUN, traffic.reject)
+    membership = Membership(host, pubsub, RUN, traffic)
     membership.peers[MEMBER] = PeerView(MEMBER, 0.0)
     book = federation.StateBook(STATE_SPEC, host.get_id().to_bytes())
     fed = StateFederation(membership, book, traffic)
@@ -872,11 +894,12 @@ async def test_stream_handler_survives_hostile_bytes_with_state_unchanged(
         if not (stream.closed or stream.was_reset):
             failures.add(inp, "stream left open")
         delta = added(target.traffic.rejected, counts)
-        want = {p.reason: 1} if p.reason else {}
+        reasons = p.along + ([p.reason] if p.reason else [])
+        want = {r: reasons.count(r) for r in reasons}
         if delta != want:
             failures.add(inp, f"rejections {delta}, the codec says {want}")
         new_offences = target.offences[offences_before:]
-        if new_offences != ([(str(inp.peer), p.reason)] if p.reason else []):
+        if new_offences != [(str(inp.peer), r) for r in reasons]:
             failures.add(inp, f"per-peer offences {new_offences} for rejection {p.reason}")
         rejected_total += bool(p.reason)
         served = inp.peer in target.members and any(m.kind == "get" for m in p.messages)
@@ -1013,7 +1036,7 @@ def pullers(host: PullHost, traffic: bulk.Traffic) -> dict[str, Puller]:
             exchange_deadline,
         ),
     }
-    membership = Membership(host, None, RUN, traffic.reject)  # type: ignore[arg-type]
+    membership = Membership(host, None, RUN, traffic)  # type: ignore[arg-type]
     layout = FlatLayout.from_shapes({"w": (NUMEL,)})
     session = MergeSession(
         host,  # type: ignore[arg-type]
@@ -1081,7 +1104,7 @@ def state_puller(host: PullHost, traffic: bulk.Traffic) -> Puller:
             for s in STATE_SPEC
         ]
         server.put_own(c, PULL_ROUND, states)
-    membership = Membership(host, None, RUN, traffic.reject)  # type: ignore[arg-type]
+    membership = Membership(host, None, RUN, traffic)  # type: ignore[arg-type]
     me = host.get_id().to_bytes()
     fed = StateFederation(membership, federation.StateBook(STATE_SPEC, me), traffic)
 
@@ -1347,7 +1370,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
     host = build_host(create_new_key_pair(bytes([13]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
-    m = Membership(host, pubsub, RUN, traffic.reject)
+    m = Membership(host, pubsub, RUN, traffic)
     me = host.get_id()
     dials: list[ID] = []
 
@@ -1372,7 +1395,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
     session.proposals[MEMBER] = ((str(me),), 1, False)
     members = sorted([str(me), str(MEMBER)])
     docs = [
-        doc("hb", run=RUN, round=r, phase=ph, addrs=addrs, seq=seq)
+        doc("hb", run=RUN, round=r, phase=ph, addrs=addrs, seq=seq, admit={})
         for r, ph, addrs, seq in (
             (0, "join", [], 1),
             (3, "train", ["/ip4/127.0.0.1/tcp/9"], 1 << 40),
@@ -1466,7 +1489,7 @@ async def test_state_announcements_survive_hostile_payloads(
     host = build_host(create_new_key_pair(bytes([14]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
-    membership = Membership(host, pubsub, RUN, traffic.reject)
+    membership = Membership(host, pubsub, RUN, traffic)
     me = host.get_id()
     fed = StateFederation(membership, federation.StateBook(STATE_SPEC, me.to_bytes()), traffic)
     fed.announcements.add(MEMBER.to_bytes(), range(0, 4), 1)

@@ -8,6 +8,7 @@ from libp2p.peer.id import ID
 
 from fflnode import wire
 from fflnode.p2p import membership as membership_mod
+from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.host import build_host, build_pubsub
 from fflnode.p2p.membership import Membership
 
@@ -20,7 +21,7 @@ def identity(i: int) -> ID:
 
 
 def heartbeat(seq: int) -> wire.Message:
-    data = wire.encode("hb", run=RUN, round=0, phase="join", addrs=[], seq=seq)
+    data = wire.encode("hb", run=RUN, round=0, phase="join", addrs=[], seq=seq, admit={})
     return wire.decode(data, "peer", run=RUN)
 
 
@@ -28,7 +29,7 @@ async def test_a_full_peer_book_admits_newcomers_only_in_place_of_a_suspect(monk
     monkeypatch.setattr(membership_mod, "MAX_PEERS", CAP)
     host = build_host(create_new_key_pair(bytes([99]) * 32))
     pubsub, _ = build_pubsub(host, 2)
-    m = Membership(host, pubsub, RUN, lambda reason, peer="": None)
+    m = Membership(host, pubsub, RUN, Traffic())
     ids = [identity(i) for i in range(CAP + 3)]
     async with trio.open_nursery() as nursery:
         for i, p in enumerate(ids):

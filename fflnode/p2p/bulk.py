@@ -22,8 +22,9 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from fflnode import wire
-from fflnode.errors import FflError, PeerUnavailable, WireError, short_peer
+from fflnode.errors import FflError, PeerUnavailable, WireError, bounded, short_peer, shown
 from fflnode.p2p import streams
+from fflnode.p2p.peerlog import PeerLog
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Request:
 
 @dataclass
 class Traffic:
-    """Bytes moved per protocol and rejected messages per reason (for report and metrics)."""
+    """Bytes moved per protocol and rejected messages per reason (for report and metrics),
+    and the one place a rejection is counted against its sender and logged."""
 
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
@@ -64,6 +66,8 @@ class Traffic:
     # Told (peer, reason) of each rejection whose sender is known: the access gate's
     # per-peer counter (fflnode.p2p.gate.Gate.offence). None: nobody counts per peer.
     on_reject: Callable[[str, str], None] | None = None
+    # Lines about peers, rate-limited per peer (fflnode.p2p.peerlog).
+    peer_log: PeerLog = field(default_factory=lambda: PeerLog(log))
 
     def add_sent(self, protocol: str, n: int) -> None:
         self.sent[protocol] = self.sent.get(protocol, 0) + n
@@ -71,10 +75,27 @@ class Traffic:
     def add_received(self, protocol: str, n: int) -> None:
         self.received[protocol] = self.received.get(protocol, 0) + n
 
-    def reject(self, reason: str, peer: str = "") -> None:
+    def reject(self, reason: str, peer: str = "", detail: str = "") -> None:
+        """Count a rejected input, against `peer` when it is known, and log it (at most
+        one line per peer per peerlog.WINDOW_S)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if peer and self.on_reject is not None:
             self.on_reject(peer, reason)
+        if detail:
+            self.peer_log.log(peer or "?", reason, f"rejected {detail}")
+
+    def reject_error(self, error: WireError, where: str) -> None:
+        self.reject(error.reason, error.peer, f"{where}: {error.reason}: {error.detail}")
+
+    def reject_unexpected(self, peer: str, where: str, error: BaseException) -> None:
+        """An exception no validator anticipated, raised while handling `peer`'s input:
+        contained, counted as an offence ("unexpected") and logged (bounded)."""
+        self.reject(
+            "unexpected",
+            peer,
+            f"{where}: handling this peer's input raised {type(error).__name__}: "
+            f"{bounded(str(error), 120)}",
+        )
 
     @property
     def total_sent(self) -> int:
@@ -113,7 +134,7 @@ async def pull(
         return
     deadline = streams.deadline_s(max(expected_bytes, 1), wait_s)
     stream: INetStream | None = None
-    ok = False
+    ok = in_body = False
     try:
         with trio.fail_after(deadline):
             stream = await host.new_stream(peer, [protocol])
@@ -122,7 +143,7 @@ async def pull(
                 await _send_get(stream, run, req)
                 sent += 1
             for req in requests:
-                header, arrays, nbytes = await streams.recv_bulk(
+                header = await streams.recv_bulk_header(
                     stream,
                     run=run,
                     round=req.round,
@@ -130,16 +151,30 @@ async def pull(
                     index=req.index,
                     codec=req.codec,
                 )
-                traffic.add_received(protocol, nbytes)
+                in_body = True
+                arrays = await streams.recv_bulk_body(stream, header)
+                in_body = False
+                traffic.add_received(protocol, header.nbytes + wire.LENGTH_PREFIX.size)
                 await streams.send_message(stream, "ack", ok=True)
                 if sent < len(requests):
                     await _send_get(stream, run, requests[sent])
                     sent += 1
-                result = on_piece(req, header, arrays)
-                if result is not None:
-                    await result
+                try:
+                    result = on_piece(req, header, arrays)
+                    if result is not None:
+                        await result
+                except (FflError, trio.Cancelled):
+                    raise
+                except Exception as e:  # what a consumer did not anticipate in peer data
+                    raise WireError(
+                        str(peer), "unexpected", f"{protocol} piece: {type(e).__name__}"
+                    ) from e
             ok = True
     except trio.TooSlowError:
+        if in_body:  # it began a body and did not finish it: a staller, not a slow peer
+            stalled = WireError(str(peer), "stalled", f"{protocol}: a body began, then stopped")
+            traffic.reject(stalled.reason, stalled.peer)
+            raise stalled from None
         raise PeerUnavailable(
             f"{short_peer(str(peer))}: {protocol} did not complete within {deadline:.0f} s"
         ) from None
@@ -148,7 +183,7 @@ async def pull(
         raise
     except streams.STREAM_ERRORS as e:
         raise PeerUnavailable(
-            f"{short_peer(str(peer))}: {protocol} failed: {type(e).__name__} {e}"
+            f"{short_peer(str(peer))}: {protocol} failed: {type(e).__name__} {bounded(str(e), 120)}"
         ) from None
     finally:
         if stream is not None:
@@ -187,12 +222,11 @@ async def serve(
                 ok = True  # clean close between messages: the client is done
                 return
             if msg.kind == "ack":
-                if not msg["ok"]:
-                    log.warning(
-                        "%s refused our %s body: %s",
-                        short_peer(peer),
-                        protocol,
-                        msg.get("reason", "no reason given"),
+                if not msg["ok"]:  # fflnode never sends one (it resets): a peer playing
+                    traffic.reject(
+                        "ack-refused",
+                        peer,
+                        f"{protocol}: an ack refusing our body: {shown(msg.get('reason'))}",
                     )
                 continue
             try:
@@ -214,11 +248,12 @@ async def serve(
                 )
             traffic.add_sent(protocol, sent)
     except WireError as e:
-        traffic.reject(e.reason, e.peer)
-        log.warning("rejected %s request: %s", protocol, e)
+        traffic.reject_error(e, f"{protocol} request")
     except trio.TooSlowError:
-        log.warning("%s: sending a %s body to %s timed out", protocol, protocol, short_peer(peer))
+        traffic.reject("stalled", peer, f"{protocol}: the peer did not take our body in time")
     except streams.STREAM_ERRORS as e:
-        log.debug("%s stream from %s ended: %s %s", protocol, short_peer(peer), type(e).__name__, e)
+        log.debug("%s stream from %s ended: %s", protocol, short_peer(peer), type(e).__name__)
+    except Exception as e:  # nothing a peer sends may take the node down (issue 10)
+        traffic.reject_unexpected(peer, protocol, e)
     finally:
         await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))

@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 MULTISTREAM_HEADER = b"\x13/multistream/1.0.0\n"
 # What py-libp2p 0.8.1 makes of a psk mismatch on its own: its 10 s upgrade timeout.
 LIBRARY_PSK_SYMPTOM = "py-libp2p alone reports this as a dial timeout after 10 s or more"
-# Rejections that do not count towards a ban: a sender killed mid-transfer looks like a
-# truncated message, and an honest peer can crash.
-NOT_OFFENCES = frozenset({"truncated"})
+# Every rejection counts towards a ban, truncation and stalls included: an honest peer
+# killed mid-transfer truncates once, well under `blacklist_after`, while a member that
+# truncates or stalls every round (holding each round up to its deadline) is banned.
 # A banned peer's disconnect is local and quick; never let a stuck close hold the gate.
 DISCONNECT_TIMEOUT_S = 2.0
 # Peers and addresses whose refusal was already logged at WARNING; past this many the
@@ -132,8 +132,6 @@ class Gate:
 
     def offence(self, peer: str, reason: str) -> None:
         """Count a rejected message from `peer` (base58); ban it at `blacklist_after`."""
-        if reason in NOT_OFFENCES:
-            return
         try:
             pid = ID.from_base58(peer)
         except ValueError:  # not a peer ID: nothing to ban

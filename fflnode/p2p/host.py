@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 
 # Read by yamux at call time; set before the first host exists (DESIGN.md).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
@@ -35,16 +35,25 @@ import libp2p.stream_muxer.yamux.yamux as _yamux  # noqa: E402
 import multiaddr  # noqa: E402
 import trio  # noqa: E402
 from libp2p import new_host  # noqa: E402
-from libp2p.abc import IHost  # noqa: E402
+from libp2p.abc import IHost, INetStream  # noqa: E402
 from libp2p.crypto.keys import KeyPair  # noqa: E402
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519  # noqa: E402
+from libp2p.exceptions import ParseError  # noqa: E402
+from libp2p.io.exceptions import IncompleteReadError  # noqa: E402
 from libp2p.network.config import ConnectionConfig  # noqa: E402
+from libp2p.network.stream.exceptions import StreamError  # noqa: E402
+from libp2p.peer.id import ID  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
+from libp2p.pubsub.pb import rpc_pb2  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 
+from fflnode.errors import bounded  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
+
+# What py-libp2p's own pubsub stream handler catches (and handles) from its reader.
+LIBRARY_HANDLED_ERRORS = (StreamError, ParseError, IncompleteReadError)
 
 # 65535-byte Noise messages minus the 16-byte AEAD tag minus yamux's 12-byte header,
 # rounded so one yamux frame fits one Noise message exactly.
@@ -101,7 +110,56 @@ async def close_host(host: IHost) -> None:
         await host.close()
 
 
-def build_pubsub(host: IHost, run_nodes: int) -> tuple[Pubsub, GossipSub]:
+class GuardedPubsub(Pubsub):
+    """py-libp2p's Pubsub, made to survive what a peer sends it.
+
+    The library lets a protobuf DecodeError (1 MiB of random bytes on /meshsub/1.1.0),
+    and whatever else a peer's RPC makes its parser, signature check or router raise,
+    escape its per-stream reader and per-message tasks, which takes the whole swarm down.
+    Here any such exception ends only that peer's pubsub stream (reset; the library
+    forgets the peer as it does for an oversized RPC) or drops only that message, and is
+    reported to `on_hostile(peer, reason, detail)`, which counts it against the peer.
+    The library's own handling of closed streams is left as it is.
+    """
+
+    def __init__(
+        self, host: IHost, router: GossipSub, on_hostile: Callable[[str, str, str], None]
+    ) -> None:
+        super().__init__(host, router)
+        self.on_hostile = on_hostile
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        try:
+            await super().continuously_read_stream(stream)
+        except LIBRARY_HANDLED_ERRORS:
+            raise  # stream_handler resets the stream and forgets the peer
+        except Exception as e:  # DecodeError and whatever else the peer's bytes caused
+            peer = stream.muxed_conn.peer_id
+            self.on_hostile(str(peer), "pubsub", f"pubsub RPC the library chokes on: {_kind(e)}")
+            with trio.CancelScope(shield=True), suppress(Exception):
+                await stream.reset()
+            self._handle_dead_peer(peer)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as e:  # e.g. a key that fails to deserialize in signature checks
+            self.on_hostile(
+                str(msg_forwarder), "pubsub", f"pubsub message the library chokes on: {_kind(e)}"
+            )
+
+
+def _kind(error: BaseException) -> str:
+    return f"{type(error).__name__}: {bounded(str(error), 80)}"
+
+
+def build_pubsub(
+    host: IHost,
+    run_nodes: int,
+    on_hostile: Callable[[str, str, str], None] | None = None,
+) -> tuple[Pubsub, GossipSub]:
+    """Pubsub with GossipSub, tuned for a run of `run_nodes`; `on_hostile(peer, reason,
+    detail)` hears of every RPC or message that made the library raise."""
     router = GossipSub(
         GOSSIPSUB_PROTOCOLS,
         degree=GOSSIP_D,
@@ -111,7 +169,11 @@ def build_pubsub(host: IHost, run_nodes: int) -> tuple[Pubsub, GossipSub]:
         max_messages_per_topic_per_second=float(max(10, GOSSIP_MSGS_PER_NODE_PER_S * run_nodes)),
         min_mesh_diversity_ips=MIN_MESH_DIVERSITY_IPS,
     )
-    return Pubsub(host, router), router
+    return GuardedPubsub(host, router, on_hostile or _ignore), router
+
+
+def _ignore(peer: str, reason: str, detail: str) -> None:
+    return None
 
 
 REDUNDANT_ERROR_LOGGERS = (

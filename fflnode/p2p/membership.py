@@ -7,6 +7,17 @@ never a field we parse. Heartbeats also carry addresses, so a node that bootstra
 through one peer learns and dials every other: the direct streams of the exchange and
 the merge need them.
 
+Admission. A heartbeat also carries its sender's run descriptor (fflnode.admission); a
+peer whose descriptor differs from ours, or who cannot prove the run secret of a closed
+run, is refused with one line naming what differs, and never enters the peer book: it is
+not alive, not a member, not dialled, and its other announcements are dropped.
+
+Validation before forwarding. `validate` is the topic's pubsub validator: a message is
+decoded and checked (schema, run, admission) before GossipSub forwards it, so a hostile
+announcement stops at the first honest node instead of reaching the whole mesh. Every
+rejection is counted against its signed origin; nothing a peer sends can raise out of
+the validator or the dispatch loop.
+
 Other announcement kinds on the same topic (merge proposals, hashes) are handed to
 whoever registered for them with `on(kind, callback)`. Pubsub is for small control
 messages only: py-libp2p drops payloads >= 1 MiB silently (DESIGN.md).
@@ -35,8 +46,10 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pubsub import Pubsub
 
 from fflnode import wire
+from fflnode.admission import Admission, Refusal
 from fflnode.errors import WireError, short_peer
 from fflnode.p2p import streams
+from fflnode.p2p.bulk import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +87,20 @@ class PeerView:
 
 
 Handler = Callable[[ID, wire.Message], None]
+ANNOUNCEMENTS = frozenset({"hb", "merge.ready", "merge.hash"})  # kinds on the run topic
 
 
 def decode_announcement(
-    msg: Any, me: ID, run_id: str, expect: set[str], on_reject: Callable[[str, str], None]
+    msg: Any, me: ID, run_id: str, expect: set[str] | frozenset[str], traffic: Traffic
 ) -> tuple[ID, wire.Message] | None:
     """A pubsub message of this run from another node, decoded and checked; None for our
-    own echo or a rejected one (counted against its sender, logged)."""
-    sender = ID(msg.from_id)
+    own echo or a rejected one (counted against its sender, logged at most once a
+    window per peer). Never raises on what a peer sent."""
+    try:
+        sender = ID(msg.from_id)
+    except Exception:  # py-libp2p validated the signature, so this cannot happen
+        traffic.reject("schema", "", "announcement with an unreadable origin")
+        return None
     if sender == me:
         return None
     try:
@@ -89,8 +108,10 @@ def decode_announcement(
             msg.data, str(sender), run=run_id, limit=wire.MAX_PUBSUB_BYTES, expect=expect
         )
     except WireError as e:
-        on_reject(e.reason, e.peer)
-        log.warning("ignored announcement: %s", e)
+        traffic.reject_error(e, "announcement")
+        return None
+    except Exception as e:  # nothing a peer sends may raise out of here (issue 10)
+        traffic.reject_unexpected(str(sender), "announcement", e)
         return None
     return sender, decoded
 
@@ -99,20 +120,32 @@ class Membership:
     """Who is in the run, as seen from this node."""
 
     def __init__(
-        self, host: IHost, pubsub: Pubsub, run_id: str, on_reject: Callable[[str, str], None]
+        self,
+        host: IHost,
+        pubsub: Pubsub,
+        run_id: str,
+        traffic: Traffic,
+        admission: Admission | None = None,
+        screen: Callable[[ID, Any], bool] = lambda forwarder, msg: True,
     ):
+        """`admission`: this run's descriptor (None admits any well-formed heartbeat:
+        tests and demos only); `screen(forwarder, msg)`: the access gate's verdict on a
+        pubsub message's origin and forwarder (Gate.validate_announcement)."""
         self.host = host
         self.pubsub = pubsub
         self.run_id = run_id
         self.topic = announce_topic(run_id)
         self.me = host.get_id()
+        self.admission = admission
+        self.screen = screen
+        self.refused: dict[ID, Refusal] = {}  # peers whose heartbeats were refused, and why
         self.peers: dict[ID, PeerView] = {}
         self.round = 0
         self.phase = "join"
         self._seq = 0  # last heartbeat sequence number sent
         self._handlers: dict[str, list[Handler]] = {}
         self._changed = trio.Event()
-        self._on_reject = on_reject
+        self.traffic = traffic
         self._dialing: set[ID] = set()
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
 
@@ -174,7 +207,52 @@ class Membership:
         # must outrank the ones it sent before it died, or peers would drop them as stale.
         self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
         addrs = [str(a) for a in self.host.get_addrs()][: wire.MAX_ADDRS]
-        await self.publish("hb", round=self.round, phase=self.phase, addrs=addrs, seq=self._seq)
+        admit: dict[str, object] = {"admit": {}}
+        if self.admission is not None:
+            admit = self.admission.heartbeat_fields(self.me.to_bytes())
+        await self.publish(
+            "hb", round=self.round, phase=self.phase, addrs=addrs, seq=self._seq, **admit
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, forwarder: ID, msg: Any) -> bool:
+        """The run topic's pubsub validator: True lets GossipSub deliver and forward.
+
+        Drops what the gate refuses, anything that fails to decode (counted against its
+        signed origin), heartbeats that fail admission, and other announcements from
+        peers not admitted. Never raises."""
+        try:
+            origin = ID(msg.from_id)
+            if not self.screen(forwarder, msg):
+                return False
+            if origin == self.me:
+                return True
+            got = decode_announcement(msg, self.me, self.run_id, ANNOUNCEMENTS, self.traffic)
+            if got is None:
+                return False
+            if got[1].kind == "hb":
+                return self._admit(origin, got[1]) is None
+            return origin in self.peers
+        except Exception as e:  # nothing a peer sends may raise out of a validator
+            self.traffic.reject_unexpected(str(forwarder), "pubsub validator", e)
+            return False
+
+    def _admit(self, peer: ID, hb: wire.Message) -> Refusal | None:
+        """None when `peer`'s heartbeat proves it belongs to this run; else why not
+        (recorded in `refused`, and logged at most once a window per peer)."""
+        if self.admission is None:
+            return None
+        refusal = self.admission.check(peer.to_bytes(), hb["admit"], hb.get("proof"))
+        if refusal is None:
+            self.refused.pop(peer, None)
+            return None
+        if peer not in self.refused and len(self.refused) >= MAX_PEERS:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[peer] = refusal
+        self.traffic.peer_log.log(
+            str(peer), "admission", f"refused as a member of run {self.run_id!r}: {refusal.text}"
+        )
+        return refusal
 
     async def _beat(self) -> None:
         while True:
@@ -182,17 +260,23 @@ class Membership:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
     async def _receive(self, subscription: object, nursery: trio.Nursery) -> None:
-        expect = {"hb", "merge.ready", "merge.hash"}
         while True:
             msg = await subscription.get()  # type: ignore[attr-defined]
-            got = decode_announcement(msg, self.me, self.run_id, expect, self._on_reject)
+            got = decode_announcement(msg, self.me, self.run_id, ANNOUNCEMENTS, self.traffic)
             if got is None:
                 continue
             sender, decoded = got
-            if decoded.kind == "hb":
-                self._heartbeat(sender, decoded, nursery)
-            for handler in self._handlers.get(decoded.kind, []):
-                handler(sender, decoded)
+            try:
+                if decoded.kind == "hb":
+                    if self._admit(sender, decoded) is not None:
+                        continue
+                    self._heartbeat(sender, decoded, nursery)
+                if sender not in self.peers:
+                    continue  # only members' proposals and hashes count
+                for handler in self._handlers.get(decoded.kind, []):
+                    handler(sender, decoded)
+            except Exception as e:  # a handler choking on a peer's announcement (issue 10)
+                self.traffic.reject_unexpected(str(sender), f"{decoded.kind} announcement", e)
             self._notify()
 
     def _heartbeat(self, sender: ID, msg: wire.Message, nursery: trio.Nursery) -> None:
@@ -282,10 +366,11 @@ class Membership:
                 await streams.send_message(stream, "pong", run=self.run_id, nonce=msg["nonce"])
                 ok = True
         except WireError as e:
-            self._on_reject(e.reason, e.peer)
-            log.warning("rejected ping: %s", e)
+            self.traffic.reject_error(e, "ping")
         except (trio.TooSlowError, *streams.STREAM_ERRORS):
-            pass
+            pass  # a late ping is load, not an offence: the pinger just suspects us
+        except Exception as e:  # nothing a peer sends may take the node down (issue 10)
+            self.traffic.reject_unexpected(streams.peer_of(stream), "ping", e)
         finally:
             await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
 

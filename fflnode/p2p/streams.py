@@ -21,7 +21,7 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 
 from fflnode import wire
-from fflnode.errors import PeerUnavailable, WireError
+from fflnode.errors import PeerUnavailable, WireError, short_peer, shown
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ MIN_RATE_BYTES_PER_S = 4 << 20
 RPC_SLACK_S = 15.0
 BULK_WRITE_BYTES = 1 << 20
 READ_PIECE_BYTES = 1 << 20
+# A control message that has begun must finish within this: it is at most 256 KiB
+# (wire.MAX_MESSAGE_BYTES), which a loaded 2-core machine delivered in well under a
+# second in every testnet. A peer that starts one and stops ("slowloris") is an offender.
+MESSAGE_STALL_S = 10.0
 
 # Errors that mean "this peer/stream is gone", as opposed to "this peer lied".
 STREAM_ERRORS = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -100,11 +104,18 @@ async def recv_message_or_eof(
     if not first:
         return None
     prefix = bytes(first)
-    if len(prefix) < wire.LENGTH_PREFIX.size:
-        rest = await read_exactly(stream, wire.LENGTH_PREFIX.size - len(prefix))
-        prefix += bytes(rest)
-    n = wire.decode_length(prefix, peer)
-    return wire.decode(bytes(await read_exactly(stream, n)), peer, expect=expect, run=run)
+    try:
+        with trio.fail_after(MESSAGE_STALL_S):
+            if len(prefix) < wire.LENGTH_PREFIX.size:
+                rest = await read_exactly(stream, wire.LENGTH_PREFIX.size - len(prefix))
+                prefix += bytes(rest)
+            n = wire.decode_length(prefix, peer)
+            data = bytes(await read_exactly(stream, n))
+    except trio.TooSlowError:
+        raise WireError(
+            peer, "stalled", f"a message began but did not finish within {MESSAGE_STALL_S:.0f} s"
+        ) from None
+    return wire.decode(data, peer, expect=expect, run=run)
 
 
 async def send_bulk(
@@ -132,10 +143,10 @@ async def send_bulk(
     return sent
 
 
-async def recv_bulk(
+async def recv_bulk_header(
     stream: INetStream, *, run: str, round: int, what: str, index: int, codec: str
-) -> tuple[wire.BulkHeader, dict[str, np.ndarray], int]:
-    """Receive one bulk answer to a request: header, verified arrays, bytes received.
+) -> wire.BulkHeader:
+    """The header of one bulk answer to a request, checked against the request.
 
     An `error` message in place of the header becomes PeerUnavailable (the peer is fine
     but cannot serve this yet, e.g. a round it no longer holds).
@@ -143,13 +154,26 @@ async def recv_bulk(
     peer = peer_of(stream)
     msg = await recv_message(stream, expect={"bulk", "error"}, run=run)
     if msg.kind == "error":
-        raise PeerUnavailable(f"{peer}: {msg['code']}: {msg['reason']}")
+        raise PeerUnavailable(f"{short_peer(peer)}: {shown(msg['code'])}: {shown(msg['reason'])}")
     header = wire.as_bulk_header(msg)
     wire.check_bulk_context(header, peer, round=round, what=what, index=index, codec=codec)
+    return header
+
+
+async def recv_bulk_body(stream: INetStream, header: wire.BulkHeader) -> dict[str, np.ndarray]:
+    """The verified arrays of the body announced by `header`: it must arrive at line rate
+    (deadline_s of its size) once the header came, or the sender stalled ("stalled")."""
+    peer = peer_of(stream)
     body = np.empty(header.nbytes, dtype=np.uint8)
-    await read_exactly(stream, header.nbytes, memoryview(body))
-    arrays = await trio.to_thread.run_sync(wire.check_body, header, memoryview(body), peer)
-    return header, arrays, header.nbytes + wire.LENGTH_PREFIX.size
+    allowed = deadline_s(header.nbytes)
+    try:
+        with trio.fail_after(allowed):
+            await read_exactly(stream, header.nbytes, memoryview(body))
+    except trio.TooSlowError:
+        raise WireError(
+            peer, "stalled", f"{header.nbytes}-byte body not complete within {allowed:.0f} s"
+        ) from None
+    return await trio.to_thread.run_sync(wire.check_body, header, memoryview(body), peer)
 
 
 async def reset_quietly(stream: INetStream) -> None:

@@ -221,7 +221,7 @@ async def _node(args: argparse.Namespace) -> None:
     ):
         await pubsub.wait_until_ready()
         traffic = Traffic()
-        membership = Membership(host, pubsub, RUN_ID, traffic.reject)
+        membership = Membership(host, pubsub, RUN_ID, traffic)
         book = federation.StateBook(model.state_spec(), host.get_id().to_bytes())
         fed = StateFederation(membership, book, traffic)
         async with trio.open_nursery() as nursery:

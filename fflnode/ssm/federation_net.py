@@ -186,7 +186,7 @@ class StateFederation:
         while True:  # for the node's lifetime; cancelled with its nursery
             msg = await subscription.get()  # type: ignore[attr-defined]
             # a rejection counts against its sender (the gate)
-            got = decode_announcement(msg, me, self.run_id, {"state.ready"}, self.traffic.reject)
+            got = decode_announcement(msg, me, self.run_id, {"state.ready"}, self.traffic)
             if got is None:
                 continue
             sender, decoded = got
