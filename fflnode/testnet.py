@@ -182,26 +182,38 @@ class NodeProc:
     @property
     def lost_in_merge(self) -> bool:
         """Killed during the final merge and left down: it cannot finish."""
-        return self.killed and self.kill_at == AT_MERGE
+        return self.killed and self.kill_at in MERGE_FAULTS.values()
 
     @property
     def name(self) -> str:
         return f"node{self.index}"
 
 
-AT_MERGE = -1  # a fault planned for the final merge ("I@merge") instead of a round
+# Faults planned for the final merge instead of a round. Each fires at a point whose
+# consequence is fixed, whatever the interleaving of the nodes:
+# * "I@merge": once every node still running (the victim included) has reported that
+#   the members agreed, so the agreement includes the victim: the attempt in progress
+#   fails and the others agree again without it (attempt 1).
+# * "I@merge-start": as the victim enters the merge, before it has proposed anything:
+#   nobody can have agreed with it, so the others agree without it at attempt 0.
+# (Killing the victim on its own "merge agreed" was neither: it may commit alone and die
+# before its commit reaches anyone.)
+AT_MERGE, AT_MERGE_START = -1, -2
+MERGE_FAULTS = {"merge": AT_MERGE, "merge-start": AT_MERGE_START}
 
 
 def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
-    """--kill / --stop values "I@R" or "I@merge" -> {node index: round or AT_MERGE}."""
+    """--kill / --stop values "I@R", "I@merge" or "I@merge-start" -> {node: round or
+    AT_MERGE / AT_MERGE_START}."""
     out = {}
     for spec in specs:
         node, _, rnd = spec.partition("@")
-        if not (node.isdigit() and (rnd.isdigit() or rnd == "merge") and int(node) < nodes):
+        if not (node.isdigit() and (rnd.isdigit() or rnd in MERGE_FAULTS) and int(node) < nodes):
             raise SystemExit(
-                f"fflnode: --{what} {spec!r}: expected NODE@ROUND or NODE@merge, NODE < {nodes}"
+                f"fflnode: --{what} {spec!r}: expected NODE@ROUND, NODE@merge or "
+                f"NODE@merge-start, NODE < {nodes}"
             )
-        out[int(node)] = AT_MERGE if rnd == "merge" else int(rnd)
+        out[int(node)] = MERGE_FAULTS[rnd] if rnd in MERGE_FAULTS else int(rnd)
     return out
 
 
@@ -284,18 +296,26 @@ class Testnet:
                         self.say(f"  {proc.name:>6}: {proc.status}")
                     if proc.status.startswith("round "):
                         proc.round = int(proc.status.split()[1].split("/")[0])
-                    self._inject_faults(proc)
+                    for each in self.procs:  # a merge fault may wait on the others' status
+                        self._inject_faults(each)
                 if fields.get("READY") == "1":
                     proc.ready.set()
 
     def _inject_faults(self, proc: NodeProc) -> None:
-        """Kill or freeze a node when it reports the round its fault is planned for."""
+        """Kill or freeze a node when the point its fault is planned for is reached."""
         if proc.process is None or proc.process.returncode is not None:
             return
-        merging = proc.status.startswith("merge agreed")  # members agreed, transfers next
+        running = [p for p in self.procs if p.process is not None and not p.done.is_set()]
+        running = [p for p in running if not (p.killed or p.stopped)]
+        agreed = all(p.status.startswith("merge agreed") for p in running)
+        merging = proc.status.startswith("merg")
 
         def due(at: int | None) -> bool:
-            return at is not None and (merging if at == AT_MERGE else proc.round >= at)
+            if at == AT_MERGE:
+                return agreed and proc in running
+            if at == AT_MERGE_START:
+                return merging
+            return at is not None and proc.round >= at
 
         if due(proc.kill_at) and not proc.killed:
             proc.killed = True
@@ -324,7 +344,7 @@ class Testnet:
                         await terminate_then_kill(proc.process)
             proc.exit_code = proc.process.returncode
             self.say(f"  {proc.name:>6}: exited with code {proc.exit_code}")
-            if proc.killed and proc.restarts == 0 and proc.kill_at != AT_MERGE:
+            if proc.killed and proc.restarts == 0 and proc.kill_at not in MERGE_FAULTS.values():
                 # the planned crash: start it again (a node killed in the merge stays down:
                 # the merge completes without it, and there is nothing left to rejoin)
                 proc.restarts += 1

@@ -65,15 +65,12 @@ def test_six_nodes_survive_a_kill_and_a_freeze_and_merge_among_survivors(tmp_pat
 MERGE_NODES, MERGE_MB, LOST = 4, 32, 3  # 32 MB: the transfers outlast the kill
 
 
-@pytest.mark.slow
-def test_a_member_killed_mid_merge_costs_one_attempt_and_its_shards_move(tmp_path: Path):
-    """SIGKILL a node right after the members agreed (its shards are being reduced and
-    served): the others fail that attempt, agree again without it, and merge exactly."""
+def merge_churn(tmp_path: Path, fault: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "merge-churn"
     proc = subprocess.run(
         fflnode_cmd(
             "testnet", "--nodes", str(MERGE_NODES), "--task", "synthetic",
-            "--synthetic-mb", str(MERGE_MB), "--kill", f"{LOST}@merge", "--no-plot",
+            "--synthetic-mb", str(MERGE_MB), "--kill", f"{LOST}@{fault}", "--no-plot",
             "--out", str(out),
         ),
         cwd=REPO, capture_output=True, text=True, timeout=CHURN_TIMEOUT_S,
@@ -85,8 +82,24 @@ def test_a_member_killed_mid_merge_costs_one_attempt_and_its_shards_move(tmp_pat
     assert merge["excluded"] == [f"node{LOST}"] and len(merge["participants"]) == MERGE_NODES - 1
     assert nodes[f"node{LOST}"]["killed_in_merge"] is True
     survivors = [n for name, n in nodes.items() if name != f"node{LOST}"]
-    attempts = {n["merge"]["attempt"] for n in survivors}
-    assert len(attempts) == 1 and attempts.pop() >= 1  # the first attempt died with it
     owners = sorted(i for n in survivors for i in n["merge"]["owned"])
-    assert owners == list(range(MERGE_NODES - 1))  # every shard of the new plan owned
+    assert owners == list(range(MERGE_NODES - 1))  # every shard of the final plan owned
     assert "SIGKILL in the merge" in proc.stdout
+    return proc, {name: n["merge"]["attempt"] for name, n in nodes.items() if n in survivors}
+
+
+@pytest.mark.slow
+def test_a_member_killed_after_the_agreement_costs_exactly_one_attempt(tmp_path: Path):
+    """SIGKILL a node once every node has agreed on a merge that includes it (its
+    shards are being reduced and served): the others fail that attempt, agree again
+    without it, and merge exactly at the second attempt."""
+    _, attempts = merge_churn(tmp_path, "merge")
+    assert set(attempts.values()) == {1}, attempts
+
+
+@pytest.mark.slow
+def test_a_member_killed_entering_the_merge_is_left_out_of_the_first_attempt(tmp_path: Path):
+    """SIGKILL a node as it enters the merge, before it proposed anything: no member can
+    have agreed with it, so the others agree without it at the first attempt."""
+    _, attempts = merge_churn(tmp_path, "merge-start")
+    assert set(attempts.values()) == {0}, attempts
