@@ -597,3 +597,18 @@ class Gossip(RoundExchange):
         out = {"gossip.public": self.public}
         out.update({f"gossip.copy.{p}": t for p, t in self.copies.items()})
         return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Resume from a checkpoint: our public copy as it was, and every neighbour
+        marked stale, so the first round pulls each neighbour's whole public copy
+        (they moved on while we were down) instead of applying Deltas to an old one.
+        The neighbours, who missed us, resync our copy the same way."""
+        numel = self.public.numel()
+        public = state.get("gossip.public")
+        if public is not None and public.shape == (numel,) and public.dtype == torch.float32:
+            self.public = public.clone()
+        for peer in self.peers:
+            saved = state.get(f"gossip.copy.{peer}")
+            if saved is not None and saved.shape == (numel,) and saved.dtype == torch.float32:
+                self.copies[peer] = saved.clone()
+        self.stale = set(self.peers)

@@ -52,7 +52,8 @@ class RoundRecord:
     consensus_gap: float
     seconds: float
     excluded: list[str] = field(default_factory=list)
-    resynced_from: str | None = None
+    resynced_from: str | None = None  # averaging: the peer whose whole state we adopted
+    resynced: list[str] = field(default_factory=list)  # gossip: neighbours pulled whole
 
 
 class RoundRunner:
@@ -224,6 +225,7 @@ class RoundRunner:
             time.perf_counter() - t0,
             rep.excluded,
             resynced,
+            rep.resynced,
         )
 
     async def _resync(self, r: int, majority: list[ID]) -> str | None:

@@ -103,3 +103,37 @@ def test_a_member_killed_entering_the_merge_is_left_out_of_the_first_attempt(tmp
     have agreed with it, so the others agree without it at the first attempt."""
     _, attempts = merge_churn(tmp_path, "merge-start")
     assert set(attempts.values()) == {0}, attempts
+
+
+RING_NODES, RING_ROUNDS, RING_KILLED, RING_KILL_AT = 4, 150, 2, 20
+
+
+@pytest.mark.slow
+def test_a_ring_member_killed_and_restarted_resyncs_its_gossip_copies(tmp_path: Path):
+    """Gossip keeps public copies x̂ of itself and its neighbours. A node restarted from
+    its checkpoint must not mix against copies that restarted from the initial weights:
+    it pulls its neighbours' whole copies, they pull its, and consensus holds."""
+    out = tmp_path / "ring-churn"
+    proc = subprocess.run(
+        fflnode_cmd(
+            "testnet", "--nodes", str(RING_NODES), "--topology", "ring",
+            "--rounds", str(RING_ROUNDS), "--local-steps", "2",
+            "--kill", f"{RING_KILLED}@{RING_KILL_AT}", "--no-baseline", "--no-plot",
+            "--out", str(out),
+        ),
+        cwd=REPO, capture_output=True, text=True, timeout=CHURN_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["merge"]["hashes_agree"]
+    nodes = report["nodes"]
+    killed = nodes[f"node{RING_KILLED}"]
+    assert killed["killed_and_restarted"] and killed["resumed_from_round"] is not None
+    first = killed["rounds"][0]  # the first round it ran after the restart
+    neighbours = {nodes[f"node{(RING_KILLED + d) % RING_NODES}"]["peer_id"] for d in (-1, 1)}
+    assert set(first["resynced"]) == neighbours  # pulled whole, not Deltas on stale copies
+    for d in (-1, 1):  # and each neighbour pulled the restarted node's public copy whole
+        rounds = nodes[f"node{(RING_KILLED + d) % RING_NODES}"]["rounds"]
+        assert any(killed["peer_id"] in r["resynced"] for r in rounds)
+    tail = [r["consensus_gap"] for r in killed["rounds"][-10:]]
+    assert max(tail) < 0.2, tail  # copies from the initial weights gave gaps near 1
