@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from functools import cache
 from types import FrameType, TracebackType
@@ -59,6 +60,12 @@ BRIDGE_IF = "br0"  # the bridge, inside the switch namespace
 # One `ip` command takes milliseconds; one that runs 10 s means the kernel or a mount is
 # stuck, and the harness says so instead of hanging a test.
 IP_TIMEOUT_S = 10.0
+NETNS_DIR = "/run/netns"  # where `ip netns add` bind-mounts a namespace under its name
+# Removing a namespace waits for the processes holding it (inside it, or with it open on
+# the way in through `ip netns exec`) to die of SIGKILL: milliseconds; 5 s is slack for a
+# loaded machine. Between scans of /proc it pauses this long.
+RELEASE_DEADLINE_S = 5.0
+RELEASE_POLL_S = 0.01
 _DOCUMENTATION_NETS = tuple(
     ipaddress.ip_network(n)
     for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
@@ -134,31 +141,84 @@ def cleanup_stale(prefix: str = DEFAULT_NAME_PREFIX) -> list[str]:
     """Remove namespaces "<prefix><pid>-..." whose process <pid> no longer exists.
 
     These are what a run killed outright (SIGKILL, a crash of the interpreter) left
-    behind; namespaces of live processes, and names not of that form, are left alone.
-    Returns the names removed.
+    behind, with whatever still runs inside them; namespaces of live processes, and names
+    not of that form, are left alone. Returns the names removed.
     """
     pattern = re.compile(re.escape(prefix) + r"(\d+)-")
-    removed = []
-    for name in list_netns():
-        m = pattern.match(name)
-        if m is None or _owner_alive(int(m.group(1))):
+    stale = [
+        name
+        for name in list_netns()
+        if (m := pattern.match(name)) is not None and not _owner_alive(int(m.group(1)))
+    ]
+    problems = _remove(stale, {ino for name in stale if (ino := _netns_inode(name))})
+    if stale:
+        log.warning("removed namespaces left by dead runs: %s", ", ".join(stale))
+    if problems:
+        log.error("stale namespaces not fully removed: %s", "; ".join(problems))
+    return [name for name in stale if name not in list_netns()]
+
+
+def _netns_inode(name: str) -> int | None:
+    """The namespace's inode: what /proc/PID/ns/net of a process inside it names."""
+    try:
+        return os.stat(os.path.join(NETNS_DIR, name)).st_ino
+    except OSError:
+        return None
+
+
+def holders(inodes: set[int]) -> set[int]:
+    """PIDs whose network namespace is one of `inodes`, or that hold one open.
+
+    The second kind is a process between `ip netns exec`'s open() and its setns(): it
+    would enter the namespace after any scan of namespaces alone.
+    """
+    wanted = {f"net:[{ino}]" for ino in inodes}
+    found: set[int] = set()
+    if not wanted:
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        _kill_processes_in(name)
-        _ip("netns", "del", name, check=False)
-        removed.append(name)
-    if removed:
-        log.warning("removed namespaces left by dead runs: %s", ", ".join(removed))
-    return removed
+        try:
+            if os.readlink(f"/proc/{entry.name}/ns/net") in wanted:
+                found.add(int(entry.name))
+                continue
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:  # exited meanwhile, or a zombie: holds nothing
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry.name}/fd/{fd}") in wanted:
+                    found.add(int(entry.name))
+                    break
+    return found
 
 
-def _kill_processes_in(namespace: str) -> list[int]:
-    """SIGKILL every process inside `namespace` (all started through the Bridge)."""
-    res = _ip("netns", "pids", namespace, check=False)
-    pids = [int(p) for p in res.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
-            os.kill(pid, signal.SIGKILL)
-    return pids
+def _remove(names: Sequence[str], inodes: set[int]) -> list[str]:
+    """Delete `names`, then SIGKILL every holder of `inodes` until none is left.
+
+    Names go first, so no new process can enter; then the holders, all started through
+    the namespace (it is unique to its Bridge). Returns what could not be done.
+    """
+    problems = []
+    for name in names:
+        res = _ip("netns", "del", name, check=False)
+        if res.returncode != 0:
+            problems.append(f"{name}: {res.stderr.strip()}")
+    deadline = time.monotonic() + RELEASE_DEADLINE_S
+    killed: set[int] = set()
+    while held := holders(inodes):
+        if time.monotonic() > deadline:
+            problems.append(f"processes {sorted(held)} still hold the namespaces")
+            break
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                os.kill(pid, signal.SIGKILL)
+        killed |= held
+        time.sleep(RELEASE_POLL_S)  # pause between polls; the deadline bounds the loop
+    if killed:
+        log.warning("killed processes still using namespaces %s: %s", list(names), sorted(killed))
+    return problems
 
 
 def _documentation_address(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -210,6 +270,7 @@ class Bridge:
         self.switch = f"{self.name}-sw"
         self.namespaces = [f"{self.name}-n{i}" for i in range(n)]
         self._created: list[str] = []  # namespaces this Bridge added, in order
+        self._inodes: dict[str, int] = {}  # and their inodes, kept after they are removed
         self._previous_sigterm: Any = None
         self._installed_sigterm = False
         self._closing = False
@@ -262,34 +323,39 @@ class Bridge:
             _ip("-n", ns, "link", "set", NODE_IF, "up")
 
     def close(self, raise_errors: bool = True) -> None:
-        """Kill what runs inside, delete every namespace this Bridge created; idempotent.
+        """Delete every namespace this Bridge created, killing what still uses them.
 
-        Links go with their namespaces. Errors are collected, not stopped at: every
-        namespace is attempted, then one NetnsError names what could not be removed
-        (logged instead when `raise_errors` is false, so an exception in flight wins).
+        Idempotent. Links go with their namespaces. Every namespace is attempted, then
+        one NetnsError says what could not be removed (logged instead when
+        `raise_errors` is false, so an exception in flight wins).
         """
         self._closing = True
         if not self._created:
             return
-        errors = []
-        for ns in reversed(self._created):
-            killed = _kill_processes_in(ns)
-            if killed:
-                log.warning("killed processes still running in %s: %s", ns, killed)
-            res = _ip("netns", "del", ns, check=False)
-            if res.returncode != 0:
-                errors.append(f"{ns}: {res.stderr.strip()}")
+        problems = _remove(list(reversed(self._created)), set(self._inodes.values()))
         left = set(self._created) & set(list_netns())
         self._created = [ns for ns in self._created if ns in left]
-        if left:
-            message = f"could not remove namespaces {sorted(left)}: {'; '.join(errors)}"
+        if problems or left:
+            message = f"namespaces {self.name}-* not fully removed: {'; '.join(problems)}"
             if raise_errors:
                 raise NetnsError(message)
             log.error("%s", message)
 
+    def held_by(self) -> set[int]:
+        """PIDs inside, or holding open, a namespace this Bridge created.
+
+        Empty once the Bridge is closed. (Checked by namespace inode: long after close,
+        the kernel may reuse an inode number for an unrelated namespace.)
+        """
+        return holders(set(self._inodes.values()))
+
     def _add_netns(self, ns: str) -> None:
         _ip("netns", "add", ns)  # fails if it exists: never adopt someone else's
         self._created.append(ns)
+        inode = _netns_inode(ns)
+        if inode is None:
+            raise NetnsError(f"namespace {ns} was added but {NETNS_DIR}/{ns} is missing")
+        self._inodes[ns] = inode
 
     # ---------------------------------------------------------------- signals
     def _install_sigterm(self) -> None:
@@ -354,6 +420,7 @@ __all__ = [
     "NetnsError",
     "Terminated",
     "cleanup_stale",
+    "holders",
     "list_netns",
     "netns_available",
 ]

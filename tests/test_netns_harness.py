@@ -215,11 +215,30 @@ def test_nothing_remains_after_the_context_exits() -> None:
         created = [br.switch, *br.namespaces]
         assert sorted(ours(br.name + "-")) == sorted(created)
         # a process left running inside does not keep the namespace alive
-        left = subprocess.Popen(br.node_cmd(2, [PYTHON, "-c", "input()"]), stdin=subprocess.PIPE)
+        argv = br.node_cmd(2, [PYTHON, "-c", "input()"])
+        left = subprocess.Popen(argv, stdin=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while left.pid not in br.held_by():
+            assert time.monotonic() < deadline, "the process never entered the namespace"
     assert ours(br.name + "-") == []
+    assert br.held_by() == set()
     assert left.wait(timeout=START_TIMEOUT_S) == -signal.SIGKILL
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert br.name not in links
+
+
+@needs_netns
+def test_a_process_entering_as_the_bridge_closes_is_killed_too() -> None:
+    """`ip netns exec` opens the namespace, then enters it: closing in between must not
+    leave it running in a namespace that has lost its name (and keeps its links)."""
+    for _ in range(20):
+        with Bridge(1) as br:
+            argv = br.node_cmd(0, [PYTHON, "-c", "input()"])
+            late = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert br.held_by() == set()
+        # killed inside or on its way in, or refused because the name was already gone
+        assert late.wait(timeout=START_TIMEOUT_S) in (-signal.SIGKILL, 255)
+        late.stdin.close()
 
 
 @needs_netns
