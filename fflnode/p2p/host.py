@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager, suppress
 # Read by yamux at call time; set before the first host exists (DESIGN.md).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
+import libp2p.identity.identify.identify as _identify  # noqa: E402
 import libp2p.stream_muxer.yamux.yamux as _yamux  # noqa: E402
 import multiaddr  # noqa: E402
 import trio  # noqa: E402
@@ -49,8 +50,15 @@ from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 
+from fflnode import __version__  # noqa: E402
 from fflnode.errors import bounded  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
+from fflnode.p2p.reach import Advertiser  # noqa: E402
+
+# What identify tells other libp2p peers (js, go, py) this node is; the library would
+# say "py-libp2p/0.8.1". Read by identify at reply time, so set once, here.
+AGENT_VERSION = f"fflnode/{__version__}"
+_identify.AGENT_VERSION = AGENT_VERSION
 
 # What py-libp2p's own pubsub stream handler catches (and handles) from its reader.
 LIBRARY_HANDLED_ERRORS = (StreamError, ParseError, IncompleteReadError)
@@ -75,20 +83,31 @@ GOSSIP_MSGS_PER_NODE_PER_S = 4
 MIN_MESH_DIVERSITY_IPS = 1
 
 
-def build_host(key_pair: KeyPair, *, psk: str | None = None, gate: Gate | None = None) -> IHost:
+def build_host(
+    key_pair: KeyPair,
+    *,
+    psk: str | None = None,
+    gate: Gate | None = None,
+    advertiser: Advertiser | None = None,
+) -> IHost:
     """A libp2p host offering only Noise and yamux, over TCP, behind an access gate.
 
     `psk`: the private-network key, 64 hex characters. `gate`: who may connect; the
     default admits everyone but still diagnoses a psk mismatch in milliseconds.
+    `advertiser`: what the host announces in identify (and heartbeats read the same);
+    the default advertises concrete interface addresses, never a wildcard.
     """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
+    advertiser = advertiser or Advertiser([])
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_ID: noise},
         muxer_opt={_yamux.PROTOCOL_ID: _yamux.Yamux},
         psk=psk,
         connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
+        addrs_factory=advertiser,
     )
+    advertiser.bind(host)
     (gate or Gate()).install(host, private=psk is not None)
     return host
 

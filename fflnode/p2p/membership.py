@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
@@ -50,6 +49,7 @@ from fflnode.admission import Admission, Refusal
 from fflnode.errors import WireError, short_peer
 from fflnode.p2p import streams
 from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.reach import AddressGuard
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ MEMBER_TIMEOUT_S = 5.0
 # Address-book entries of peers learnt from heartbeats live this long in the peerstore.
 ADDR_TTL_S = 600
 DIAL_TIMEOUT_S = 10.0
+# Redials of one peer learnt from heartbeats: first after 2 s, doubling to 5 min. An
+# honest peer that restarts dials us itself; a heartbeat naming someone else's address
+# costs that address one connection attempt per backoff period, not one per second.
+DIAL_BACKOFF_S = (2.0, 300.0)
 
 
 def announce_topic(run_id: str) -> str:
@@ -127,10 +131,12 @@ class Membership:
         traffic: Traffic,
         admission: Admission | None = None,
         screen: Callable[[ID, Any], bool] = lambda forwarder, msg: True,
+        guard: AddressGuard | None = None,
     ):
         """`admission`: this run's descriptor (None admits any well-formed heartbeat:
         tests and demos only); `screen(forwarder, msg)`: the access gate's verdict on a
-        pubsub message's origin and forwarder (Gate.validate_announcement)."""
+        pubsub message's origin and forwarder (Gate.validate_announcement). `guard`: the
+        dial policy over the host's address book (a default one is installed if None)."""
         self.host = host
         self.pubsub = pubsub
         self.run_id = run_id
@@ -138,6 +144,8 @@ class Membership:
         self.me = host.get_id()
         self.admission = admission
         self.screen = screen
+        self.guard = guard or AddressGuard(host)
+        self._next_dial: dict[ID, tuple[float, float]] = {}  # peer -> (not before, backoff)
         self.refused: dict[ID, Refusal] = {}  # peers whose heartbeats were refused, and why
         self.peers: dict[ID, PeerView] = {}
         self.round = 0
@@ -375,20 +383,31 @@ class Membership:
             await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
 
     async def _dial(self, peer: ID, addrs: list[str]) -> None:
-        """Connect to a peer learnt from its heartbeat, so direct streams can reach it."""
+        """Connect to a peer learnt from its heartbeat, so direct streams can reach it:
+        only at the addresses the dial policy allows (fflnode.p2p.reach), and at most
+        once per backoff period (an address a heartbeat names may be anyone's)."""
+        now = trio.current_time()
+        not_before, backoff = self._next_dial.get(peer, (0.0, DIAL_BACKOFF_S[0]))
+        if now < not_before:
+            return
+        if len(self._next_dial) >= MAX_PEERS and peer not in self._next_dial:
+            self._next_dial.pop(next(iter(self._next_dial)))
+        self._next_dial[peer] = (now + backoff, min(2 * backoff, DIAL_BACKOFF_S[1]))
+        maddrs = self.guard.dialable(peer, addrs)
+        if not maddrs:
+            self.traffic.peer_log.log(
+                str(peer),
+                "no-dialable-address",
+                "heartbeat names no address we dial",
+                logging.INFO,
+            )
+            return
         self._dialing.add(peer)
         try:
-            maddrs = []
-            for a in addrs:
-                try:
-                    maddrs.append(multiaddr.Multiaddr(a))
-                except Exception:  # multiaddr raises assorted types on bad input
-                    log.debug("ignoring malformed address %r from %s", a, short_peer(str(peer)))
-            if not maddrs:
-                return
             with trio.move_on_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, maddrs))
+                self._next_dial.pop(peer, None)  # connected: a later loss may redial at once
         except streams.STREAM_ERRORS as e:
-            log.debug("dial %s failed: %s", short_peer(str(peer)), e)
+            log.debug("dial %s failed: %s", short_peer(str(peer)), type(e).__name__)
         finally:
             self._dialing.discard(peer)
