@@ -12,6 +12,7 @@ from fflnode.prism.bench import (
     faster_fio,
     fio_command,
     hugepages_needed,
+    make_cold,
     ratio_lines,
     reserved_hugepages,
 )
@@ -124,3 +125,9 @@ def test_without_fio_there_is_no_comparison() -> None:
     results = {"prism-io_uring": {"cold": [2.4], "warm": [], "rss": []}}
     assert faster_fio(results, "cold") is None
     assert ratio_lines(results, "prism-io_uring", "cold") == []
+
+
+def test_make_cold_says_what_it_did(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192)
+    assert make_cold(path, drop_all=False).startswith("posix_fadvise(DONTNEED)")

@@ -21,6 +21,10 @@ Huge pages for fio: `--iomem=mmaphuge` maps hugetlb pages, so it needs vm.nr_hug
 run and always writes the previous value back (finally, also on error, Ctrl-C or
 SIGTERM); otherwise the huge-page row is skipped with the sysctl to run.
 
+Cold as root means `echo 3 > /proc/sys/vm/drop_caches` (page cache, dentries and
+inodes) plus posix_fadvise(DONTNEED) on the file before every cold run; not root, only
+the fadvise, and the header says so.
+
 With no FILE, a float32 checkpoint of --size-gib GiB of random data is generated (real
 blocks written O_DIRECT, not a sparse file) on a real filesystem and deleted afterwards.
 """
@@ -73,6 +77,9 @@ FIO_METHODS = ("fio", "fio-hugepage")
 HUGEPAGES_FOR_FIO = 32
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 MEMINFO = Path("/proc/meminfo")
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# 3 = page cache + dentries and inodes (proc(5)): the coldest state short of a reboot.
+DROP_ALL_CACHES = "3"
 LABELS = {
     "prism-io_uring": "prism io_uring (depth {depth}, 1 MiB, cache=auto)",
     "prism-threads": "prism threads (depth {depth}, 1 MiB, cache=auto)",
@@ -259,6 +266,26 @@ def reserved_hugepages(
         control.write_text(f"{previous}\n")
 
 
+def make_cold(path: Path, drop_all: bool) -> str:
+    """Take `path` out of the page cache; returns what was done, for the table header.
+
+    Always posix_fadvise(DONTNEED) on the file (no privilege needed). With `drop_all`,
+    also `echo 3 > /proc/sys/vm/drop_caches`, which needs root.
+    """
+    evict_from_page_cache(path, drop_all=False)
+    if not drop_all:
+        return "posix_fadvise(DONTNEED) (drop_caches disabled by --no-drop-caches)"
+    os.sync()  # drop_caches drops only clean pages
+    try:
+        DROP_CACHES.write_text(DROP_ALL_CACHES + "\n")
+    except OSError as e:
+        return (
+            f"posix_fadvise(DONTNEED) only: drop_caches refused ({e.strerror}; "
+            f"needs root: echo {DROP_ALL_CACHES} > {DROP_CACHES})"
+        )
+    return f"drop_caches={DROP_ALL_CACHES} + posix_fadvise(DONTNEED)"
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # so every `finally` (nr_hugepages, the file) runs
 
@@ -347,7 +374,7 @@ def run(
         for condition in ("cold", "warm"):
             for method in order:
                 if condition == "cold":
-                    eviction = evict_from_page_cache(path, drop_all=drop_all)
+                    eviction = make_cold(path, drop_all)
                 else:
                     # Before each method, not once per block: fio drops the file's cached
                     # pages before its job (its invalidate=1 default).
@@ -445,6 +472,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         methods = [m for m in methods if m not in FIO_METHODS]
     drop_all = not args.no_drop_caches
+    if drop_all and os.geteuid() != 0:
+        print(
+            f"not root: cold runs use posix_fadvise(DONTNEED) on the file only; "
+            f"echo {DROP_ALL_CACHES} > {DROP_CACHES} needs root",
+            file=sys.stderr,
+        )
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     generated = None
     try:
