@@ -86,7 +86,7 @@ from fflnode.train.model import build_model  # noqa: E402
 NODES, ALPHA, NODE = 4, 0.5, 0  # one node's non-IID share, as in a 4-node testnet
 SKETCH_ROWS = 5
 GAUSSIAN_LOG2 = 20  # 2**20 coordinates, 4 MiB of float32: per-call overheads fade
-QSGD_BUCKET = 512  # coordinates per norm (the QSGD paper's experiments use 512)
+QSGD_BUCKET = 512  # coordinates per norm, one size for every budget (QSGD's bucketing)
 SIGN_BLOCK = 512  # the per-tile variant of the scaled sign: 1 + 32/512 bits
 # Every row spends at most this much over its budget (QSGD's norms, codebooks, scales;
 # PowerSGD's smallest rank: on the GRU deltas rank 1 costs 2.17 bits, because the 586

@@ -20,7 +20,7 @@ shipped package where that package installs (hivemind, torch.distributed).
   l + 1, the latter with probability s |v_i| / n - l: unbiased, E Q(v) = v. Wire: one
   float32 norm per bucket and the signed level l in [-s, s] as a fixed-width code of
   ceil(log2(2 s + 1)) bits (the paper's Elias coding would shave bits at small s; a
-  fixed width is what a GPU implementation ships).
+  fixed width keeps the size known before encoding, as every other codec here).
 * `SignScale(block)`: scaled signSGD, the compressor of EF-signSGD (Karimireddy et al.
   2019): C(v) = (||v||_1 / d) sign(v) per block of `block` coordinates (the paper takes
   one block per tensor). Biased: run it under error feedback. Wire: 1 bit per coordinate
