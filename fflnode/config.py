@@ -22,6 +22,7 @@ import multiaddr
 
 from fflnode.admission import parse_secret
 from fflnode.errors import ConfigError
+from fflnode.p2p.addrs import validate_announce
 
 MISSING = dataclasses.MISSING
 
@@ -35,6 +36,17 @@ class NodeSection:
     bootstrap: list[str] = field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # Addresses to advertise instead of the concrete ones a listen address resolves to:
+    # what peers on other hosts dial (a NAT's forwarded port, a DNS name). Empty: every
+    # interface address behind a wildcard listen, plus what identify reports peers saw
+    # us at once two peers agree (fflnode.p2p.reach). Never 0.0.0.0 or ::.
+    announce: list[str] = field(default_factory=list)
+    # Address scopes this node dials when a peer advertises them (fflnode.p2p.addrs):
+    # loopback and link-local are added only when the node listens on them itself;
+    # unspecified, multicast and malformed addresses are never dialled.
+    dial_scopes: list[Literal["public", "private", "documentation", "dns"]] = field(
+        default_factory=lambda: ["public", "private", "documentation", "dns"]
+    )
     # Prometheus endpoint "HOST:PORT" (port 0 picks one, written to node.json); "" = off.
     metrics: str = ""
 
@@ -111,6 +123,18 @@ class MergeSection:
 
 
 @dataclass(frozen=True)
+class PubsubSection:
+    """GossipSub's defences, production-grade by default (the testnet, all on one IP,
+    sets its own)."""
+
+    # Eclipse protection: graft peers from other IPs until the mesh spans this many.
+    mesh_diversity_ips: int = 3
+    # Peers sharing one IP beyond this many score lower, quadratically in the excess, and
+    # are graylisted from about 3 over (fflnode.p2p.host.score_params).
+    ip_colocation_threshold: int = 3
+
+
+@dataclass(frozen=True)
 class PrismSection:
     backend: Literal["auto", "io_uring", "threads", "buffered"] = "auto"
     pool_mb: int = 6  # per open stream: depth 4 x 1 MiB + 2 spare slots (DESIGN: depth 4-8)
@@ -152,6 +176,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
     merge: MergeSection = field(default_factory=MergeSection)
+    pubsub: PubsubSection = field(default_factory=PubsubSection)
     prism: PrismSection = field(default_factory=PrismSection)
     access: AccessSection = field(default_factory=AccessSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
@@ -198,6 +223,8 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("merge.quorum", lambda v: v >= 0, "non-negative"),
     ("merge.piece_elems", lambda v: 1024 <= v <= 1 << 24, "between 1024 and 16777216"),
     ("prism.pool_mb", lambda v: 1 <= v <= 65536, "between 1 and 65536"),
+    ("pubsub.mesh_diversity_ips", lambda v: 1 <= v <= 64, "between 1 and 64"),
+    ("pubsub.ip_colocation_threshold", lambda v: 1 <= v <= 1 << 16, "between 1 and 65536"),
     ("access.blacklist_after", lambda v: v >= 1, "at least 1"),
 ]
 
@@ -359,6 +386,10 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         )
     if not cfg.node.listen:
         raise ConfigError(f"{source}: node.listen must name at least one address")
+    try:
+        validate_announce(cfg.node.announce)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     for i, peer in enumerate(cfg.access.allow):
         if not _is_peer_id(peer):
             raise ConfigError(
@@ -430,6 +461,7 @@ __all__ = [
     "MergeSection",
     "NodeSection",
     "PrismSection",
+    "PubsubSection",
     "RunSection",
     "TrainSection",
     "from_dict",

@@ -53,6 +53,7 @@ from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
+from fflnode.p2p.reach import AddressGuard, Advertiser
 from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
 from fflnode.rounds import RoundRecord, RoundRunner
@@ -129,6 +130,11 @@ def write_synthetic(path: Path, layout: FlatLayout, seed: int, part: int) -> Non
         w.commit()
 
 
+def bootstrap_addresses(cfg: Config) -> list[str]:
+    """The transport part of every node.bootstrap address (the operator's, trusted)."""
+    return [a.split("/p2p/")[0] for a in cfg.node.bootstrap]
+
+
 def run_descriptor(cfg: Config, layout: FlatLayout) -> dict[str, object]:
     """What every participant must have identical (fflnode.admission), by group."""
     t, e, m, r = cfg.train, cfg.exchange, cfg.merge, cfg.run
@@ -189,7 +195,10 @@ class Node:
         t0 = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(self.data_dir)
-        host = build_host(key_pair, psk=read_psk(cfg), gate=self.gate)
+        advertiser = Advertiser(cfg.node.announce)
+        host = build_host(key_pair, psk=read_psk(cfg), gate=self.gate, advertiser=advertiser)
+        # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.
+        guard = AddressGuard(host, scopes=cfg.node.dial_scopes, trusted=bootstrap_addresses(cfg))
         self.peer_id = host.get_id()
         me = self.peer_id
         layout, train_samples = await trio.to_thread.run_sync(self._prepare_model)
@@ -203,6 +212,8 @@ class Node:
             host,
             cfg.run.nodes,
             lambda peer, reason, detail: self.traffic.reject(reason, peer, detail),
+            mesh_diversity_ips=cfg.pubsub.mesh_diversity_ips,
+            ip_colocation_threshold=cfg.pubsub.ip_colocation_threshold,
         )
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(running_host(host, listen))
@@ -221,6 +232,7 @@ class Node:
                     self.traffic,
                     admission,
                     self.gate.validate_announcement,
+                    guard,
                 )
                 self.membership = membership
                 # decoded and admitted before GossipSub forwards it (issue 10)

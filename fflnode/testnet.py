@@ -139,6 +139,8 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
             "gamma": args.gamma,
         },
         "merge": {"shards": args.shards},
+        # every node on 127.0.0.1: no IP diversity to ask for, every peer colocated
+        "pubsub": {"mesh_diversity_ips": 1, "ip_colocation_threshold": 1024},
     }
     if i >= args.nodes - args.corrupt:
         doc["adversary"] = {"mode": args.corrupt_mode}

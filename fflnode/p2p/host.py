@@ -27,11 +27,13 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 # Read by yamux at call time; set before the first host exists (DESIGN.md).
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 import libp2p.identity.identify.identify as _identify  # noqa: E402
+import libp2p.identity.identify_push.identify_push as _identify_push  # noqa: E402
 import libp2p.stream_muxer.yamux.yamux as _yamux  # noqa: E402
 import multiaddr  # noqa: E402
 import trio  # noqa: E402
@@ -47,11 +49,13 @@ from libp2p.peer.id import ID  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
 from libp2p.pubsub.pb import rpc_pb2  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 
 from fflnode import __version__  # noqa: E402
 from fflnode.errors import bounded  # noqa: E402
+from fflnode.p2p import addrs  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
 from fflnode.p2p.reach import Advertiser  # noqa: E402
 
@@ -59,6 +63,29 @@ from fflnode.p2p.reach import Advertiser  # noqa: E402
 # say "py-libp2p/0.8.1". Read by identify at reply time, so set once, here.
 AGENT_VERSION = f"fflnode/{__version__}"
 _identify.AGENT_VERSION = AGENT_VERSION
+_library_identify_message = _identify._mk_identify_protobuf
+
+
+def _identify_message(host: IHost, observed: multiaddr.Multiaddr | None) -> Any:
+    """py-libp2p's identify reply, minus any unspecified listen address: the library
+    falls back to the raw transport addresses (0.0.0.0) when the advertised list is
+    empty, which would tell peers to dial their own machine."""
+    msg = _library_identify_message(host, observed)
+    keep = [a for a in msg.listen_addrs if addrs.scope(_maddr_or_none(a)) != addrs.UNSPECIFIED]
+    del msg.listen_addrs[:]
+    msg.listen_addrs.extend(keep)
+    return msg
+
+
+def _maddr_or_none(raw: bytes) -> multiaddr.Multiaddr | None:
+    try:
+        return multiaddr.Multiaddr(raw)
+    except Exception:  # multiaddr raises assorted types
+        return None
+
+
+_identify._mk_identify_protobuf = _identify_message
+_identify_push._mk_identify_protobuf = _identify_message  # imported by name there
 
 # What py-libp2p's own pubsub stream handler catches (and handles) from its reader.
 LIBRARY_HANDLED_ERRORS = (StreamError, ParseError, IncompleteReadError)
@@ -78,9 +105,11 @@ GOSSIP_D, GOSSIP_D_LO, GOSSIP_D_HI = 6, 4, 12
 # forwarding peer relays those of every other node: allow 4 per node of the run, never
 # below the library's 10.
 GOSSIP_MSGS_PER_NODE_PER_S = 4
-# The run's peers all sit on one IP in a testnet; GossipSub's eclipse protection
-# (require >= 3 distinct IPs in the mesh) would refuse them.
-MIN_MESH_DIVERSITY_IPS = 1
+# Eclipse protection and IP colocation, as deployed across hosts (config [pubsub]):
+# GossipSub's own default of 3 distinct IPs in a mesh, and 3 peers per IP before their
+# score drops. A testnet on one IP sets 1 and a number above its node count.
+MIN_MESH_DIVERSITY_IPS = 3
+IP_COLOCATION_THRESHOLD = 3
 
 
 def build_host(
@@ -172,13 +201,41 @@ def _kind(error: BaseException) -> str:
     return f"{type(error).__name__}: {bounded(str(error), 80)}"
 
 
+# Peer scoring (GossipSub v1.1). The library's defaults score nothing and graylist no
+# one. Here: each invalid message (our validator's rejections, which the library counts
+# per topic) costs 10 points, capped at 100; peers beyond `ip_colocation_threshold` on
+# one IP lose 10 x excess^2. Below -10 a peer gets no gossip, below -50 its publishes
+# are dropped, below -80 it is ignored: 8 invalid messages, or 3 peers too many on one
+# IP, and a peer is out of the mesh (our own gate bans at access.blacklist_after).
+INVALID_MESSAGE_PENALTY, INVALID_MESSAGE_CAP = 10.0, 100.0
+IP_COLOCATION_WEIGHT = 10.0
+GOSSIP_THRESHOLD, PUBLISH_THRESHOLD, GRAYLIST_THRESHOLD = -10.0, -50.0, -80.0
+
+
+def score_params(ip_colocation_threshold: int) -> ScoreParams:
+    return ScoreParams(
+        p4_invalid_messages=TopicScoreParams(
+            weight=INVALID_MESSAGE_PENALTY, cap=INVALID_MESSAGE_CAP
+        ),
+        p7_ip_colocation_weight=IP_COLOCATION_WEIGHT,
+        p7_ip_colocation_threshold=ip_colocation_threshold,
+        publish_threshold=PUBLISH_THRESHOLD,
+        gossip_threshold=GOSSIP_THRESHOLD,
+        graylist_threshold=GRAYLIST_THRESHOLD,
+    )
+
+
 def build_pubsub(
     host: IHost,
     run_nodes: int,
     on_hostile: Callable[[str, str, str], None] | None = None,
+    *,
+    mesh_diversity_ips: int = MIN_MESH_DIVERSITY_IPS,
+    ip_colocation_threshold: int = IP_COLOCATION_THRESHOLD,
 ) -> tuple[Pubsub, GossipSub]:
     """Pubsub with GossipSub, tuned for a run of `run_nodes`; `on_hostile(peer, reason,
-    detail)` hears of every RPC or message that made the library raise."""
+    detail)` hears of every RPC or message that made the library raise. The defences
+    default to production settings (config [pubsub]); a one-IP testnet relaxes them."""
     router = GossipSub(
         GOSSIPSUB_PROTOCOLS,
         degree=GOSSIP_D,
@@ -186,7 +243,8 @@ def build_pubsub(
         degree_high=GOSSIP_D_HI,
         heartbeat_interval=GOSSIP_HEARTBEAT_S,
         max_messages_per_topic_per_second=float(max(10, GOSSIP_MSGS_PER_NODE_PER_S * run_nodes)),
-        min_mesh_diversity_ips=MIN_MESH_DIVERSITY_IPS,
+        min_mesh_diversity_ips=mesh_diversity_ips,
+        score_params=score_params(ip_colocation_threshold),
     )
     return GuardedPubsub(host, router, on_hostile or _ignore), router
 
