@@ -36,7 +36,7 @@ from fflnode.admission import Admission
 from fflnode.adversary import Adversary
 from fflnode.codecs import make_codec
 from fflnode.config import Config, read_psk, read_run_secret, split_host_port
-from fflnode.errors import ConfigError, FflError, MergeError, leaf_error, short_peer
+from fflnode.errors import ConfigError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
 from fflnode.merge.protocol import (
     MERGE_ATTEMPTS,
@@ -49,6 +49,7 @@ from fflnode.merge.protocol import (
     MergeTimeout,
 )
 from fflnode.p2p import identity, streams
+from fflnode.p2p.barrier import start_barrier
 from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
@@ -93,6 +94,7 @@ class NodeReport:
     error: str | None = None
     resumed_from_round: int | None = None  # the checkpoint this run resumed from
     catch_up_jumps: list[tuple[int, int]] = field(default_factory=list)
+    mixing_with: list[str] = field(default_factory=list)  # the peers whose updates we mix
 
 
 def peak_rss_mb() -> float:
@@ -265,7 +267,13 @@ class Node:
                         checkpoint.load, self.data_dir, cfg.run.run_id, layout.numel
                     )
                 if ckpt is None:
-                    members = await self._start_barrier(membership)
+                    members = await start_barrier(
+                        membership,
+                        cfg.run.nodes,
+                        cfg.run.start_timeout_s,
+                        nursery,
+                        self.notifier.status,
+                    )
                 else:  # a restart: the run's members are on record, rejoin them
                     members = await self._rejoin(membership, ckpt)
                 merge = self._merge_session(host, membership, members, layout, 0)
@@ -505,6 +513,8 @@ class Node:
             )
         ]
         log.info("mixing with: %s", ", ".join(short_peer(str(p)) for p in peers))
+        if self.report is not None:
+            self.report.mixing_with = [str(p) for p in peers]
         common = dict(
             peers=peers,
             chunk_elems=e.chunk_elems,
@@ -608,23 +618,6 @@ class Node:
             if pending:
                 await trio.sleep(delay)  # back-off between redials
                 delay = min(delay * 2, DIAL_BACKOFF_S[1])
-
-    async def _start_barrier(self, membership: Membership) -> list[ID]:
-        need = self.cfg.run.nodes - 1
-        self.notifier.status(f"waiting for {need} peers")
-        ok = await membership.wait_until(
-            lambda: len(membership.alive()) >= need, self.cfg.run.start_timeout_s
-        )
-        if not ok:
-            raise FflError(
-                f"start: saw {len(membership.alive())} of the {need} peers run "
-                f"{self.cfg.run.run_id!r} expects within {self.cfg.run.start_timeout_s:.0f} s; "
-                "check node.bootstrap, and that every node has the same run_id"
-            )
-        others = sorted(membership.alive(), key=lambda p: p.to_bytes())[:need]
-        members = sorted([*others, membership.me], key=lambda p: p.to_bytes())
-        log.info("run starts with %d members", len(members))
-        return members
 
     def _write_premerge(self, path: Path, layout: FlatLayout) -> None:
         if self.trainer is not None:

@@ -111,12 +111,19 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         # HMAC-SHA256 proof of the run secret, in a closed run (fflnode.admission)
         "proof": (_BIN, False),
     },
+    # pubsub: a node's proposal of who starts the run (fflnode.agreement): stage is
+    # "propose", "lock" or "commit"
+    "start.ready": {
+        "run": (_STR, True),
+        "members": (_LIST, True),
+        "stage": (_STR, True),
+    },
     # pubsub: a node's proposal of who takes part in the final merge
     "merge.ready": {
         "run": (_STR, True),
         "members": (_LIST, True),
         "shards": (_INT, True),
-        "committed": (_BOOL, True),
+        "stage": (_STR, True),  # "propose", "lock" or "commit" (fflnode.agreement)
         "attempt": (_INT, False),  # which try of the merge (a member lost mid-merge: +1)
         # float32 LE sketch of the premerge weights (fflnode.merge.fingerprint); not
         # checked for finiteness here: a non-finite one marks its sender an outlier
@@ -171,6 +178,7 @@ ROUND_LIMIT = 1 << 31
 MAX_FINGERPRINT_BYTES = 16 << 10
 MAX_MERGE_ATTEMPT = 64  # merge attempts a message may name; a node makes a handful
 PHASES = ("join", "train", "merge", "done")
+START_STAGES = ("propose", "lock", "commit")  # fflnode.agreement.STAGES (start and merge)
 
 
 @dataclass(frozen=True)
@@ -451,9 +459,19 @@ def _check_ready(peer: str, doc: dict[str, Any]) -> None:
     if not 1 <= doc["shards"] <= 65536:
         raise WireError(peer, "schema", f"merge.ready.shards {shown(doc['shards'])} out of range")
     _check_attempt(peer, "merge.ready", doc)
+    if doc["stage"] not in START_STAGES:
+        raise WireError(peer, "schema", f"merge.ready.stage {shown(doc['stage'])}")
     fp = doc.get("fp")
     if fp is not None and (len(fp) > MAX_FINGERPRINT_BYTES or len(fp) % 4):
         raise WireError(peer, "schema", f"merge.ready.fp of {len(fp)} bytes")
+
+
+def _check_start(peer: str, doc: dict[str, Any]) -> None:
+    _check_str_list(peer, "start.ready.members", doc["members"], MAX_MEMBERS)
+    if doc["members"] != sorted(set(doc["members"])):
+        raise WireError(peer, "schema", "start.ready.members must be sorted and unique")
+    if doc["stage"] not in START_STAGES:
+        raise WireError(peer, "schema", f"start.ready.stage {shown(doc['stage'])}")
 
 
 def _check_attempt(peer: str, kind: str, doc: dict[str, Any]) -> None:
@@ -544,6 +562,7 @@ def _parse_parts(peer: str, raw: list[Any]) -> tuple[Part, ...]:
 
 _CHECKS = {
     "hb": _check_hb,
+    "start.ready": _check_start,
     "merge.ready": _check_ready,
     "merge.hash": _check_hash,
     "state.ready": _check_state_ready,

@@ -232,7 +232,7 @@ OTHER_KINDS = [
     doc("ack", ok=False, reason="no"),
     doc("error", code="gone", reason="r"),
     doc("hb", run=RUN, round=1, phase="train", addrs=[], seq=1, admit={}),
-    doc("merge.ready", run=RUN, members=["a", "b"], shards=2, committed=False),
+    doc("merge.ready", run=RUN, members=["a", "b"], shards=2, stage="propose"),
     doc("merge.hash", run=RUN, hash=HEX64, digest=HEX64),
     doc("state.ready", run=RUN, context=0, round=0, count=1),
     get_doc(0, "delta", 0, 0, 1, "none"),
@@ -699,7 +699,7 @@ async def merge_target() -> tuple[Target, Callable[[], Any]]:
             {j: id(v) for j, v in s.results.items()},
             {j: e.is_set() for j, e in s.result_ready.items()},
             dict(s.failed),
-            dict(s.proposals),
+            dict(s.agreement.proposals),
             dict(s.hashes),
             dict(s.fingerprints),
             dict(traffic.received),
@@ -1392,7 +1392,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
         traffic=traffic,
     )
     m.peers[MERGE_PEER] = PeerView(MERGE_PEER, 0.0, 2, "train", [], 10)
-    session.proposals[MEMBER] = ((str(me),), 1, False)
+    session.agreement.heard(str(MEMBER), [str(me), str(MEMBER)], "propose")
     members = sorted([str(me), str(MEMBER)])
     docs = [
         doc("hb", run=RUN, round=r, phase=ph, addrs=addrs, seq=seq, admit={})
@@ -1402,14 +1402,14 @@ async def test_membership_dispatch_survives_hostile_announcements(
             ((1 << 31) - 1, "done", ["/ip4/127.0.0.1/tcp/9/p2p/" + str(MEMBER)] * 2, 7),
         )
     ] + [
-        doc("merge.ready", run=RUN, members=members, shards=2, committed=True, fp=b"\x00" * 4096),
-        doc("merge.ready", run=RUN, members=members[:1], shards=1, committed=False),
+        doc("merge.ready", run=RUN, members=members, shards=2, stage="commit", fp=b"\x00" * 4096),
+        doc("merge.ready", run=RUN, members=members[:1], shards=1, stage="propose"),
         doc(
             "merge.ready",
             run=RUN,
             members=sorted([str(me), str(HOSTILE)]),
             shards=2,
-            committed=True,
+            stage="commit",
         ),
         doc("merge.hash", run=RUN, hash=HEX64, digest="0" * 64),
         doc("state.ready", run=RUN, context=0, round=0),
@@ -1422,7 +1422,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
                 for p, v in m.peers.items()
             },
             "suspects": dict(m.suspects),
-            "proposals": dict(session.proposals),
+            "proposals": dict(session.agreement.proposals),
             "fingerprints": dict(session.fingerprints),
             "hashes": dict(session.hashes),
         }
@@ -1465,7 +1465,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
         ):
             failures.add(item, "a peer outside the run changed the merge agreement")
         # MergeSession._agree looks every listed member up among the run's members
-        if any(set(ms) - run for ms, _, _ in session.proposals.values()):
+        if any(set(p.members) - run for p in session.agreement.proposals.values()):
             failures.add(item, "a proposal naming peers outside the run was kept")
 
     senders = [HOSTILE, HOSTILE, MEMBER, me]
@@ -1478,7 +1478,7 @@ async def test_membership_dispatch_survives_hostile_announcements(
     failures.check("membership pubsub", INPUTS_PER_HANDLER)
     assert dials and set(dials) <= heartbeats  # dial tasks run after their message
     assert sum(traffic.rejected.values()) > INPUTS_PER_HANDLER // 2
-    assert MEMBER in m.peers and session.proposals.get(MEMBER)  # valid ones did land
+    assert MEMBER in m.peers and session.agreement.proposals.get(str(MEMBER))  # valid ones landed
 
 
 async def test_state_announcements_survive_hostile_payloads(

@@ -29,7 +29,16 @@ def decode_framed(framed: bytes, **kw) -> wire.Message:
 
 def test_every_kind_round_trips():
     samples = {
-        "hb": dict(run=RUN, round=2, phase="train", addrs=["/ip4/127.0.0.1/tcp/1"], seq=7),
+        "hb": dict(
+            run=RUN,
+            round=2,
+            phase="train",
+            addrs=["/ip4/127.0.0.1/tcp/1"],
+            seq=7,
+            admit={"seed": b"\x01" * 8},
+            proof=b"\x02" * 32,
+        ),
+        "start.ready": dict(run=RUN, members=["a", "b"], stage="lock"),
         "merge.ready": dict(run=RUN, members=["a", "b"], shards=2, committed=False),
         "merge.hash": dict(run=RUN, hash="a" * 64, digest="b" * 64),
         "get": dict(run=RUN, round=1, what="premerge", index=0, lo=0, hi=10, codec="none"),
@@ -67,7 +76,7 @@ def test_oversized_message_refused_before_parsing():
 
 
 def test_schema_violations_are_rejected():
-    good = dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1)
+    good = dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1, admit={})
     pack = msgpack.packb
     rejects("schema", pack({**good, "extra": 1}))
     rejects("schema", pack({k: v for k, v in good.items() if k != "seq"}))
@@ -87,8 +96,17 @@ def test_schema_violations_are_rejected():
 
 def bulk_doc(**overrides):
     doc = dict(
-        v=1, kind="bulk", run=RUN, round=0, what="delta", index=0, codec="none",
-        parts=[["values", "f32", [4]]], meta={}, nbytes=16, blake2b=b"\x00" * 16,
+        v=1,
+        kind="bulk",
+        run=RUN,
+        round=0,
+        what="delta",
+        index=0,
+        codec="none",
+        parts=[["values", "f32", [4]]],
+        meta={},
+        nbytes=16,
+        blake2b=b"\x00" * 16,
     )
     doc.update(overrides)
     return msgpack.packb(doc, use_bin_type=True)
@@ -218,12 +236,20 @@ def test_deep_nesting_is_refused_before_decoding_wherever_it_hides(where: str) -
 
 def test_every_legitimate_message_fits_the_depth_and_object_limits() -> None:
     biggest = dict(
-        run=RUN, members=sorted(f"12D3KooW{i:044d}" for i in range(wire.MAX_MEMBERS)),
-        shards=4, committed=True, attempt=0, fp=b"\x00" * 4096,
+        run=RUN,
+        members=sorted(f"12D3KooW{i:044d}" for i in range(wire.MAX_MEMBERS)),
+        shards=4,
+        committed=True,
+        attempt=0,
+        fp=b"\x00" * 4096,
     )
     assert wire.decode(wire.encode("merge.ready", **biggest), PEER).kind == "merge.ready"
     header, _ = wire.bulk_header(
-        run=RUN, round=0, what="delta", index=0, codec="holo",
+        run=RUN,
+        round=0,
+        what="delta",
+        index=0,
+        codec="holo",
         parts=[(f"p{i}", np.zeros((1, 1, 1, 2), np.float32)) for i in range(wire.MAX_PARTS)],
     )
     assert wire.decode(header[4:], PEER).kind == "bulk"
@@ -232,10 +258,15 @@ def test_every_legitimate_message_fits_the_depth_and_object_limits() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-        | st.text(max_size=8) | st.binary(max_size=8),
-        lambda kids: st.lists(kids, max_size=4)
-        | st.dictionaries(st.text(max_size=4), kids, max_size=4),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=8)
+        | st.binary(max_size=8),
+        lambda kids: (
+            st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids, max_size=4)
+        ),
         max_leaves=30,
     )
 )
@@ -269,3 +300,17 @@ def test_a_truncated_container_is_malformed_not_a_crash() -> None:
     for cut in range(1, len(data)):
         with pytest.raises(WireError):
             wire.decode(data[:cut], PEER)
+
+
+def test_admission_and_start_fields_are_checked():
+    good = dict(v=1, kind="hb", run=RUN, round=1, phase="join", addrs=[], seq=1, admit={})
+    pack = msgpack.packb
+    rejects("schema", pack({**good, "admit": {"seed": b"\x00" * 7}}, use_bin_type=True))
+    rejects("schema", pack({**good, "admit": {"": b"\x00" * 8}}, use_bin_type=True))
+    many = {f"g{i}": b"\x00" * 8 for i in range(wire.MAX_ADMIT_GROUPS + 1)}
+    rejects("schema", pack({**good, "admit": many}, use_bin_type=True))
+    rejects("schema", pack({**good, "proof": b"\x00" * 31}, use_bin_type=True))
+    start = dict(v=1, kind="start.ready", run=RUN, members=["a", "b"], stage="lock")
+    rejects("schema", pack({**start, "stage": "maybe"}))
+    rejects("schema", pack({**start, "members": ["b", "a"]}))
+    rejects("schema", pack({**start, "members": ["a", "a"]}))

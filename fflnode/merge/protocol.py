@@ -1,15 +1,18 @@
 """The final global merge over libp2p: agree, reduce-scatter, all-gather, verify.
 
 Theory of operation.
-1. Agree on participants. Each node proposes the run members it sees alive (itself
-   included) in `merge.ready` announcements, re-sent every heartbeat. A proposal is
-   agreed when every member it lists proposes exactly it; the node then commits it and
-   announces `committed`. A node that sees a committed proposal listing itself adopts it,
-   so views converge even when liveness flickers. Fewer than `quorum` members, or no
-   agreement by the deadline, is a MergeError. Each proposal carries the fingerprint of
-   its sender's premerge weights; on agreement every member drops the outliers by one
-   rule (fflnode.merge.fingerprint) and the rest merge. An excluded node learns it the
-   same way and stops with MergeExcluded.
+1. Agree on participants (fflnode.agreement, two phases: propose, lock, commit). Each
+   node proposes the run members it sees alive (itself included) in `merge.ready`
+   announcements, re-sent every heartbeat; once its view has been stable for
+   AGREE_SETTLE_S and every member of it proposes the same, it locks that set, and it
+   commits once every member has locked it. A node locks one set only, so two nodes
+   can never merge different sets (a proposal alone could: a member that matched a
+   peer's view and committed, while that peer's view changed, split a merge on a loaded
+   2-core testnet). Fewer than `quorum` members, a set committed without this node, or
+   no agreement by the deadline, is a MergeError. Each proposal carries the fingerprint
+   of its sender's premerge weights; on agreement every member drops the outliers by
+   one rule (fflnode.merge.fingerprint) and the rest merge. An excluded node learns it
+   the same way and stops with MergeExcluded.
    A member lost after agreement (killed, frozen) fails the shards that needed it; the
    node then starts attempt k + 1 (node.py, up to MERGE_ATTEMPTS): every message and
    request names its attempt, older ones are ignored or refused, a node that hears of a
@@ -46,6 +49,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from fflnode import wire
+from fflnode.agreement import Agreement, Decision
 from fflnode.errors import FflError, MergeError, short_peer
 from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
@@ -72,6 +76,10 @@ DONE_GRACE_S = 30.0
 # A member lost mid-merge costs one attempt; three survive two losses in a row, and a
 # run that keeps losing members that fast has a bigger problem than the merge.
 MERGE_ATTEMPTS = 3
+# A node's view of the live members must hold still this long before it locks it: two
+# missed heartbeats, so a member whose heartbeat is late for a moment on a loaded
+# machine is not merged without (a member that really died stays gone).
+AGREE_SETTLE_S = 2.0
 
 
 @dataclass
@@ -165,7 +173,12 @@ class MergeSession:
         self.results: dict[int, np.ndarray] = {}
         self.result_ready: dict[int, trio.Event] = {}
         self.failed: dict[int, str] = {}
-        self.proposals: dict[ID, tuple[tuple[str, ...], int, bool]] = {}
+        self.agreement = Agreement(
+            str(self.me),
+            quorum=self.quorum,
+            eligible=self._run_member_names.__contains__,
+            settle_s=AGREE_SETTLE_S,
+        )
         self.hashes: dict[ID, tuple[str, str]] = {}
         membership.on("merge.ready", self._on_ready)
         membership.on("merge.hash", self._on_hash)
@@ -177,8 +190,8 @@ class MergeSession:
             return
         attempt = msg.fields.get("attempt", 0)
         self.newer_attempt = max(self.newer_attempt, attempt)
-        if attempt == self.attempt:
-            self.proposals[peer] = (tuple(msg["members"]), msg["shards"], msg["committed"])
+        if attempt == self.attempt and msg["shards"] == self._m(msg["members"]):
+            self.agreement.heard(str(peer), msg["members"], msg["stage"])
             self.fingerprints[peer] = msg.fields.get("fp")
 
     def _on_hash(self, peer: ID, msg: wire.Message) -> None:
@@ -360,31 +373,27 @@ class MergeSession:
     # ------------------------------------------------------------------ 1. agreement
     async def _agree(self, announcer: trio.Nursery) -> list[ID]:
         by_str = {str(p): p for p in self.run_members}
-        me = str(self.me)
-        announced: tuple[tuple[str, ...], bool] | None = None
+        announced: tuple[tuple[str, ...], str] | None = None
         last_sent = -float("inf")
         while True:
             if self.newer_attempt > self.attempt:
                 raise MergeRetry(self.newer_attempt)
-            view = sorted({str(p) for p in self.membership.alive() if p in self.run_members} | {me})
-            adopted = self._committed_including(me)
-            proposal = list(adopted) if adopted is not None else view
-            m = self._m(proposal)
-            agreed = all(
-                self.proposals.get(by_str[p], ((), 0, False))[:2] == (tuple(proposal), m)
-                for p in proposal
-                if p != me
-            )
-            committed = agreed and len(proposal) >= self.quorum
-            # Announce a change at once, an unchanged proposal once per heartbeat: every
-            # announcement wakes every peer's loop, so answering each one would echo.
             now = trio.current_time()
-            if (tuple(proposal), committed) != announced or now - last_sent >= HEARTBEAT_S:
-                await self._announce(proposal, m, committed)
-                announced, last_sent = (tuple(proposal), committed), now
-            if committed:
-                announcer.start_soon(self._keep_announcing, proposal, m)
-                return [by_str[p] for p in proposal]
+            alive = [str(p) for p in self.membership.alive() if p in self.run_members]
+            decision = self.agreement.decide(alive, now)
+            if decision.excluded:
+                raise MergeError(
+                    f"merge attempt {self.attempt}: {len(decision.members)} members agreed "
+                    "without this node (it was not seen alive when they did)"
+                )
+            # Announce a change at once, an unchanged one once per heartbeat: every
+            # announcement wakes every peer's loop, so answering each one would echo.
+            if (decision.members, decision.stage) != announced or now - last_sent >= HEARTBEAT_S:
+                await self._announce(decision)
+                announced, last_sent = (decision.members, decision.stage), now
+            if decision.committed:
+                announcer.start_soon(self._keep_announcing, decision)
+                return [by_str[p] for p in decision.members]
             with trio.move_on_after(HEARTBEAT_S):
                 await self.membership.wait_changed()
 
@@ -392,25 +401,19 @@ class MergeSession:
         """Agreed members that died or froze since (a verify wait ends early for them)."""
         return [p for p in members if p != self.me and not self.membership.is_alive(p)]
 
-    def _committed_including(self, me: str) -> tuple[str, ...] | None:
-        for members, _, committed in self.proposals.values():
-            if committed and me in members:
-                return members
-        return None
-
-    async def _keep_announcing(self, proposal: list[str], m: int) -> None:
-        """Keep the committed proposal visible for members still converging."""
+    async def _keep_announcing(self, decision: Decision) -> None:
+        """Keep the commitment visible for members still converging."""
         while True:
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
-            await self._announce(proposal, m, True)
+            await self._announce(decision)
 
-    async def _announce(self, proposal: list[str], m: int, committed: bool) -> None:
+    async def _announce(self, decision: Decision) -> None:
         """Our proposal, with the fingerprint and the attempt every proposal carries."""
         await self.membership.publish(
             "merge.ready",
-            members=proposal,
-            shards=m,
-            committed=committed,
+            members=list(decision.members),
+            shards=self._m(decision.members),
+            stage=decision.stage,
             fp=self.fingerprint,
             attempt=self.attempt,
         )

@@ -91,7 +91,7 @@ class PeerView:
 
 
 Handler = Callable[[ID, wire.Message], None]
-ANNOUNCEMENTS = frozenset({"hb", "merge.ready", "merge.hash"})  # kinds on the run topic
+ANNOUNCEMENTS = frozenset({"hb", "start.ready", "merge.ready", "merge.hash"})  # the run topic
 
 
 def decode_announcement(
@@ -144,7 +144,7 @@ class Membership:
         self.me = host.get_id()
         self.admission = admission
         self.screen = screen
-        self.guard = guard or AddressGuard(host)
+        self._guard = guard
         self._next_dial: dict[ID, tuple[float, float]] = {}  # peer -> (not before, backoff)
         self.refused: dict[ID, Refusal] = {}  # peers whose heartbeats were refused, and why
         self.peers: dict[ID, PeerView] = {}
@@ -156,6 +156,13 @@ class Membership:
         self.traffic = traffic
         self._dialing: set[ID] = set()
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
+
+    @property
+    def guard(self) -> AddressGuard:
+        """The dial policy over the host's address book (installed on first use)."""
+        if self._guard is None:
+            self._guard = AddressGuard(self.host)
+        return self._guard
 
     # -- observers --
     def on(self, kind: str, handler: Handler) -> None:
@@ -227,8 +234,7 @@ class Membership:
         """The run topic's pubsub validator: True lets GossipSub deliver and forward.
 
         Drops what the gate refuses, anything that fails to decode (counted against its
-        signed origin), heartbeats that fail admission, and other announcements from
-        peers not admitted. Never raises."""
+        signed origin) and heartbeats that fail admission. Never raises."""
         try:
             origin = ID(msg.from_id)
             if not self.screen(forwarder, msg):
@@ -240,7 +246,10 @@ class Membership:
                 return False
             if got[1].kind == "hb":
                 return self._admit(origin, got[1]) is None
-            return origin in self.peers
+            # Well formed, from a peer whose heartbeat may still be on its way: forward it
+            # (GossipSub counts a rejection against the honest forwarder); dispatch drops
+            # it here until its origin is admitted.
+            return True
         except Exception as e:  # nothing a peer sends may raise out of a validator
             self.traffic.reject_unexpected(str(forwarder), "pubsub validator", e)
             return False
