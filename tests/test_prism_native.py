@@ -429,3 +429,8 @@ def test_write_buffer_registration_refused_for_memlock_falls_back(
     assert report["stats"]["register_buffers_errno"] == errno.ENOMEM
     assert report["done"] == [[0, 0, 1 << 20, 1 << 20]] and report["ok"]
 
+
+def test_the_fsync_slot_matches_the_python_constant(uring: ModuleType) -> None:
+    from fflnode.prism.backends import FSYNC_SLOT
+
+    assert uring.FSYNC_SLOT == FSYNC_SLOT
