@@ -6,8 +6,9 @@ model size. `safetensors` parses and validates the format (sans-IO); `plan` deci
 aligned reads (sans-IO); `pool` owns the slot memory; `backends` holds the io_uring,
 thread and buffered engines and the choice between them; `stream` turns one file's
 reads into chunks; `store` maps tensors, shards and the flat vector onto streams;
-`device` moves chunks into tensors (a GPU through pinned slots); `writer` writes
-checkpoints atomically; `bench` measures all of it.
+`device` moves chunks into tensors (a GPU through pinned slots) and tensors into slots;
+`write_stream` writes byte ranges from the pool through the same engines; `writer`
+writes checkpoints atomically; `bench` measures all of it.
 
 Importing this package never imports torch.
 """
@@ -18,6 +19,7 @@ from typing import Any
 from fflnode.prism.backends import BACKENDS, BackendChoice, backend_report, resolve_backend
 from fflnode.prism.store import StoreChunks, TensorStore
 from fflnode.prism.stream import Chunk, ChunkStream, PrismStream
+from fflnode.prism.write_stream import WriteStream
 
 
 def open_store(path: str | os.PathLike[str], **options: Any) -> TensorStore:
@@ -33,6 +35,7 @@ __all__ = [
     "PrismStream",
     "StoreChunks",
     "TensorStore",
+    "WriteStream",
     "backend_report",
     "open_store",
     "resolve_backend",
