@@ -391,6 +391,9 @@ async def test_a_full_disk_is_a_prism_error_naming_file_and_operation(
 
 
 def test_importing_the_write_path_never_imports_torch() -> None:
-    code = "import sys, fflnode.prism.write_stream; print('torch' in sys.modules)"
+    code = (
+        "import sys, fflnode.prism.write_stream, fflnode.prism.blockfile; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
