@@ -257,3 +257,25 @@ def test_kill_9_mid_write_tears_only_the_region_being_written(backend: str, real
     )
     new = int((sectors[:, 0] == 5.0).sum()) * 512
     print(f"{backend}: after kill -9 mid-write, {new / MiB:.2f} MiB of 16 hold the new value")
+
+
+@pytest.fixture
+def cuda() -> None:
+    if not torch.cuda.is_available():
+        reason = "CUDA is not available on this machine: the pinned-pool GPU path is not exercised"
+        print(reason)
+        pytest.skip(reason)
+
+
+async def test_cuda_tensors_round_trip_through_pinned_pools(cuda: None, real_dir: Path) -> None:
+    async with BlockFile(real_dir / "gpu.bin", ODD_REGIONS) as bf:
+        values = {n: torch.randn(r.shape, device="cuda") for n, r in bf.layout.regions.items()}
+        for name, t in values.items():
+            await bf.write_from(name, t)
+        for name, t in values.items():
+            out = torch.empty_like(t)
+            await bf.read_into(name, out)
+            torch.cuda.synchronize()
+            assert torch.equal(out, t), name
+        assert bf.stats()["write"]["engine"]["failed"] == 0
+        assert bf._writer.pool.cuda_pinned and bf._reader.pool.cuda_pinned

@@ -397,3 +397,19 @@ def test_importing_the_write_path_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_device_tensor_source_copies_exact_slices() -> None:
+    # TorchSource is what a CUDA tensor goes through; on a CPU tensor it runs the same code
+    # (the CUDA round trip itself is in test_prism_blockfile.py, skipped without a GPU).
+    from fflnode.prism.device import TorchSource
+
+    t = torch.arange(1000, dtype=torch.float32)
+    source = TorchSource(t)
+    assert source.nbytes == 4000
+    dst = bytearray(1000)
+    source.copy_into(memoryview(dst)[100:900], 404)
+    assert bytes(dst[100:900]) == t.numpy().tobytes()[404:1204]
+    assert bytes(dst[:100]) == bytes(100) and bytes(dst[900:]) == bytes(100)
+    with pytest.raises(ValueError, match="contiguous"):
+        TorchSource(t.reshape(10, 100).t())
