@@ -1,26 +1,31 @@
 /*
  * fflnode.prism._uring: one io_uring per Prism stream, over the system liburing.
  *
- * What it owns: a ring, the file it reads (opened O_DIRECT, plus an optional page-cache
- * descriptor), an eventfd registered with the ring, and the bookkeeping of which pool
- * slot has a read in flight. The slot memory itself belongs to the caller (a page-aligned,
- * pre-faulted mmap exported through the buffer protocol); the ring holds a buffer export
- * on it so the memory cannot go away while the kernel may write into it.
+ * What it owns: a ring, the file it reads or writes (opened O_DIRECT, plus an optional
+ * page-cache descriptor; read-write when writable=True), an eventfd registered with the
+ * ring, and the bookkeeping of which pool slot has a request in flight. The slot memory
+ * itself belongs to the caller (a page-aligned, pre-faulted mmap exported through the
+ * buffer protocol); the ring holds a buffer export on it so the memory cannot go away
+ * while the kernel may read or write it.
  *
- * What it promises: it never blocks the calling thread. `submit` queues one read and
- * enters the kernel once (with the GIL released); `reap` drains the eventfd and returns
- * every completion as (slot, offset, length, result) with result = bytes read or -errno;
- * `cancel` asks the kernel to cancel every read in flight, whose completions then come
- * back through `reap` like any other. Errors from the kernel while setting up or
- * submitting raise fflnode.errors.PrismError (an OSError) with errno and the file name.
+ * What it promises: it never blocks the calling thread. `submit` queues one read,
+ * `submit_write` one write and `submit_fsync` one fsync/fdatasync, each entering the
+ * kernel once (with the GIL released); `reap` drains the eventfd and returns every
+ * completion as (slot, offset, length, result) with result = bytes read or written, or
+ * -errno (an fsync completes as (FSYNC_SLOT, 0, 0, result)). A short result is reported
+ * as it is, never hidden: the caller continues the request from `buf_offset` = the bytes
+ * done. `cancel` asks the kernel to cancel every request in flight, whose completions
+ * then come back through `reap` like any other. Errors from the kernel while setting up
+ * or submitting raise fflnode.errors.PrismError (an OSError) with errno and the file name.
  * Registration of buffers and files is an optimisation: when the kernel refuses it
- * (ENOMEM: the memlock limit of a non-root user is 8 MiB) the ring reads through plain
- * addresses and says so in stats().
+ * (ENOMEM: the memlock limit of a non-root user is 8 MiB) the ring reads and writes
+ * through plain addresses and says so in stats().
  *
- * What it must never do: let the kernel write into memory the caller may reuse. Closing
- * or deallocating a ring with reads in flight cancels them and waits (bounded) for their
- * completions; if they do not come, the pool export is deliberately leaked rather than
- * released.
+ * What it must never do: let the kernel touch memory the caller may reuse. Closing or
+ * deallocating a ring with requests in flight cancels them and waits (bounded) for their
+ * completions (reads are cancelled, writes only waited for); if they do not come, the
+ * pool export is deliberately leaked rather than released. An explicit `cancel` also
+ * cancels writes: one cancelled may have reached the file in part.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -48,8 +53,12 @@
 #define DIRECT_ALIGN 512
 /* user_data of a cancel request: this bit set, the slot in the low bits. */
 #define CANCEL_TAG (1ULL << 63)
-/* Closing with reads in flight waits at most this long for their completions: an
- * O_DIRECT read of 1 MiB takes about 1 ms here, a stuck device is what this bounds. */
+/* user_data of an fsync request; reap reports it with slot FSYNC_SLOT. */
+#define FSYNC_TAG (1ULL << 62)
+#define FSYNC_SLOT (-1)
+/* Closing with requests in flight waits at most this long for their completions: an
+ * O_DIRECT read or write of 1 MiB takes about 1 ms here, a stuck device is what this
+ * bounds. */
 #define CLOSE_DRAIN_NS (10LL * 1000 * 1000 * 1000)
 /* mincore() vector on the stack, in pages per call (1024 pages = 4 MiB per call). */
 #define RESIDENT_BATCH_PAGES 1024
@@ -61,6 +70,7 @@ typedef struct {
     unsigned int length;
     unsigned int buf_offset;
     int in_flight;
+    int write; /* the request in flight is a write */
 } SlotState;
 
 typedef struct {
@@ -69,6 +79,7 @@ typedef struct {
     int ring_ok;
     int broken;         /* a fatal submit error: every later call raises */
     int busy;           /* a call is running with the GIL released */
+    int writable;       /* descriptors opened O_RDWR: submit_write and submit_fsync allowed */
     int fds[2];         /* [0]: O_DIRECT, [1]: page cache; -1 when not opened */
     int fixed_index[2]; /* index in the registered file table, -1 when not registered */
     int efd;
@@ -87,7 +98,9 @@ typedef struct {
     struct io_uring_cqe **cqes; /* reap() snapshot, one pointer per CQ entry */
     unsigned int cq_entries;
     int in_flight;
+    int fsync_in_flight; /* at most one fsync at a time (FSYNC_TAG) */
     unsigned long long submitted, completed, failed, cancel_requests, resubmits;
+    unsigned long long writes, fsyncs;
     PyObject *path; /* str */
 } RingObject;
 
@@ -136,6 +149,10 @@ static void drop_completions(RingObject *self)
         seen++;
         if (ud & CANCEL_TAG)
             continue;
+        if (ud == FSYNC_TAG) {
+            self->fsync_in_flight = 0;
+            continue;
+        }
         if (ud < (unsigned long long)self->nslots && self->slots[ud].in_flight) {
             self->slots[ud].in_flight = 0;
             self->in_flight--;
@@ -145,10 +162,11 @@ static void drop_completions(RingObject *self)
     io_uring_cq_advance(&self->ring, seen);
 }
 
-static void submit_cancels(RingObject *self)
+/* Queue a cancel for every read in flight, and for every write too when `writes`. */
+static void submit_cancels(RingObject *self, int writes)
 {
     for (int i = 0; i < self->nslots; i++) {
-        if (!self->slots[i].in_flight)
+        if (!self->slots[i].in_flight || (self->slots[i].write && !writes))
             continue;
         struct io_uring_sqe *sqe = io_uring_get_sqe(&self->ring);
         if (sqe == NULL)
@@ -159,17 +177,19 @@ static void submit_cancels(RingObject *self)
     }
 }
 
-/* Cancel what is in flight and wait, bounded, for its completions. Called with the GIL
- * released. Returns the number of reads still in flight afterwards. */
+/* Cancel the reads in flight and wait, bounded, for every completion. Writes and an
+ * fsync are not cancelled, only waited for: a write the caller submitted lands (or fails)
+ * before the descriptors close, so closing never tears a write the kernel had queued.
+ * Called with the GIL released. Returns the number of requests still in flight. */
 static int drain_blocking(RingObject *self)
 {
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
     if (self->in_flight > 0) {
-        submit_cancels(self);
+        submit_cancels(self, 0);
         io_uring_submit(&self->ring);
     }
-    while (self->in_flight > 0) {
+    while (self->in_flight > 0 || self->fsync_in_flight) {
         clock_gettime(CLOCK_MONOTONIC, &now);
         long long elapsed = (now.tv_sec - start.tv_sec) * 1000000000LL +
                             (now.tv_nsec - start.tv_nsec);
@@ -185,7 +205,7 @@ static int drain_blocking(RingObject *self)
             break;
         drop_completions(self);
     }
-    return self->in_flight;
+    return self->in_flight + self->fsync_in_flight;
 }
 
 static void ring_teardown(RingObject *self)
@@ -209,8 +229,8 @@ static void ring_teardown(RingObject *self)
         self->efd = -1;
     }
     if (self->have_pool) {
-        /* A read that never completed may still target the pool: keep the export (and so
-         * the mapping) alive for the life of the process instead of handing it back. */
+        /* A request that never completed may still target the pool: keep the export (and
+         * so the mapping) alive for the life of the process instead of handing it back. */
         if (!leaked)
             PyBuffer_Release(&self->pool);
         self->have_pool = 0;
@@ -243,18 +263,20 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"path", "pool", "slot_size", "direct", "cached", "register", NULL};
+    static char *kwlist[] = {"path",   "pool",     "slot_size", "direct",
+                             "cached", "register", "writable",  NULL};
     PyObject *path_bytes = NULL, *pool_obj = NULL;
     Py_ssize_t slot_size = 0;
-    int direct = 1, cached = 1, do_register = 1;
+    int direct = 1, cached = 1, do_register = 1, writable = 0;
     if (self->ring_ok || self->have_pool) {
         PyErr_SetString(PyExc_RuntimeError, "Ring.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&On|ppp", kwlist, PyUnicode_FSConverter,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&On|pppp", kwlist, PyUnicode_FSConverter,
                                      &path_bytes, &pool_obj, &slot_size, &direct, &cached,
-                                     &do_register))
+                                     &do_register, &writable))
         return -1;
+    self->writable = writable;
     self->path = PyUnicode_DecodeFSDefault(PyBytes_AS_STRING(path_bytes));
     if (self->path == NULL)
         goto fail;
@@ -289,8 +311,8 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         goto fail;
     }
-    /* Every slot can have one read and one cancel queued at once. */
-    self->entries = (unsigned int)(2 * self->nslots);
+    /* Every slot can have one request and one cancel queued at once, plus one fsync. */
+    self->entries = (unsigned int)(2 * self->nslots + 1);
 
     const char *cpath = PyBytes_AS_STRING(path_bytes);
     int err = 0, stage = 0;
@@ -303,10 +325,11 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
         iov[i].iov_base = self->base + (Py_ssize_t)i * slot_size;
         iov[i].iov_len = (size_t)slot_size;
     }
+    int access = writable ? O_RDWR : O_RDONLY;
     Py_BEGIN_ALLOW_THREADS
     do {
         if (direct) {
-            self->fds[0] = open(cpath, O_RDONLY | O_DIRECT | O_CLOEXEC);
+            self->fds[0] = open(cpath, access | O_DIRECT | O_CLOEXEC);
             if (self->fds[0] < 0) {
                 err = errno;
                 stage = 1;
@@ -314,7 +337,7 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
             }
         }
         if (cached) {
-            self->fds[1] = open(cpath, O_RDONLY | O_CLOEXEC);
+            self->fds[1] = open(cpath, access | O_CLOEXEC);
             if (self->fds[1] < 0) {
                 err = errno;
                 stage = 2;
@@ -387,9 +410,33 @@ fail:
     return -1;
 }
 
-static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
+/* Enter the kernel once for the SQEs queued. EAGAIN/EBUSY/EINTR leave them queued for
+ * the next submit or reap; any other error breaks the ring. */
+static PyObject *enter_kernel(RingObject *self, const char *what)
+{
+    int ret;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    ret = io_uring_submit(&self->ring);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (ret < 0) {
+        if (ret == -EAGAIN || ret == -EBUSY || ret == -EINTR) {
+            self->pending_submit = 1;
+            Py_RETURN_NONE;
+        }
+        self->broken = -ret;
+        return raise_prism(-ret, what, self->path);
+    }
+    self->pending_submit = 0;
+    Py_RETURN_NONE;
+}
+
+/* submit() and submit_write(): one request between a slot and the file. */
+static PyObject *submit_request(RingObject *self, PyObject *args, PyObject *kwds, int write)
 {
     static char *kwlist[] = {"slot", "offset", "length", "buf_offset", "cached", NULL};
+    const char *op = write ? "write" : "read";
     int slot;
     unsigned long long offset;
     Py_ssize_t length, buf_offset = 0;
@@ -399,18 +446,24 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     if (check_usable(self) < 0)
         return NULL;
+    if (write && !self->writable) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ring was opened read-only: pass writable=True to write");
+        return NULL;
+    }
     if (slot < 0 || slot >= self->nslots) {
         PyErr_Format(PyExc_ValueError, "slot %d outside the pool's %d slots", slot,
                      self->nslots);
         return NULL;
     }
     if (self->slots[slot].in_flight) {
-        PyErr_Format(PyExc_ValueError, "slot %d already has a read in flight", slot);
+        PyErr_Format(PyExc_ValueError, "slot %d already has a %s in flight", slot,
+                     self->slots[slot].write ? "write" : "read");
         return NULL;
     }
     if (length <= 0 || buf_offset < 0 || buf_offset + length > self->slot_size) {
         PyErr_Format(PyExc_ValueError,
-                     "read of %zd bytes at slot offset %zd does not fit a %zd-byte slot",
+                     "%s of %zd bytes at slot offset %zd does not fit a %zd-byte slot", op,
                      length, buf_offset, self->slot_size);
         return NULL;
     }
@@ -422,9 +475,9 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
     }
     if (!cached && (offset % DIRECT_ALIGN || length % DIRECT_ALIGN || buf_offset % DIRECT_ALIGN)) {
         PyErr_Format(PyExc_ValueError,
-                     "O_DIRECT read of %zd bytes at file offset %llu, slot offset %zd: "
+                     "O_DIRECT %s of %zd bytes at file offset %llu, slot offset %zd: "
                      "all three must be multiples of %d",
-                     length, offset, buf_offset, DIRECT_ALIGN);
+                     op, length, offset, buf_offset, DIRECT_ALIGN);
         return NULL;
     }
     struct io_uring_sqe *sqe = io_uring_get_sqe(&self->ring);
@@ -434,7 +487,11 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
     }
     char *addr = self->base + (Py_ssize_t)slot * self->slot_size + buf_offset;
     int fd = self->fixed_index[which] >= 0 ? self->fixed_index[which] : self->fds[which];
-    if (self->buffers_registered)
+    if (write && self->buffers_registered)
+        io_uring_prep_write_fixed(sqe, fd, addr, (unsigned)length, offset, slot);
+    else if (write)
+        io_uring_prep_write(sqe, fd, addr, (unsigned)length, offset);
+    else if (self->buffers_registered)
         io_uring_prep_read_fixed(sqe, fd, addr, (unsigned)length, offset, slot);
     else
         io_uring_prep_read(sqe, fd, addr, (unsigned)length, offset);
@@ -442,8 +499,10 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
     /* A page-cache read would otherwise copy inline, inside io_uring_enter, on the
      * caller's thread (blocking it ~130 us per MiB); punted to the kernel's io-wq workers,
      * copies of several slots run on other cores while the caller consumes the previous
-     * chunk. Measured warm, depth 8, 1 MiB: 4.7 GB/s inline, 7.8-8.9 GB/s punted. */
-    if (cached)
+     * chunk. Measured warm, depth 8, 1 MiB: 4.7 GB/s inline, 7.8-8.9 GB/s punted.
+     * Page-cache writes stay inline: Prism only writes the sub-block edges of a range
+     * that way (under 4 KiB each), and the kernel punts one that would block. */
+    if (cached && !write)
         flags |= IOSQE_ASYNC;
     io_uring_sqe_set_flags(sqe, flags);
     io_uring_sqe_set_data64(sqe, (unsigned long long)slot);
@@ -452,28 +511,58 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
     st->length = (unsigned)length;
     st->buf_offset = (unsigned)buf_offset;
     st->in_flight = 1;
+    st->write = write;
     self->in_flight++;
     self->submitted++;
+    if (write)
+        self->writes++;
     if (buf_offset)
         self->resubmits++;
+    return enter_kernel(self, "io_uring_enter (submit)");
+}
 
-    int ret;
-    self->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    ret = io_uring_submit(&self->ring);
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
-    if (ret < 0) {
-        if (ret == -EAGAIN || ret == -EBUSY || ret == -EINTR) {
-            /* The SQE stays queued in the ring; the next submit or reap enters again. */
-            self->pending_submit = 1;
-            Py_RETURN_NONE;
-        }
-        self->broken = -ret;
-        return raise_prism(-ret, "io_uring_enter (submit)", self->path);
+static PyObject *Ring_submit(RingObject *self, PyObject *args, PyObject *kwds)
+{
+    return submit_request(self, args, kwds, 0);
+}
+
+static PyObject *Ring_submit_write(RingObject *self, PyObject *args, PyObject *kwds)
+{
+    return submit_request(self, args, kwds, 1);
+}
+
+static PyObject *Ring_submit_fsync(RingObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"datasync", NULL};
+    int datasync = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &datasync))
+        return NULL;
+    if (check_usable(self) < 0)
+        return NULL;
+    if (!self->writable) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ring was opened read-only: pass writable=True to fsync");
+        return NULL;
     }
-    self->pending_submit = 0;
-    Py_RETURN_NONE;
+    if (self->fsync_in_flight) {
+        PyErr_SetString(PyExc_ValueError, "an fsync is already in flight (one at a time)");
+        return NULL;
+    }
+    /* fsync is ordered after nothing: a caller that wants its writes durable reaps their
+     * completions first, then submits the fsync. Any descriptor of the file will do. */
+    int which = self->fds[0] >= 0 ? 0 : 1;
+    int fd = self->fixed_index[which] >= 0 ? self->fixed_index[which] : self->fds[which];
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&self->ring);
+    if (sqe == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "io_uring submission queue full");
+        return NULL;
+    }
+    io_uring_prep_fsync(sqe, fd, datasync ? IORING_FSYNC_DATASYNC : 0);
+    io_uring_sqe_set_flags(sqe, self->fixed_index[which] >= 0 ? IOSQE_FIXED_FILE : 0);
+    io_uring_sqe_set_data64(sqe, FSYNC_TAG);
+    self->fsync_in_flight = 1;
+    self->fsyncs++;
+    return enter_kernel(self, "io_uring_enter (submit fsync)");
 }
 
 static PyObject *Ring_reap(RingObject *self, PyObject *Py_UNUSED(ignored))
@@ -503,8 +592,18 @@ static PyObject *Ring_reap(RingObject *self, PyObject *Py_UNUSED(ignored))
         unsigned long long ud = self->cqes[k]->user_data;
         if (ud & CANCEL_TAG)
             continue;
+        if (ud == FSYNC_TAG) {
+            PyObject *item = Py_BuildValue("(iKIi)", FSYNC_SLOT, 0ULL, 0U, self->cqes[k]->res);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+            continue;
+        }
         if (ud >= (unsigned long long)self->nslots || !self->slots[ud].in_flight)
-            continue; /* cannot happen: every read SQE carries a slot in flight */
+            continue; /* cannot happen: every slot SQE carries a slot in flight */
         SlotState *st = &self->slots[ud];
         PyObject *item =
             Py_BuildValue("(iKIi)", (int)ud, st->offset, st->length, self->cqes[k]->res);
@@ -517,6 +616,12 @@ static PyObject *Ring_reap(RingObject *self, PyObject *Py_UNUSED(ignored))
     }
     for (unsigned k = 0; k < seen; k++) {
         unsigned long long ud = self->cqes[k]->user_data;
+        if (ud == FSYNC_TAG) {
+            self->fsync_in_flight = 0;
+            if (self->cqes[k]->res < 0)
+                self->failed++;
+            continue;
+        }
         if (ud & CANCEL_TAG || ud >= (unsigned long long)self->nslots ||
             !self->slots[ud].in_flight)
             continue;
@@ -537,7 +642,7 @@ static PyObject *Ring_cancel(RingObject *self, PyObject *Py_UNUSED(ignored))
     if (self->in_flight == 0)
         return PyLong_FromLong(0);
     unsigned long long before = self->cancel_requests;
-    submit_cancels(self);
+    submit_cancels(self, 1);
     int ret;
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -575,15 +680,18 @@ static PyObject *Ring_fileno(RingObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     return Py_BuildValue(
-        "{s:s,s:O,s:O,s:i,s:i,s:O,s:O,s:i,s:i,s:n,s:I,s:O,s:K,s:K,s:K,s:K,s:K}", "engine",
-        "io_uring", "buffers_registered", self->buffers_registered ? Py_True : Py_False,
-        "files_registered", self->files_registered ? Py_True : Py_False,
-        "register_buffers_errno", self->register_buffers_errno, "register_files_errno",
-        self->register_files_errno, "direct", self->fds[0] >= 0 ? Py_True : Py_False,
-        "cached", self->fds[1] >= 0 ? Py_True : Py_False, "slots", self->nslots, "in_flight",
-        self->in_flight, "slot_size", self->slot_size, "entries", self->entries, "closed",
-        self->ring_ok ? Py_False : Py_True, "submitted", self->submitted, "completed", self->completed, "failed",
-        self->failed, "cancel_requests", self->cancel_requests, "resubmits", self->resubmits);
+        "{s:s,s:O,s:O,s:i,s:i,s:O,s:O,s:O,s:i,s:i,s:n,s:I,s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+        "engine", "io_uring", "buffers_registered",
+        self->buffers_registered ? Py_True : Py_False, "files_registered",
+        self->files_registered ? Py_True : Py_False, "register_buffers_errno",
+        self->register_buffers_errno, "register_files_errno", self->register_files_errno,
+        "direct", self->fds[0] >= 0 ? Py_True : Py_False, "cached",
+        self->fds[1] >= 0 ? Py_True : Py_False, "writable", self->writable ? Py_True : Py_False,
+        "slots", self->nslots, "in_flight", self->in_flight, "slot_size", self->slot_size,
+        "entries", self->entries, "closed", self->ring_ok ? Py_False : Py_True, "submitted",
+        self->submitted, "completed", self->completed, "failed", self->failed,
+        "cancel_requests", self->cancel_requests, "resubmits", self->resubmits, "writes",
+        self->writes, "fsyncs", self->fsyncs);
 }
 
 static PyObject *Ring_get_in_flight(RingObject *self, void *Py_UNUSED(closure))
@@ -614,13 +722,26 @@ static PyMethodDef Ring_methods[] = {
      "Queue one read of `length` bytes at file `offset` into the slot at `buf_offset` and "
      "enter the kernel once. Never waits for the read. cached=True reads through the page "
      "cache descriptor instead of the O_DIRECT one."},
+    {"submit_write", (PyCFunction)(void (*)(void))Ring_submit_write,
+     METH_VARARGS | METH_KEYWORDS,
+     "submit_write(slot, offset, length, buf_offset=0, cached=False)\n\n"
+     "Queue one write of `length` bytes from the slot at `buf_offset` to file `offset` and "
+     "enter the kernel once (writable rings only). Never waits. The completion's result is "
+     "the bytes written, which may be fewer than `length` (continue from there), or "
+     "-errno. cached=True writes through the page-cache descriptor (no alignment needed)."},
+    {"submit_fsync", (PyCFunction)(void (*)(void))Ring_submit_fsync,
+     METH_VARARGS | METH_KEYWORDS,
+     "submit_fsync(datasync=True)\n\n"
+     "Queue fdatasync (or fsync with datasync=False) of the file; it completes through "
+     "reap() as (FSYNC_SLOT, 0, 0, result). Not ordered after writes in flight: reap them "
+     "first. One at a time."},
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS,
      "reap() -> list[(slot, offset, length, result)]\n\n"
-     "Drain the eventfd and return every completed read; result is bytes read or -errno "
-     "(-ECANCELED after cancel()). Returns [] when nothing completed."},
+     "Drain the eventfd and return every completed request; result is bytes read or "
+     "written, or -errno (-ECANCELED after cancel()). Returns [] when nothing completed."},
     {"cancel", (PyCFunction)Ring_cancel, METH_NOARGS,
-     "cancel() -> int\n\nAsk the kernel to cancel every read in flight; returns how many "
-     "cancel requests were queued. Their reads still complete through reap()."},
+     "cancel() -> int\n\nAsk the kernel to cancel every read or write in flight; returns "
+     "how many cancel requests were queued. They still complete through reap()."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS,
      "close()\n\nCancel and drain (bounded) what is in flight, then free the ring, the "
      "descriptors and the pool export. Idempotent."},
@@ -632,9 +753,10 @@ static PyMethodDef Ring_methods[] = {
 };
 
 static PyGetSetDef Ring_getset[] = {
-    {"in_flight", (getter)Ring_get_in_flight, NULL, "reads submitted and not yet reaped", NULL},
+    {"in_flight", (getter)Ring_get_in_flight, NULL,
+     "reads and writes submitted and not yet reaped (an fsync is not counted)", NULL},
     {"eventfd", (getter)Ring_get_eventfd, NULL, "the eventfd registered with the ring", NULL},
-    {"path", (getter)Ring_get_path, NULL, "the file this ring reads", NULL},
+    {"path", (getter)Ring_get_path, NULL, "the file this ring reads or writes", NULL},
     {"nslots", (getter)Ring_get_nslots, NULL, "slots in the pool", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -642,10 +764,13 @@ static PyGetSetDef Ring_getset[] = {
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fflnode.prism._uring.Ring",
     .tp_doc = PyDoc_STR(
-        "Ring(path, pool, slot_size, direct=True, cached=True, register=True)\n\n"
+        "Ring(path, pool, slot_size, direct=True, cached=True, register=True, "
+        "writable=False)\n\n"
         "One io_uring reading `path` into the slots of `pool` (a writable, page-aligned "
-        "buffer of whole slots). Opens the file O_DIRECT (and through the page cache when "
-        "cached=True), registers buffers and files when the kernel allows, and an eventfd."),
+        "buffer of whole slots), and writing from them when writable=True (the file is then "
+        "opened read-write; it must exist). Opens the file O_DIRECT (and through the page "
+        "cache when cached=True), registers buffers and files when the kernel allows, and "
+        "an eventfd."),
     .tp_basicsize = sizeof(RingObject),
     .tp_itemsize = 0,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -728,7 +853,8 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef uring_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "fflnode.prism._uring",
-    .m_doc = "io_uring reads into a caller-owned pool of aligned slots (see native/uring.c).",
+    .m_doc = "io_uring reads and writes between a file and a caller-owned pool of aligned "
+             "slots (see native/uring.c).",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -752,6 +878,7 @@ PyMODINIT_FUNC PyInit__uring(void)
         PyModule_AddIntConstant(m, "DIRECT_ALIGN", DIRECT_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOT_BYTES", MAX_SLOT_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "FSYNC_SLOT", FSYNC_SLOT) < 0 ||
         PyModule_AddIntConstant(m, "ECANCELED", ECANCELED) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -232,3 +232,205 @@ def test_a_failed_read_completes_with_minus_errno(uring: ModuleType, tmp_path: P
     with pytest.raises(PrismError) as info:  # O_DIRECT on a directory: refused at open
         uring.Ring(str(tmp_path), pool.buffer, SLOT)
     assert info.value.errno == errno.EINVAL and info.value.filename == str(tmp_path)
+
+
+# ------------------------------------------------------------------------------ writes
+
+
+def test_writes_complete_through_the_eventfd_and_land_in_the_file(
+    uring: ModuleType, tmp_path: Path
+) -> None:
+    path = tmp_path / "written.bin"
+    path.write_bytes(b"")
+    data = os.urandom(4 * SLOT)
+    pool = SlotPool(4, SLOT)
+    for slot in range(4):
+        pool.view(slot)[:] = data[slot * SLOT : (slot + 1) * SLOT]
+    ring = uring.Ring(str(path), pool.buffer, SLOT, writable=True)
+    try:
+        stats = ring.stats()
+        assert stats["writable"] and stats["buffers_registered"] and stats["files_registered"]
+        for slot in (3, 1, 0, 2):  # any order: each write names its own offset
+            ring.submit_write(slot, slot * SLOT, SLOT)
+        done = reap_until(ring, 4)
+        assert sorted(done) == [(s, s * SLOT, SLOT, SLOT) for s in range(4)]
+        ring.submit_fsync()
+        assert reap_until(ring, 1) == [(uring.FSYNC_SLOT, 0, 0, 0)]
+        stats = ring.stats()
+        assert stats["writes"] == 4 and stats["fsyncs"] == 1 and stats["failed"] == 0
+    finally:
+        ring.close()
+    assert path.read_bytes() == data
+
+
+def test_page_cache_writes_need_no_alignment_and_direct_ones_do(
+    uring: ModuleType, tmp_path: Path
+) -> None:
+    path = tmp_path / "edges.bin"
+    path.write_bytes(bytes(3 * 4096))
+    pool = SlotPool(2, SLOT)
+    pool.view(0)[:4096] = b"\xab" * 4096
+    pool.view(1)[:1000] = b"\xcd" * 1000
+    ring = uring.Ring(str(path), pool.buffer, SLOT, writable=True)
+    try:
+        with pytest.raises(ValueError, match="multiples"):
+            ring.submit_write(1, 4097, 1000)
+        ring.submit_write(0, 4096, 4096)
+        ring.submit_write(1, 123, 1000, cached=True)
+        assert sorted(reap_until(ring, 2)) == [(0, 4096, 4096, 4096), (1, 123, 1000, 1000)]
+    finally:
+        ring.close()
+    expected = bytearray(3 * 4096)
+    expected[4096:8192] = b"\xab" * 4096
+    expected[123:1123] = b"\xcd" * 1000
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_a_read_only_ring_refuses_writes_and_fsync(
+    uring: ModuleType, data_file: tuple[Path, bytes]
+) -> None:
+    pool = SlotPool(1, SLOT)
+    ring = uring.Ring(str(data_file[0]), pool.buffer, SLOT)
+    try:
+        with pytest.raises(ValueError, match="read-only"):
+            ring.submit_write(0, 0, SLOT)
+        with pytest.raises(ValueError, match="read-only"):
+            ring.submit_fsync()
+        assert ring.in_flight == 0 and not ring.stats()["writable"]
+    finally:
+        ring.close()
+
+
+def test_one_fsync_at_a_time(uring: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "sync.bin"
+    path.write_bytes(b"x")
+    pool = SlotPool(1, SLOT)
+    ring = uring.Ring(str(path), pool.buffer, SLOT, writable=True)
+    try:
+        ring.submit_fsync(datasync=False)
+        with pytest.raises(ValueError, match="already in flight"):
+            ring.submit_fsync()
+        assert reap_until(ring, 1) == [(uring.FSYNC_SLOT, 0, 0, 0)]
+        ring.submit_fsync()
+        assert reap_until(ring, 1) == [(uring.FSYNC_SLOT, 0, 0, 0)]
+    finally:
+        ring.close()
+
+
+def test_closing_with_writes_in_flight_lets_them_land(uring: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "landed.bin"
+    path.write_bytes(b"")
+    data = os.urandom(6 * SLOT)
+    pool = SlotPool(6, SLOT)
+    pool.buffer[:] = data
+    ring = uring.Ring(str(path), pool.buffer, SLOT, writable=True)
+    for slot in range(6):
+        ring.submit_write(slot, slot * SLOT, SLOT)
+    ring.close()  # reads would be cancelled; writes are waited for, never torn by close
+    assert path.read_bytes() == data
+
+
+FSIZE_CHILD = textwrap.dedent(
+    """
+    import json, resource, select, signal, sys
+    from fflnode.prism import _uring
+    from fflnode.prism.pool import SlotPool
+    SLOT = 1 << 20
+    path, limit = sys.argv[1], int(sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, not a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    pool = SlotPool(2, SLOT)
+    pool.buffer[:] = bytes(range(256)) * (2 * SLOT // 256)
+    ring = _uring.Ring(path, pool.buffer, SLOT, writable=True)
+    poller = select.poll(); poller.register(ring.eventfd, select.POLLIN)
+
+    def reap(n):
+        done = []
+        for _ in range(100):
+            done += ring.reap()
+            if len(done) >= n:
+                return sorted(done)
+            poller.poll(5000)
+        raise SystemExit("no completion")
+
+    ring.submit_write(0, 0, SLOT)
+    ring.submit_write(1, SLOT, SLOT)
+    first = reap(2)
+    short = first[1][3]
+    ring.submit_write(1, SLOT + short, SLOT - short, buf_offset=short)  # the rest
+    print(json.dumps({"first": first, "rest": reap(1), "stats": ring.stats()}))
+    """
+)
+
+
+def test_a_short_write_reports_the_bytes_written_and_the_rest_fails_with_errno(
+    uring: ModuleType, tmp_path: Path
+) -> None:
+    # RLIMIT_FSIZE cuts a write at the limit (a short write), then refuses with EFBIG:
+    # the same shape as a disk filling up mid-request, without needing a full disk.
+    path = tmp_path / "limited.bin"
+    path.write_bytes(b"")
+    limit = SLOT + 3 * 4096
+    proc = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["first"] == [[0, 0, SLOT, SLOT], [1, SLOT, SLOT, 3 * 4096]]
+    assert report["rest"] == [[1, limit, SLOT - 3 * 4096, -errno.EFBIG]]
+    assert report["stats"]["failed"] == 1 and report["stats"]["resubmits"] == 1
+    assert path.stat().st_size == limit
+
+
+ENOMEM_WRITE_CHILD = textwrap.dedent(
+    """
+    import json, resource, select, sys
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (256 << 10, 256 << 10))  # ring yes, pool no
+    from fflnode.prism import _uring
+    from fflnode.prism.pool import SlotPool
+    pool = SlotPool(2, 1 << 20)
+    pool.view(0)[:] = b"\\x5a" * (1 << 20)
+    ring = _uring.Ring(sys.argv[1], pool.buffer, 1 << 20, writable=True)
+    ring.submit_write(0, 0, 1 << 20)
+    poller = select.poll(); poller.register(ring.eventfd, select.POLLIN)
+    done = []
+    for _ in range(100):
+        done += ring.reap()
+        if done:
+            break
+        poller.poll(5000)
+    ring.close()
+    ok = open(sys.argv[1], "rb").read() == b"\\x5a" * (1 << 20)
+    print(json.dumps({"stats": ring.stats(), "done": done, "ok": ok}))
+    """
+)
+
+
+def test_write_buffer_registration_refused_for_memlock_falls_back(
+    uring: ModuleType, tmp_path: Path
+) -> None:
+    path = tmp_path / "unregistered.bin"
+    path.write_bytes(b"")
+    command = [sys.executable, "-c", ENOMEM_WRITE_CHILD, str(path)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip(
+                "running as root and util-linux setpriv is missing: cannot drop CAP_IPC_LOCK"
+            )
+        command = [setpriv, "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["stats"]["buffers_registered"] is False
+    assert report["stats"]["register_buffers_errno"] == errno.ENOMEM
+    assert report["done"] == [[0, 0, 1 << 20, 1 << 20]] and report["ok"]
+
+
+def test_the_fsync_slot_matches_the_python_constant(uring: ModuleType) -> None:
+    from fflnode.prism.backends import FSYNC_SLOT
+
+    assert uring.FSYNC_SLOT == FSYNC_SLOT

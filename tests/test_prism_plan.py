@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fflnode.prism.plan import plan_reads
+from fflnode.prism.plan import plan_reads, plan_writes
 
 ALIGN = 4096
 REQUEST = 16 * ALIGN
@@ -83,3 +83,56 @@ def test_plans_that_cannot_hand_out_whole_elements_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         plan_reads(start, stop, **kwargs)
+
+
+# ------------------------------------------------------------------------------ writes
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 20 * ALIGN),
+    st.integers(0, 40 * ALIGN),
+    st.sampled_from([ALIGN, 3 * ALIGN, REQUEST]),
+    st.booleans(),
+)
+def test_writes_cover_every_byte_once_and_only_edges_are_unaligned(
+    start: int, count: int, request: int, pad: bool
+) -> None:
+    stop = start + count
+    writes = list(plan_writes(start, stop, request_bytes=request, align=ALIGN, pad=pad))
+    pos = start
+    for w in writes:
+        assert w.offset == pos, "requests are in file order, back to back"
+        assert 0 < w.data <= w.length <= request
+        if w.aligned:
+            assert w.offset % ALIGN == 0 and w.length % ALIGN == 0
+        else:
+            assert w.length < ALIGN and w.data == w.length, "an unaligned edge is under a block"
+        if w.length > w.data:
+            assert pad and w is writes[-1] and (w.offset + w.length) % ALIGN == 0
+        pos += w.data
+    assert pos == stop, "the data tiles the range exactly"
+    unaligned = [w for w in writes if not w.aligned]
+    assert len(unaligned) <= (1 if pad else 2)
+    if start % ALIGN == 0:
+        assert not pad or not unaligned, "an aligned start with pad is O_DIRECT end to end"
+        assert all(w.aligned for w in writes[:-1])
+
+
+def test_write_edges_share_no_aligned_block_with_the_middle() -> None:
+    writes = list(plan_writes(100, 3 * ALIGN + 7, request_bytes=REQUEST, align=ALIGN))
+    assert [(w.offset, w.length, w.aligned) for w in writes] == [
+        (100, ALIGN - 100, False),
+        (ALIGN, 2 * ALIGN, True),
+        (3 * ALIGN, 7, False),
+    ]
+    padded = list(plan_writes(0, 10, request_bytes=REQUEST, align=ALIGN, pad=True))
+    assert [(w.offset, w.length, w.data, w.aligned) for w in padded] == [(0, ALIGN, 10, True)]
+    assert list(plan_writes(5, 5, request_bytes=REQUEST, align=ALIGN)) == []
+
+
+def test_write_plans_refuse_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        plan_writes(0, 10, request_bytes=ALIGN + 1, align=ALIGN)
+    with pytest.raises(ValueError, match="byte range"):
+        plan_writes(10, 5, request_bytes=ALIGN, align=ALIGN)

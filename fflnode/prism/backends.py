@@ -1,24 +1,28 @@
-"""Prism read engines and the choice between them.
+"""Prism I/O engines and the choice between them.
 
-Owns: the three ways Prism moves file bytes into pool slots, behind one small interface
-(`Engine`): submit a read, wait until completions may be ready, reap them as
-(slot, offset, length, result) with result = bytes read or -errno, cancel, close.
+Owns: the three ways Prism moves file bytes between a file and pool slots, behind one
+small interface (`Engine`): submit a read, a write or an fsync, wait until completions
+may be ready, reap them as (slot, offset, length, result) with result = bytes read or
+written or -errno (an fsync completes with slot FSYNC_SLOT), cancel, close. An engine
+opened `writable` opens its descriptors read-write; the caller creates the file.
 
 - "io_uring": the native ring (native/uring.c). The trio thread submits and reaps;
   trio waits on the ring's eventfd with `wait_readable`. No thread in the hot path.
-- "threads": `os.preadv` of the same aligned slots through an O_DIRECT descriptor, one
-  read per worker thread from trio's thread cache (`trio.lowlevel.start_thread_soon`,
-  the primitive under `trio.to_thread`); completions come back via the trio token.
-- "buffered": the same thread machinery reading through the page cache, for
-  filesystems that refuse O_DIRECT (EINVAL) or callers that ask for page-cache reads.
+- "threads": `os.preadv` / `os.pwritev` of the same aligned slots through an O_DIRECT
+  descriptor, one request per worker thread from trio's thread cache
+  (`trio.lowlevel.start_thread_soon`, the primitive under `trio.to_thread`); completions
+  come back via the trio token.
+- "buffered": the same thread machinery through the page cache, for filesystems that
+  refuse O_DIRECT (EINVAL) or callers that ask for page-cache reads.
 
 Choice (`resolve_backend`): FFLNODE_PRISM_BACKEND, when set, overrides the caller's
 value (which comes from the config key `prism.backend`); "auto" picks io_uring when the
 extension imports and a probe ring can be created, else threads. A file whose
 filesystem refuses O_DIRECT is read by the buffered engine whatever the choice.
 
-Must never: close a descriptor while a worker thread may still read through it (the
-last completing thread closes it), or report success for a read that came back short.
+Must never: close a descriptor while a worker thread may still use it (the last
+completing thread closes it), abandon a write on close (closing waits for writes; only
+reads are cancelled), or report success for a request that came back short.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ CONFIG_KEY = "prism.backend"
 IO_URING_DISABLED_SYSCTL = Path("/proc/sys/kernel/io_uring_disabled")
 THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
-Completion = tuple[int, int, int, int]  # (slot, offset, length, bytes read or -errno)
+Completion = tuple[int, int, int, int]  # (slot, offset, length, bytes done or -errno)
+# The slot an fsync completes with (native/uring.c FSYNC_SLOT): it owns no slot.
+FSYNC_SLOT = -1
 
 
 class Engine(Protocol):
@@ -64,6 +70,16 @@ class Engine(Protocol):
     def submit(self, slot: int, offset: int, length: int, buf_offset: int, cached: bool) -> None:
         """Start reading `length` bytes at file `offset` into `slot` + `buf_offset`."""
 
+    def submit_write(
+        self, slot: int, offset: int, length: int, buf_offset: int, cached: bool
+    ) -> None:
+        """Start writing `length` bytes from `slot` + `buf_offset` at file `offset`
+        (writable engines). The completion may report fewer bytes: continue from there."""
+
+    def submit_fsync(self, datasync: bool) -> None:
+        """Start fdatasync (fsync when not `datasync`); completes with FSYNC_SLOT. It is
+        not ordered after writes in flight: reap those first."""
+
     def reap(self) -> list[Completion]:
         """Completions ready now (possibly none); never waits."""
 
@@ -71,7 +87,7 @@ class Engine(Protocol):
         """Return when `reap` may have something; only called with reads in flight."""
 
     def cancel(self) -> None:
-        """Ask for the reads in flight to end early; they still complete through reap."""
+        """Ask for the requests in flight to end early; they still complete through reap."""
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -197,14 +213,27 @@ class UringEngine:
     name = "io_uring"
 
     def __init__(
-        self, path: Path, pool: SlotPool, *, direct: bool, cached: bool, register: bool
+        self,
+        path: Path,
+        pool: SlotPool,
+        *,
+        direct: bool,
+        cached: bool,
+        register: bool,
+        writable: bool = False,
     ) -> None:
         module, why = native_module()
         if module is None:
             raise PrismError(errno_codes.ENOSYS, f"io_uring backend unavailable: {why}", str(path))
         self.direct, self.cached = direct, cached
         self._ring = module.Ring(
-            str(path), pool.buffer, pool.slot_size, direct=direct, cached=cached, register=register
+            str(path),
+            pool.buffer,
+            pool.slot_size,
+            direct=direct,
+            cached=cached,
+            register=register,
+            writable=writable,
         )
         self._fd = self._ring.eventfd
 
@@ -214,6 +243,14 @@ class UringEngine:
 
     def submit(self, slot: int, offset: int, length: int, buf_offset: int, cached: bool) -> None:
         self._ring.submit(slot, offset, length, buf_offset, cached)
+
+    def submit_write(
+        self, slot: int, offset: int, length: int, buf_offset: int, cached: bool
+    ) -> None:
+        self._ring.submit_write(slot, offset, length, buf_offset, cached)
+
+    def submit_fsync(self, datasync: bool) -> None:
+        self._ring.submit_fsync(datasync)
 
     def reap(self) -> list[Completion]:
         return self._ring.reap()
@@ -232,13 +269,16 @@ class UringEngine:
 
 
 class ThreadEngine:
-    """preadv in worker threads, one read per thread, completions via the trio token.
+    """preadv/pwritev in worker threads, one request per thread, completions via the
+    trio token.
 
     `direct=True` opens the file O_DIRECT (the "threads" backend); `cached` adds a
     page-cache descriptor. With direct=False this is the "buffered" backend.
     """
 
-    def __init__(self, path: Path, pool: SlotPool, *, direct: bool, cached: bool) -> None:
+    def __init__(
+        self, path: Path, pool: SlotPool, *, direct: bool, cached: bool, writable: bool = False
+    ) -> None:
         self.name = "threads" if direct else "buffered"
         self.direct, self.cached = direct, cached
         self._path = str(path)
@@ -246,16 +286,25 @@ class ThreadEngine:
         self._fds: list[int | None] = [None, None]
         self._lock = threading.Lock()  # guards _done, _running, _closing
         self._done: list[Completion] = []
-        self._running = 0  # reads whose thread has not delivered yet
-        self._in_flight = 0  # reads submitted and not yet reaped (trio thread only)
+        self._running = 0  # requests whose thread has not delivered yet (fsync included)
+        self._in_flight = 0  # reads and writes submitted and not yet reaped (trio thread)
         self._closing = False
         self._wakeup: trio.Event | None = None
-        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "resubmits": 0}
+        self._counts = {
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "resubmits": 0,
+            "writes": 0,
+            "fsyncs": 0,
+        }
+        self.writable = writable
+        access = os.O_RDWR if writable else os.O_RDONLY
         try:
             if direct:
-                self._fds[0] = _open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC, "O_DIRECT")
+                self._fds[0] = _open(path, access | os.O_DIRECT | os.O_CLOEXEC, "O_DIRECT")
             if cached or not direct:
-                self._fds[1] = _open(path, os.O_RDONLY | os.O_CLOEXEC, "")
+                self._fds[1] = _open(path, access | os.O_CLOEXEC, "")
         except BaseException:
             self._close_fds()
             raise
@@ -265,6 +314,19 @@ class ThreadEngine:
         return self._in_flight
 
     def submit(self, slot: int, offset: int, length: int, buf_offset: int, cached: bool) -> None:
+        self._start(slot, offset, length, buf_offset, cached, write=False)
+
+    def submit_write(
+        self, slot: int, offset: int, length: int, buf_offset: int, cached: bool
+    ) -> None:
+        if not self.writable:
+            raise ValueError(f"{self._path}: engine opened read-only: pass writable=True to write")
+        self._start(slot, offset, length, buf_offset, cached, write=True)
+        self._counts["writes"] += 1
+
+    def _start(
+        self, slot: int, offset: int, length: int, buf_offset: int, cached: bool, write: bool
+    ) -> None:
         fd = self._fds[1 if cached or not self.direct else 0]
         if fd is None:
             raise ValueError(
@@ -281,7 +343,29 @@ class ThreadEngine:
         def deliver(result: outcome.Outcome[int]) -> None:
             self._deliver(token, (slot, offset, length, result.unwrap()))
 
-        trio.lowlevel.start_thread_soon(_pread_fn(fd, view, offset), deliver, name="prism-preadv")
+        if write:
+            trio.lowlevel.start_thread_soon(
+                _pwrite_fn(fd, view, offset), deliver, name="prism-pwritev"
+            )
+        else:
+            trio.lowlevel.start_thread_soon(
+                _pread_fn(fd, view, offset), deliver, name="prism-preadv"
+            )
+
+    def submit_fsync(self, datasync: bool) -> None:
+        if not self.writable:
+            raise ValueError(f"{self._path}: engine opened read-only: pass writable=True to fsync")
+        fd = self._fds[0] if self._fds[0] is not None else self._fds[1]
+        assert fd is not None, "an open engine holds a descriptor"
+        token = trio.lowlevel.current_trio_token()
+        with self._lock:
+            self._running += 1
+        self._counts["fsyncs"] += 1
+
+        def deliver(result: outcome.Outcome[int]) -> None:
+            self._deliver(token, (FSYNC_SLOT, 0, 0, result.unwrap()))
+
+        trio.lowlevel.start_thread_soon(_fsync_fn(fd, datasync), deliver, name="prism-fsync")
 
     def _deliver(self, token: trio.lowlevel.TrioToken, completion: Completion) -> None:
         # Runs in the worker thread.
@@ -302,7 +386,7 @@ class ThreadEngine:
     def reap(self) -> list[Completion]:
         with self._lock:
             done, self._done = self._done, []
-        self._in_flight -= len(done)
+        self._in_flight -= sum(1 for c in done if c[0] != FSYNC_SLOT)
         self._counts["completed"] += len(done)
         self._counts["failed"] += sum(1 for c in done if c[3] < 0)
         return done
@@ -324,13 +408,15 @@ class ThreadEngine:
             self._wakeup = None
 
     def cancel(self) -> None:
-        """A preadv in a thread cannot be interrupted; each is one bounded request."""
+        """A preadv or pwritev in a thread cannot be interrupted; each is one bounded
+        request."""
 
     def stats(self) -> dict[str, Any]:
         return {
             "engine": self.name,
             "direct": self._fds[0] is not None,
             "cached": self._fds[1] is not None,
+            "writable": self.writable,
             "in_flight": self._in_flight,
             **self._counts,
         }
@@ -365,3 +451,24 @@ def _pread_fn(fd: int, view: memoryview, offset: int) -> Callable[[], int]:
             return -(e.errno or errno_codes.EIO)
 
     return pread
+
+
+def _pwrite_fn(fd: int, view: memoryview, offset: int) -> Callable[[], int]:
+    def pwrite() -> int:
+        try:
+            return os.pwritev(fd, [view], offset)
+        except OSError as e:
+            return -(e.errno or errno_codes.EIO)
+
+    return pwrite
+
+
+def _fsync_fn(fd: int, datasync: bool) -> Callable[[], int]:
+    def sync() -> int:
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        except OSError as e:
+            return -(e.errno or errno_codes.EIO)
+        return 0
+
+    return sync

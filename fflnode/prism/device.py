@@ -1,18 +1,21 @@
-"""Moving streamed chunks into a destination tensor: host memory, or a GPU.
+"""Moving streamed chunks into a destination tensor (host memory, or a GPU), and source
+bytes into pool slots for a write.
 
-Owns: the last hop of a Prism read. On CUDA the pool is page-locked once
-(cudaHostRegister through torch.cuda.cudart()), each chunk is copied on a side stream
-with `non_blocking=True`, and its slot is released only when an event recorded after
-the copy has completed, so the next reads are in flight while copies run. Other
-devices get a synchronous copy; host tensors and buffers a memcpy.
+Owns: the last hop of a Prism read and the first hop of a Prism write. On CUDA the pool
+is page-locked once (cudaHostRegister through torch.cuda.cudart()), each chunk is copied
+on a side stream with `non_blocking=True`, and its slot is released only when an event
+recorded after the copy has completed, so the next reads are in flight while copies
+run. Other devices get a synchronous copy; host tensors and buffers a memcpy.
 
 Promises: a slot is never released while a device copy may still read it; `finish`
 returns only when every copy has landed and the caller's current stream is ordered
 after them; at most MAX_PENDING_COPIES chunks are held by copies at once (the pool's
-spare slots), so the reader always has slots for its queue.
+spare slots), so the reader always has slots for its queue. A write source copies into
+a slot synchronously (a memcpy, or a device-to-host copy into the page-locked pool), so
+the slot holds the bytes the moment `copy_into` returns and the caller's tensor is free.
 
-Must never: import torch unless a torch destination was given (callers that read into
-numpy never load it).
+Must never: import torch unless a torch destination or source was given (callers that
+read into numpy never load it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from fflnode.prism.pool import SlotPool
 from fflnode.prism.stream import EXTRA_SLOTS, Chunk
 
 if TYPE_CHECKING:
@@ -175,3 +179,71 @@ def _device_bytes(out: torch.Tensor, nbytes: int) -> torch.Tensor:
     if flat.numel() != nbytes:
         raise ValueError(f"destination of {flat.numel()} bytes for {nbytes} bytes of data")
     return flat
+
+
+# ---------------------------------------------------------------------- write sources
+
+
+class HostSource:
+    """Bytes in host memory (numpy array, bytes, buffer, CPU tensor) to copy into slots."""
+
+    def __init__(self, data: Any) -> None:
+        self._src = _host_source_bytes(data)
+        self.nbytes = len(self._src)
+
+    def prepare(self, pool: SlotPool) -> None:
+        """Nothing to set up for host memory."""
+
+    def copy_into(self, dst: memoryview, pos: int) -> None:
+        """Copy source bytes [pos, pos + len(dst)) into `dst`."""
+        dst[:] = self._src[pos : pos + len(dst)]
+
+
+class TorchSource:
+    """A tensor on a device: copied into slots by torch, synchronously (into the
+    page-locked pool when the device is CUDA, so the copy is one DMA)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        import torch
+
+        self._torch = torch
+        if not data.is_contiguous():
+            raise ValueError("source tensor must be contiguous")
+        self._src = data.detach().reshape(-1).view(torch.uint8)
+        self._cuda = data.device.type == "cuda"
+        self.nbytes = self._src.numel()
+
+    def prepare(self, pool: SlotPool) -> None:
+        if self._cuda:
+            pool.pin_cuda()
+
+    def copy_into(self, dst: memoryview, pos: int) -> None:
+        out = self._torch.from_numpy(np.frombuffer(dst, dtype=np.uint8))
+        out.copy_(self._src[pos : pos + len(dst)])
+
+
+Source = HostSource | TorchSource
+
+
+def source_for(data: Any) -> Source:
+    """The write source for `data`: a buffer, numpy array or tensor (any device)."""
+    if _is_torch_tensor(data) and data.device.type != "cpu":
+        return TorchSource(data)
+    return HostSource(data)
+
+
+def _host_source_bytes(data: Any) -> memoryview:
+    if _is_torch_tensor(data):
+        if not data.is_contiguous():
+            raise ValueError("source tensor must be contiguous")
+        import torch
+
+        data = data.detach().reshape(-1).view(torch.uint8).numpy()
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            raise ValueError("source array must be C-contiguous")
+        return memoryview(data.reshape(-1).view(np.uint8))
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("source buffer must be C-contiguous")
+    return view.cast("B") if view.nbytes else memoryview(b"")

@@ -1,4 +1,4 @@
-"""Read planning, sans-IO: which aligned reads cover a byte range, and what each hands out.
+"""Read and write planning, sans-IO: which aligned requests cover a byte range.
 
 A tensor rarely starts on a 4 KiB boundary, and O_DIRECT reads only aligned spans, so a
 byte range [start, stop) is read as aligned covers and each cover hands the consumer an
@@ -10,6 +10,18 @@ tile [start, stop); every read is `align`-aligned in offset and length and at mo
 `request_bytes` long. When elements are aligned (the usual case) consecutive reads do
 not overlap; otherwise a read starts at the page holding the first element the previous
 one could not finish, re-reading less than one page. No I/O, no trio: tested directly.
+
+Writes (`plan_writes`) cannot re-read: a write owns exactly its bytes. The aligned middle
+of a range goes out in aligned requests (O_DIRECT); an unaligned head or tail, shorter
+than one alignment unit, is its own unaligned request, which the writer sends through
+the page cache. Why not pad the last block and ftruncate, or read-modify-write the edge
+blocks: padding clobbers whatever follows the range inside its last block, and a
+read-modify-write of a block shared by two writes in flight at once loses one of them;
+the page cache merges edge bytes of neighbouring writes exactly, needs no read, leaves
+the file exactly `stop` bytes long when the range ends it, and costs at most two
+partial pages of cache per range. A caller that owns the bytes after the range up to
+the next boundary (the block store pads its regions) asks for `pad=True`: the tail is
+then written O_DIRECT, zero-padded to the boundary.
 """
 
 from __future__ import annotations
@@ -70,3 +82,46 @@ def _plan(start: int, stop: int, request_bytes: int, align: int, itemsize: int) 
         end = -(-hi // align) * align
         yield Read(index, offset, end - offset, pos, hi)
         pos, index = hi, index + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write: file bytes [offset, offset + length) from source bytes
+    [offset - start, offset - start + data); bytes past `data` are zero padding.
+    `aligned`: offset and length are multiples of the alignment (O_DIRECT may carry it)."""
+
+    offset: int
+    length: int
+    data: int
+    aligned: bool
+
+
+def plan_writes(
+    start: int, stop: int, *, request_bytes: int, align: int, pad: bool = False
+) -> Iterator[Write]:
+    """Requests covering bytes [start, stop): an unaligned head, aligned requests of at
+    most `request_bytes`, an unaligned tail (or, with `pad`, an aligned tail padded to the
+    next boundary). Every source byte is in exactly one request, in file order."""
+    if align < 1 or request_bytes % align or request_bytes < align:
+        raise ValueError(f"request of {request_bytes} bytes must be a positive multiple of {align}")
+    if not 0 <= start <= stop:
+        raise ValueError(f"range [{start}, {stop}) is not a byte range")
+    return _plan_writes(start, stop, request_bytes, align, pad)
+
+
+def _plan_writes(
+    start: int, stop: int, request_bytes: int, align: int, pad: bool
+) -> Iterator[Write]:
+    head = min(stop, -(-start // align) * align)  # first aligned byte (or stop)
+    tail = max(head, stop - stop % align)  # last aligned boundary at or before stop
+    if head > start:
+        yield Write(start, head - start, head - start, False)
+    # With pad, an unaligned tail joins the aligned requests, zero-filled to the boundary.
+    end = -(-stop // align) * align if pad and stop > tail else tail
+    pos = head
+    while pos < end:
+        length = min(request_bytes, end - pos)
+        yield Write(pos, length, min(length, stop - pos), True)
+        pos += length
+    if not pad and stop > tail:
+        yield Write(tail, stop - tail, stop - tail, False)
