@@ -367,8 +367,8 @@ async def test_garbage_to_the_listener_and_the_offer_protocol_never_escapes() ->
                 await send_raw(data, then_wait=True)
             # A real ClientHello from a client the server never heard of.
             stranger = libp2p_tls.TlsIdentity.generate(create_new_key_pair())
-            chain = stranger.chain_file(client.fast._chain.parent)  # type: ignore[union-attr]
-            ctx = libp2p_tls.client_context(chain, server.fast.identity.cert_der)  # type: ignore[union-attr]
+            with stranger.chain_file() as chain:
+                ctx = libp2p_tls.client_context(chain, server.fast.identity.cert_der)  # type: ignore[union-attr]
             tcp = await trio.open_tcp_stream("127.0.0.1", port)
             with pytest.raises((ssl.SSLError, trio.BrokenResourceError)):
                 stream = TlsStream(tcp, ctx, server_side=False)
@@ -508,3 +508,12 @@ def test_mutated_certificates_raise_only_certificate_error(pos: int, flip: int, 
             continue
         # A flip that still verifies (e.g. in an unsigned outer field) must prove the same ID.
         assert proven == ID.from_pubkey(KEY_PAIR.public_key)
+
+
+def test_certificate_key_reaches_openssl_without_touching_a_disk() -> None:
+    identity = libp2p_tls.TlsIdentity.generate(KEY_PAIR)
+    with identity.chain_file() as chain:
+        ctx = libp2p_tls.server_context(chain, [CERT])  # loads key and certificate
+        if hasattr(os, "memfd_create"):
+            assert str(chain).startswith("/proc/self/fd/")
+    assert ctx.cert_store_stats()["x509"] == 1  # the one pinned peer certificate

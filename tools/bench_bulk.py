@@ -5,7 +5,8 @@
 
 Paths, each measured in the same run, interleaved (repeat r starts at path r mod P):
   tcp       raw trio TCP: the ceiling of any path on this machine.
-  tls       trio.SSLStream over TCP, TLS 1.3 with libp2p certificates, no libp2p at all.
+  trio-ssl  trio.SSLStream over TCP: TLS 1.3 with libp2p certificates, no libp2p at all.
+  tls       the same TLS through fflnode.p2p.tlsstream.TlsStream (what the fast path uses).
   libp2p    one py-libp2p stream (TCP + Noise + yamux) with fflnode's tuning (host.py).
   fastpath  fflnode.p2p.fastpath: offer over libp2p, then libp2p-TLS 1.3 on its own TCP.
   hivemind  hivemind 1.1.12's P2P: two Go p2pd daemons, one stream from a binary handler.
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--mib", type=int, default=256, help="bytes moved per transfer, in MiB")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--paths", default="tcp,tls,libp2p,fastpath,hivemind")
+    p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--hivemind-python", help="a python with hivemind 1.1.12 (see above)")
     a = p.parse_args(argv)
     if a.role == "hivemind":
@@ -230,7 +231,8 @@ async def tls_recv(a: argparse.Namespace) -> None:
     # point is the cost of TLS itself, not of exchanging certificates.
     d = Path(tempfile.mkdtemp(prefix="bench-tls-"))
     ident = libp2p_tls.TlsIdentity.generate(create_new_key_pair())
-    chain = ident.chain_file(d)
+    chain = d / "chain.pem"
+    chain.write_bytes(ident.key_pem + ident.cert_pem)
     ctx = libp2p_tls.server_context(chain, [ident.cert_der])
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     _report(addr=f"127.0.0.1:{listener.socket.getsockname()[1]}:{chain}")

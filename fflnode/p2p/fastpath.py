@@ -40,10 +40,8 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import shutil
 import ssl
 import struct
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,26 +326,23 @@ class FastPath:
         self.identity = await trio.to_thread.run_sync(
             libp2p_tls.TlsIdentity.generate, self.key_pair
         )
-        workdir = Path(tempfile.mkdtemp(prefix="fflnode-fastpath-"))  # mode 0700
-        try:
-            self._chain = self.identity.chain_file(workdir)
+        with self.identity.chain_file() as chain:
             listeners = await trio.open_tcp_listeners(self.port, host=self.listen_host)
             self.port = listeners[0].socket.getsockname()[1]
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self.host.set_stream_handler(OFFER_PROTOCOL, self._on_offer_stream)
-                self.host.set_stream_handler(self.protocol, self._on_fallback_stream)
-                slots = trio.CapacityLimiter(MAX_CONCURRENT_HANDSHAKES)
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, slots)
-                log.info("fast path listening on %s:%d", self.listen_host, self.port)
-                task_status.started()
-        finally:
-            self._nursery = None
-            self._chain = None
-            for proto in (OFFER_PROTOCOL, self.protocol):
-                self.host.remove_stream_handler(proto)  # type: ignore[attr-defined]
-            shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._chain, self._nursery = chain, nursery
+                    self.host.set_stream_handler(OFFER_PROTOCOL, self._on_offer_stream)
+                    self.host.set_stream_handler(self.protocol, self._on_fallback_stream)
+                    slots = trio.CapacityLimiter(MAX_CONCURRENT_HANDSHAKES)
+                    for listener in listeners:
+                        nursery.start_soon(self._accept_loop, listener, slots)
+                    log.info("fast path listening on %s:%d", self.listen_host, self.port)
+                    task_status.started()
+            finally:
+                self._chain, self._nursery = None, None
+                for proto in (OFFER_PROTOCOL, self.protocol):
+                    self.host.remove_stream_handler(proto)  # type: ignore[attr-defined]
 
     # -- client --
     async def open(self, peer_id: ID, *, fallback: bool = True) -> Channel:

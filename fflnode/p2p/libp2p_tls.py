@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import ssl
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +99,7 @@ class TlsIdentity:
     peer_id: ID
     cert_der: bytes
     cert_pem: bytes
-    key_pem: bytes  # the certificate's ECDSA key, PKCS#8, unencrypted: never leaves memory
-    # except through `chain_file`
+    key_pem: bytes  # the certificate's ECDSA key, PKCS#8, unencrypted; see `chain_file`
 
     @classmethod
     def generate(cls, key_pair: KeyPair, now: dt.datetime | None = None) -> TlsIdentity:
@@ -141,16 +143,34 @@ class TlsIdentity:
             key_pem=key_pem,
         )
 
-    def chain_file(self, directory: Path) -> Path:
-        """Write certificate and key to a 0600 file in `directory` (for load_cert_chain,
-        which only reads files); the caller removes the directory when done."""
-        fd, name = tempfile.mkstemp(prefix="tls-", suffix=".pem", dir=directory)
+    @contextmanager
+    def chain_file(self) -> Iterator[Path]:
+        """Key and certificate as a path for SSLContext.load_cert_chain, which reads only
+        files: an anonymous memory file (memfd) where the kernel has them, so the key
+        never reaches a disk and vanishes with the process, even on SIGKILL; elsewhere a
+        0600 file in a private temporary directory, removed on exit."""
+        data = self.key_pem + self.cert_pem
+        if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+            fd = os.memfd_create("fflnode-libp2p-tls", os.MFD_CLOEXEC)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                yield Path(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        directory = tempfile.mkdtemp(prefix="fflnode-tls-")  # mode 0700
         try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, self.key_pem + self.cert_pem)
+            path = Path(directory) / "chain.pem"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            yield path
         finally:
-            os.close(fd)
-        return Path(name)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def verify_certificate(der: bytes, now: dt.datetime | None = None) -> ID:
