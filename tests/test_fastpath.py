@@ -291,9 +291,14 @@ async def test_unreachable_port_falls_back_to_libp2p_bit_exact() -> None:
             channel = await client.fast.open(server.id)
             assert not channel.fast and channel.peer_id == server.id
             back = await round_trip(channel, body)
+            # The failure is remembered: the next open goes straight to libp2p.
+            again = await client.fast.open(server.id)
+            assert not again.fast
+            assert await round_trip(again, b"again") == b"again"
     assert back == body
-    assert server.received == [(client.id, False, hashlib.sha256(body).digest())]
-    assert client.fast.stats.fallbacks == {"connect": 1}
+    assert server.received[0] == (client.id, False, hashlib.sha256(body).digest())
+    assert client.fast.stats.fallbacks == {"connect": 1, "remembered": 1}
+    assert server.fast.stats.offered == 1
 
 
 async def test_busy_server_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import ssl
 import struct
@@ -80,6 +81,11 @@ MAX_PENDING_OFFERS = 64
 MAX_PENDING_PER_PEER = 4
 # TLS handshakes in progress on the listener; more TCP connections are closed at once.
 MAX_CONCURRENT_HANDSHAKES = 16
+# After the fast path to a peer failed to set up (port unreachable, TLS failed), go
+# straight to libp2p for this long: a firewalled port would otherwise cost every open
+# CONNECT_TIMEOUT_S. A refusal ("busy") is not remembered: it passes in seconds.
+RETRY_FAST_AFTER_S = 60.0
+MAX_REMEMBERED_FAILURES = 4096  # peers; past this the memory starts over
 TOKEN_BYTES = 32  # 256 random bits: unguessable, single use
 ACCEPT = b"\x01"
 
@@ -341,6 +347,7 @@ class FastPath:
         self._chain: Path | None = None
         self._pending: list[_Pending] = []
         self._nursery: trio.Nursery | None = None
+        self._failed_until: dict[ID, float] = {}  # peer -> trio time to try TLS again
 
     # -- lifetime --
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -379,9 +386,15 @@ class FastPath:
             raise RuntimeError("FastPath.open before FastPath.serve has started")
         peer = str(peer_id)
         try:
+            if trio.current_time() < self._failed_until.get(peer_id, -math.inf):
+                raise _SetupFailed("remembered", "it failed to set up recently")
             channel = await self._open_fast(peer_id)
         except _SetupFailed as e:
             self.stats.count(self.stats.fallbacks, e.reason)
+            if e.reason not in ("refused", "remembered"):
+                if len(self._failed_until) >= MAX_REMEMBERED_FAILURES:
+                    self._failed_until.clear()
+                self._failed_until[peer_id] = trio.current_time() + RETRY_FAST_AFTER_S
             if not fallback:
                 raise FastPathError(peer, e.reason, e.detail) from None
             log.info(
@@ -396,6 +409,7 @@ class FastPath:
             self._reject(e)
             raise
         self.stats.opened += 1
+        self._failed_until.pop(peer_id, None)
         return channel
 
     async def _open_fast(self, peer_id: ID) -> FastChannel:
