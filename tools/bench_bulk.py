@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark bulk throughput on one peer pair: 256 MiB one way over 127.0.0.1.
 
-    .venv/bin/python tools/bench_bulk.py --repeats 5 --hivemind-python /tmp/hm-venv/bin/python
+    .venv/bin/python tools/bench_bulk.py --repeats 7 --hivemind-python /tmp/hm-venv/bin/python
 
 Paths, each measured in the same run, interleaved (repeat r starts at path r mod P):
   tcp       raw trio TCP: the ceiling of any path on this machine.
@@ -16,6 +16,8 @@ own interpreter and event loop, as two nodes would. The sender times from its fi
 to the receiver's one-byte acknowledgement, sent once all bytes arrived; the setup (dial,
 handshakes, stream open) is timed apart and shown in its own column. The table shows
 medians with min-max in MB/s (10**6 bytes/s), and fastpath / hivemind from the medians.
+It also shows each end's CPU seconds over the transfer: on a shared machine throughput
+follows the CPU the two ends get, CPU seconds per byte do not; read both.
 
 The hivemind path runs this same file with the Python given by --hivemind-python; it
 imports only asyncio and hivemind there (no trio, no fflnode). This script installs
@@ -25,9 +27,10 @@ nothing. Make that venv once:
     /tmp/hm-venv/bin/pip install torch==2.13.0   # first: other torch specs pull CUDA wheels
     /tmp/hm-venv/bin/pip install hivemind==1.1.12
 
-The hivemind role starts two P2P instances (hence two p2pd daemons) in one asyncio
-process, as hivemind's own peers would reach each other, and moves the bytes through
-`add_binary_stream_handler` / `call_binary_stream_handler`.
+The hivemind role starts two P2P instances in one asyncio process (each P2P runs its own
+p2pd daemon, so each end's transport is a process of its own) and moves the bytes through
+`add_binary_stream_handler` / `call_binary_stream_handler`. Its CPU columns are each
+daemon's CPU plus half of the shared Python process's.
 """
 
 from __future__ import annotations
