@@ -1,9 +1,9 @@
 """The bulk fast path: an authenticated TLS 1.3 channel beside libp2p, offered over libp2p.
 
-Why: one py-libp2p stream (Noise + yamux in Python) moved 224 MB/s here with fflnode's
+Why: one py-libp2p stream (Noise + yamux in Python) moved 208 MB/s here with fflnode's
 tuning, its receiving end CPU-bound in the library's per-frame Python; 256 MiB over this
-path moved at 612 MB/s and cost both ends 0.43 CPU seconds instead of 1.18
-(tools/bench_bulk.py, 7 interleaved repeats in one run).
+path moved at 586 MB/s and cost both ends 0.41 CPU seconds instead of 1.18
+(tools/bench_bulk.py, 7 interleaved repeats in one run, load average ~5 on 2 cores).
 
 Theory of operation (client C opens a channel to server S; both run a FastPath):
 1. C opens a libp2p stream to S on OFFER_PROTOCOL (Noise has authenticated both peer
