@@ -390,7 +390,7 @@ def decode(
     except msgpack.ExtraData:
         raise WireError(peer, "malformed", "trailing bytes after the message") from None
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__}") from None
+        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__} {e}") from None
     if not isinstance(doc, dict):
         raise WireError(peer, "schema", f"message is a {type(doc).__name__}, not a map")
     version, kind = doc.pop("v", None), doc.pop("kind", None)
