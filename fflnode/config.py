@@ -103,7 +103,13 @@ class ExchangeSection:
     # median; "centered-clip" clips each Delta's distance to the coordinate median.
     robust: Literal["none", "trimmed-mean", "mad-mean", "centered-clip"] = "none"
     trim: int = 1  # values dropped at each end per coordinate (trimmed-mean)
-    chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
+    # How the complete graph's exact codec moves Deltas each round (fflnode.exchange_
+    # sharded): "reduce-scatter" (each member reduces one shard, then all gather: about
+    # 2 |theta| per node whatever N), "all-gather" (every node pulls every Delta: (N - 1)
+    # |theta|), or "auto": reduce-scatter for codec none without robust mixing, otherwise
+    # all-gather (lossy codecs all-gather their compressed Deltas, 32x smaller at 1 bit).
+    scheme: Literal["auto", "reduce-scatter", "all-gather"] = "auto"
+    chunk_elems: int = 1 << 20  # elements per request on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
 
 
@@ -391,6 +397,13 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError(
             f"{source}: train.partition_index {cfg.train.partition_index} must be below "
             f"run.nodes {cfg.run.nodes}"
+        )
+    if cfg.exchange.scheme == "reduce-scatter" and (
+        cfg.exchange.codec != "none" or cfg.exchange.robust != "none"
+    ):
+        raise ConfigError(
+            f"{source}: exchange.scheme 'reduce-scatter' carries exact Deltas (codec 'none') "
+            "with the plain mean (robust 'none'); use scheme 'all-gather' or 'auto'"
         )
     if cfg.exchange.robust != "none" and cfg.run.topology != "complete":
         raise ConfigError(

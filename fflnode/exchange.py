@@ -206,18 +206,9 @@ class RoundExchange:
 
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
         r, what = msg["round"], msg["what"]
-        if peer not in self._peer_names:
-            raise bulk.Unavailable("not-peer", "requester does not mix with us")
         if what not in ("delta", "weights"):
             raise bulk.Unavailable("bad-request", f"{SHARD_PROTOCOL} does not serve {what}")
-        if r < self.first_round:
-            raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
-        if r <= self.current_round - KEEP_ROUNDS:
-            raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
-        if r > max(self.current_round, self.first_round) + ROUNDS_AHEAD:
-            # Nobody in step asks that far ahead, and waiting would keep one event per
-            # asked round: refuse at once (a peer that far ahead does not wait for us).
-            raise bulk.Unavailable("not-ready", f"round {r} is ahead of us ({self.current_round})")
+        self._check_request(peer, msg)
         if what == "weights":
             return await self._resolve_weights(r, msg["lo"], msg["hi"])
         with trio.move_on_after(self.round_timeout_s):
@@ -232,6 +223,21 @@ class RoundExchange:
             raise bulk.Unavailable("bad-request", f"chunk {index} of {len(pub.chunks)}")
         enc = pub.chunks[index]
         return enc.codec, list(enc.parts.items()), {**enc.meta, START_KEY: pub.start}
+
+    def _check_request(self, peer: str, msg: wire.Message) -> None:
+        """Refuse, before any wait, a request from outside our peers or for a round we
+        cannot hold: the per-round books stay bounded whatever members ask."""
+        r = msg["round"]
+        if peer not in self._peer_names:
+            raise bulk.Unavailable("not-peer", "requester does not mix with us")
+        if r < self.first_round:
+            raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
+        if r <= self.current_round - KEEP_ROUNDS:
+            raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
+        if r > max(self.current_round, self.first_round) + ROUNDS_AHEAD:
+            # Nobody in step asks that far ahead, and waiting would keep one event per
+            # asked round: refuse at once (a peer that far ahead does not wait for us).
+            raise bulk.Unavailable("not-ready", f"round {r} is ahead of us ({self.current_round})")
 
     async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
         raise bulk.Unavailable("bad-request", "this exchange serves no weights")

@@ -36,6 +36,7 @@ from fflnode.compose import Composition
 from fflnode.config import split_host_port
 from fflnode.errors import ConfigError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
+from fflnode.exchange_sharded import ShardedAveraging
 from fflnode.merge.distance import consensus_distance
 from fflnode.merge.protocol import (
     MERGE_ATTEMPTS,
@@ -444,7 +445,20 @@ class Node:
             traffic=self.traffic,
             liveness=membership,
         )
-        if len(peers) == len(members) - 1:  # everyone: the exact mean needs no copies
+        sharded = e.scheme == "reduce-scatter" or (
+            e.scheme == "auto" and e.codec == "none" and e.robust == "none"
+        )
+        complete = len(peers) == len(members) - 1
+        if complete and sharded:  # everyone, exact: reduce-scatter then all-gather
+            return ShardedAveraging(
+                host,
+                run.run_id,
+                run.seed,
+                self.comp.codec,
+                me=me,
+                **common,
+            )
+        if complete:  # everyone: the exact mean needs no copies
             return Averaging(
                 host,
                 run.run_id,
