@@ -80,6 +80,7 @@ class NodeReport:
     peer_id: str
     partition_index: int
     task: str = ""
+    primary_metric: str | None = None  # the task's headline metric (its first, or its choice)
     rounds: list[RoundRecord] = field(default_factory=list)
     metrics_before_merge: dict[str, float] | None = None  # the task's evaluate(), premerge
     merged_metrics: dict[str, float] | None = None  # the same, on the merged weights
@@ -248,6 +249,9 @@ class Node:
                 if self.trainer is not None:
                     report.metrics_before_merge = await trio.to_thread.run_sync(
                         self.trainer.evaluate
+                    )
+                    report.primary_metric = self.comp.task.primary_metric or next(
+                        iter(report.metrics_before_merge), None
                     )
                 membership.phase = "merge"
                 self.notifier.status("merging")
@@ -464,7 +468,7 @@ class Node:
                 run.run_id,
                 run.seed,
                 self.comp.codec,
-                error_feedback=e.error_feedback,
+                error_feedback=e.codec != "none" and e.error_feedback != "off",
                 me=me,
                 robust=e.robust,
                 trim=e.trim,
