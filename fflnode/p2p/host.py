@@ -15,7 +15,9 @@ Owns every py-libp2p knob fflnode turns, in one place:
   a loop. ConnectionConfig alone cannot turn it off (its target stays 150).
 * Leaving `host.run` does not close the connections (peers keep seeing us for
   seconds); `running_host` closes the host first.
-* The `libp2p` logger is routed into the node's logging (it is silent otherwise).
+* The `libp2p` logger is routed into the node's logging (it is silent otherwise), its
+  warnings and errors at most one line per call site a minute (`LibraryLogLimit`): the
+  library writes one per hostile input, and a node's log must stay bounded under attack.
 * Reads from the raw connection go through a read-ahead buffer (`_ReadAhead`): Noise
   reads a 2-byte length then its 65535-byte message, each one socket receive and one
   trip through trio; one 256 KiB receive now feeds ~4 messages. Measured with
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -328,12 +331,62 @@ REDUNDANT_ERROR_LOGGERS = (
 )
 
 
+# py-libp2p logs a WARNING or an ERROR for each hostile input at dozens of call sites (an
+# identify push it cannot parse, a pubsub RPC over its size limit, a signed record that
+# does not verify, a peer it cannot flush messages to), with or without the peer's ID:
+# tools/fuzz_daemon.py measured 1,314 such lines from one attacker in 25 s, 58 per second.
+# fflnode promises a bounded log per offending peer (fflnode.p2p.peerlog), so the
+# library's lines are limited per call site: its first line, then at most one per window
+# saying how many were held back meanwhile. Call sites are a few hundred lines of
+# library code, so the table is small and bounded whatever a peer sends.
+LIBRARY_LOG_WINDOW_S = 60.0
+
+
+class LibraryLogLimit(logging.Filter):
+    """A handler filter: py-libp2p records at WARNING and above pass at most once per
+    call site (logger, file, line) per `window_s`; the first to pass after a window
+    names how many were held back. Every other record passes untouched."""
+
+    def __init__(
+        self,
+        window_s: float = LIBRARY_LOG_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self._sites: dict[tuple[str, str, int], list[float]] = {}  # site -> [last, held]
+        self.held = 0  # records held back in all (for tests)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("libp2p"):
+            return True
+        site = (record.name, record.pathname, record.lineno)
+        now = self.clock()
+        entry = self._sites.get(site)
+        if entry is not None and now - entry[0] < self.window_s:
+            entry[1] += 1
+            self.held += 1
+            return False
+        held = int(entry[1]) if entry is not None else 0
+        self._sites[site] = [now, 0]
+        if held:
+            record.msg = f"{record.msg} ({held} similar lines held back)"
+        return True
+
+
 def route_libp2p_logging(level: int) -> None:
     """Send py-libp2p's own records through the node's handlers, at `level` or above.
 
     The library logs routine events (every stream opened or reset) at INFO: those are
-    shown only when the node runs at debug; its warnings and errors always pass.
+    shown only when the node runs at debug; its warnings and errors always pass, at most
+    one per call site a minute (LibraryLogLimit, added to the root logger's handlers:
+    call this after installing them).
     """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, LibraryLogLimit) for f in handler.filters):
+            handler.addFilter(LibraryLogLimit())
     lib_level = level if level <= logging.DEBUG else max(level, logging.WARNING)
     lib = logging.getLogger("libp2p")
     lib.setLevel(lib_level)
