@@ -274,7 +274,9 @@ class RoundExchange:
                 )
                 done = True
             except (FflError, WireError) as e:
-                log.warning("nothing from %s: %s", short_peer(str(peer)), e)
+                # A member whose answer fails every round must not write a line a round:
+                # one per peer per peerlog.WINDOW_S, then a count.
+                self.traffic.peer_log.log(str(peer), "pull", f"nothing pulled: {e}")
             nursery.cancel_scope.cancel()
         if not done and not self.liveness.is_alive(peer):
             log.info("gave up on %s: no longer alive", short_peer(str(peer)))
@@ -302,12 +304,8 @@ class RoundExchange:
         if not await self.pull(peer, requests, on_piece, numel):
             return None
         if len(starts) != 1:
-            self.traffic.reject("schema", str(peer))
-            log.warning(
-                "%s sent chunks of one Delta with %d start digests",
-                short_peer(str(peer)),
-                len(starts),
-            )
+            detail = f"a Delta whose chunks carry {len(starts)} start digests"
+            self.traffic.reject("schema", str(peer), detail)
             return None
         return out, starts.pop()
 
@@ -415,8 +413,10 @@ class Averaging(RoundExchange):
             in_sync=pub.start == majority,
             kept_peers=[by_bytes[k] for k in sorted(kept) if k in by_bytes],
         )
-        if excluded:
-            log.warning("round %d: left out %d out-of-sync peers", round, len(excluded))
+        for peer in excluded:  # one line per peer per window: a member may do it each round
+            self.traffic.peer_log.log(
+                peer, "out-of-sync", f"left out of round {round}: it started from another state"
+            )
         if not report.in_sync:
             # We hold no majority state after this round until a resync lands: answer a
             # peer asking for it now rather than at the round timeout. Two nodes whose
@@ -470,8 +470,7 @@ class Averaging(RoundExchange):
         step, digest = claims.pop()
         snap = StateSnapshot(vectors, step, state_digest(vectors, step))
         if snap.digest != digest:
-            self.traffic.reject("hash", str(peer))
-            log.warning("state from %s fails its digest", short_peer(str(peer)))
+            self.traffic.reject("hash", str(peer), "a state that fails its digest")
             return None
         return snap
 
