@@ -2748,7 +2748,8 @@ def judge(
 
 # ----------------------------------------------------------------------------- campaign
 MODES = ("outsider", "insider", "ban")
-CODECS = ("none", "holo", "topk", "sketch")
+# sketch is refused at config load (it does not train), so no daemon runs it.
+CODECS = ("none", "holo", "topk")
 
 
 def schedule(index: int, modes: tuple[str, ...], codecs: tuple[str, ...]) -> tuple[str, str]:

@@ -5,7 +5,7 @@
 Runs sessions one after another (fflnode_harness/fuzz_daemon.py says what a session is
 and what its oracle checks): two honest daemons training a digits run, attacked from
 this process until the session's run ends, then judged; the modes (outsider, insider,
-ban) and the exchange codecs (none, holo, topk, sketch) rotate from session to session.
+ban) and the exchange codecs (none, holo, topk) rotate from session to session.
 Stops after --inputs inputs, or at the first session whose oracle fails (its daemons'
 logs and data stay under --out). Prints one line per session, then the summary table,
 and writes it with every figure to OUT/summary.txt and OUT/summary.json.
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of each session's run (the fuzzing lasts while they train and merge)",
     )  # fmt: skip
     p.add_argument("--modes", default=",".join(fd.MODES), help="outsider,insider,ban")
-    p.add_argument("--codecs", default=",".join(fd.CODECS), help="none,holo,topk,sketch")
+    p.add_argument("--codecs", default=",".join(fd.CODECS), help="none,holo,topk")
     p.add_argument("--workers", type=int, default=fd.WORKERS, help="concurrent attacker tasks")
     a = p.parse_args(argv)
     modes = tuple(m for m in a.modes.split(",") if m)
