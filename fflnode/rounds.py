@@ -205,14 +205,21 @@ class RoundRunner:
                 if resynced is None:  # keep our own mean: the nearest state we have
                     await trio.to_thread.run_sync(trainer.outer_step, theta_start, g)
         else:
+            # Sparse graphs: the outer optimizer steps on this node's own progress, then
+            # gossip averages the results. An adaptive outer step on theta_start - theta_mix
+            # would normalise the consensus term (neighbours' disagreement) along with the
+            # progress, and drown it: 4 non-IID digits nodes on a ring learnt nothing that
+            # way (docs/architecture.md, "Sparse graphs").
             assert isinstance(self.exchange, Gossip)
-            public = theta_local
+            await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_local)
+            theta_half = trainer.flat()
+            public = theta_half
             if self.adversary is not None:
-                public = theta_start - self.adversary.corrupt(theta_start - theta_local)
+                public = theta_start - self.adversary.corrupt(theta_start - theta_half)
             pub = await trio.to_thread.run_sync(self.exchange.encode, r, public)
             self.exchange.publish(r, pub)
-            theta_mix, rep = await self.exchange.gather(r, theta_local)
-            await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_mix)
+            theta_mix, rep = await self.exchange.gather(r, theta_half)
+            await trio.to_thread.run_sync(trainer.load_flat, theta_mix)
         self.exchange.record_state(r, StateSnapshot.of(trainer.state_vectors(), trainer.outer.t))
         scores = None
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
