@@ -27,6 +27,13 @@ stays open and a read from it waits forever. A peer whose heartbeat is overdue i
 over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
 not alive, disconnected (which fails every stream open to it at once), until a fresh
 heartbeat proves it back.
+
+Partitions. Heartbeats travel only over connections, so two nodes that each gave up on
+the other (a cable pulled for longer than OVERDUE_S + PING_TIMEOUT_S, a host that
+rebooted while we were cut off) would each wait forever for the other's heartbeat.
+Every peer in the book that we hold no connection to is therefore redialled at the
+addresses its last heartbeat named, under the same per-peer backoff as any dial
+(DIAL_BACKOFF_S), until a connection carries its heartbeats again.
 """
 
 from __future__ import annotations
@@ -318,12 +325,16 @@ class Membership:
         view.last_seen = trio.current_time()
         view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
         view.addrs = msg["addrs"]
-        if not self.host.get_network().connections.get(sender) and sender not in self._dialing:
+        if not self._connected(sender) and sender not in self._dialing:
             nursery.start_soon(self._dial, sender, list(view.addrs))
+
+    def _connected(self, peer: ID) -> bool:
+        return bool(self.host.get_network().connections.get(peer))
 
     # ------------------------------------------------------------------ liveness
     async def _watch(self, nursery: trio.Nursery) -> None:
-        """Ping every peer whose heartbeat is overdue; suspect those that do not answer."""
+        """Ping every peer whose heartbeat is overdue; suspect those that do not answer;
+        redial those we hold no connection to (see "Partitions" above)."""
         pinging: set[ID] = set()
 
         async def check(peer: ID) -> None:
@@ -342,6 +353,9 @@ class Membership:
                 if late and peer not in self.suspects and peer not in pinging:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
+                lost = view.addrs and not self._connected(peer) and peer not in self._dialing
+                if lost and now >= self._next_dial.get(peer, (0.0, 0.0))[0]:
+                    nursery.start_soon(self._dial, peer, list(view.addrs))
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
     def _forget_a_suspect(self) -> bool:
@@ -413,6 +427,9 @@ class Membership:
             return
         self._dialing.add(peer)
         try:
+            # Our backoff paces these dials: py-libp2p's 60 s negative cache of a peer
+            # whose dial failed would refuse a healed partition's first redials.
+            self.host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
             with trio.move_on_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, maddrs))
                 self._next_dial.pop(peer, None)  # connected: a later loss may redial at once
