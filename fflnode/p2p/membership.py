@@ -53,9 +53,10 @@ from libp2p.pubsub.pubsub import Pubsub
 
 from fflnode import wire
 from fflnode.admission import Admission, Refusal
-from fflnode.errors import WireError, short_peer
+from fflnode.errors import WireError, bounded, short_peer
 from fflnode.p2p import streams
 from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.peerlog import PeerLog
 from fflnode.p2p.reach import AddressGuard
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,15 @@ class PeerView:
 
 Handler = Callable[[ID, wire.Message], None]
 ANNOUNCEMENTS = frozenset({"hb", "start.ready", "merge.ready", "merge.hash"})  # the run topic
+
+
+# A peer's addresses as a log line shows them: what a heartbeat may carry (16 of up to
+# 4 KiB each) cut to what fits a line, non-printable characters escaped.
+ADDRS_LOG_CHARS = 400
+
+
+def _shown(addrs: list[str]) -> str:
+    return bounded(", ".join(addrs) or "no address", ADDRS_LOG_CHARS)
 
 
 def decode_announcement(
@@ -162,6 +172,9 @@ class Membership:
         self._changed = trio.Event()
         self.traffic = traffic
         self._dialing: set[ID] = set()
+        # A peer's advertised addresses, each time they change: at most a line a minute
+        # per peer (a hostile peer may change them every heartbeat).
+        self._addr_log = PeerLog(log)
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
 
     @property
@@ -315,7 +328,11 @@ class Membership:
                 return
             view = self.peers[sender] = PeerView(sender, trio.current_time())
             log.info(
-                "peer %s joined (round %d, %s)", short_peer(str(sender)), msg["round"], msg["phase"]
+                "peer %s joined (round %d, %s), advertising %s",
+                short_peer(str(sender)),
+                msg["round"],
+                msg["phase"],
+                _shown(msg["addrs"]),
             )
         if msg["seq"] <= view.seq:
             return  # stale or replayed heartbeat: ignore, do not refresh liveness
@@ -323,6 +340,9 @@ class Membership:
             del self.suspects[sender]
             log.info("peer %s is back", short_peer(str(sender)))
         view.last_seen = trio.current_time()
+        if view.seq >= 0 and msg["addrs"] != view.addrs:
+            text = f"now advertises {_shown(msg['addrs'])}"
+            self._addr_log.log(str(sender), "addresses", text, logging.INFO)
         view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
         view.addrs = msg["addrs"]
         if not self._connected(sender) and sender not in self._dialing:
@@ -433,6 +453,11 @@ class Membership:
             with trio.move_on_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, maddrs))
                 self._next_dial.pop(peer, None)  # connected: a later loss may redial at once
+                log.info(
+                    "connected to peer %s at %s (from its heartbeat)",
+                    short_peer(str(peer)),
+                    _shown([str(a) for a in maddrs]),
+                )
         except streams.STREAM_ERRORS as e:
             log.debug("dial %s failed: %s", short_peer(str(peer)), type(e).__name__)
         finally:
