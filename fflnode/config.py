@@ -61,7 +61,9 @@ class RunSection:
     rounds: int
     topology: Literal["ring", "random-regular", "complete"] = "complete"
     degree: int = 2  # neighbours per node for random-regular
-    start_timeout_s: float = 120.0  # how long to wait for `nodes` participants
+    # How long to wait for `nodes` participants at the start, and, cut off later, for
+    # a quorum of them (merge.quorum) before giving up on the run (fflnode.rounds).
+    start_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class MergeSection:
     window: int = 2  # contributions prefetched ahead of the one being reduced
     timeout_s: float = 300.0  # whole merge deadline
     # Fewest participants a merge may complete with; 0 means a majority of run.nodes.
+    # Also the fewest members (itself included) a node must see to start a round.
     quorum: int = 0
     piece_elems: int = 1 << 20  # elements per request (4 MiB of float32)
     # Before the merge, drop members whose weight fingerprint is an outlier (fflnode.merge

@@ -237,6 +237,10 @@ class Node:
                         eval_every=cfg.train.eval_every,
                         checkpoint_every=cfg.train.checkpoint_every,
                         records=report.rounds,
+                        # the merge's quorum (0: a majority of the run), waited for as
+                        # long as the start barrier waits for the run's nodes
+                        quorum=cfg.merge.quorum or len(members) // 2 + 1,
+                        quorum_wait_s=cfg.run.start_timeout_s,
                         adversary=self.adversary,
                     )
                     if ckpt is not None:

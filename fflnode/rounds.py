@@ -6,6 +6,12 @@ state peers may resync from, checkpoint. Under churn (fflnode.exchange, "Staying
 consensus under churn"):
 * a node whose peers' heartbeats report rounds ahead of it by more than one jumps to
   their round (it restarted, or was left out while frozen): it cannot be waited for;
+* a node that sees fewer than a quorum of the run's members (itself included) starts no
+  round until it sees them again: cut off from the majority (a pulled cable, a
+  partition) it would only train alone, and the rounds it ran ahead, announced once it
+  is back, would make the majority jump forward and skip them. Back, it is behind: it
+  jumps and resyncs as above. Cut off for longer than `quorum_wait_s`, it gives up
+  (QuorumLost: the run fails, a restart resumes from the checkpoint);
 * a node that started a round from a state other than the majority's does not apply
   its own mean but adopts a majority peer's state after the round, digest-verified;
 * after every `checkpoint_every` rounds the whole state goes to disk atomically, and a
@@ -28,6 +34,7 @@ import trio
 from libp2p.peer.id import ID
 
 from fflnode import checkpoint
+from fflnode.errors import FflError
 from fflnode.exchange import Averaging, Gossip, RoundExchange, StateSnapshot, state_digest
 from fflnode.p2p.membership import Membership
 from fflnode.sdnotify import Notifier
@@ -38,6 +45,10 @@ log = logging.getLogger(__name__)
 # A node whose peers are this many rounds ahead was left behind (restarted, frozen, cut
 # off): peers never wait more than one round for a node they still count on.
 BEHIND_BY = 2
+
+
+class QuorumLost(FflError):
+    """This node saw fewer than a quorum of the run's members for too long."""
 
 
 @dataclass
@@ -71,8 +82,13 @@ class RoundRunner:
         eval_every: int,
         checkpoint_every: int,
         records: list[RoundRecord],
+        quorum: int,
+        quorum_wait_s: float,
         adversary: Any | None = None,
     ) -> None:
+        """`quorum`: the fewest members, this node included, it must see alive to start a
+        round (the merge's quorum: a group that could not merge has nothing to train
+        for); `quorum_wait_s`: how long it waits for them before QuorumLost."""
         self.trainer = trainer
         self.exchange = exchange
         self.membership = membership
@@ -84,6 +100,8 @@ class RoundRunner:
         self.eval_every = eval_every
         self.checkpoint_every = checkpoint_every
         self.records = records
+        self.quorum = quorum
+        self.quorum_wait_s = quorum_wait_s
         self.adversary = adversary  # fflnode_harness.adversary, resilience tests only
         self.next_round = 0
         self.resumed_from: int | None = None
@@ -144,6 +162,7 @@ class RoundRunner:
             nursery.start_soon(self._write_checkpoints)
             r, last = self.next_round, None
             while r < self.rounds:
+                await self._await_quorum(r)
                 r = self._caught_up(r)
                 if r >= self.rounds:
                     break
@@ -156,6 +175,36 @@ class RoundRunner:
             while last is not None and self._written_round < last:  # flush the final one
                 await self._written.wait()
             nursery.cancel_scope.cancel()
+
+    def reachable(self) -> int:
+        """The run's members this node sees alive, itself included."""
+        m = self.membership
+        return 1 + sum(1 for p in self.members if p != m.me and m.is_alive(p))
+
+    async def _await_quorum(self, r: int) -> None:
+        """Return once a quorum of members is reachable; QuorumLost after quorum_wait_s."""
+        seen = self.reachable()
+        if seen >= self.quorum:
+            return
+        log.warning(
+            "round %d: %d of the run's %d members reachable, below the quorum %d: "
+            "waiting up to %g s for them before training on",
+            r,
+            seen,
+            len(self.members),
+            self.quorum,
+            self.quorum_wait_s,
+        )
+        self.notifier.status(f"waiting for a quorum: {seen}/{self.quorum} members reachable")
+        if not await self.membership.wait_until(
+            lambda: self.reachable() >= self.quorum, self.quorum_wait_s
+        ):
+            raise QuorumLost(
+                f"round {r}: only {self.reachable()} of the run's {len(self.members)} members "
+                f"reachable for {self.quorum_wait_s:g} s (quorum {self.quorum}): this node is "
+                "cut off from the run (check its network), or too many members are gone"
+            )
+        log.info("round %d: %d members reachable again", r, self.reachable())
 
     def _caught_up(self, r: int) -> int:
         """The round to run now: r, or the round a majority of the run's other live

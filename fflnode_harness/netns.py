@@ -20,6 +20,8 @@ Promises:
   those whose owning process is gone, so parallel runs never remove each other's.
 * Addresses only from documentation ranges (RFC 5737, RFC 3849): a harness address never
   collides with a real one in a route or a log.
+* The calling process never changes namespace: `call_in` enters one in a thread of its
+  own, which ends with the call.
 
 Must never: edit the root namespace, kill a process outside its namespaces, or wait
 without a deadline. Linux only, as root (or CAP_SYS_ADMIN + CAP_NET_ADMIN), with
@@ -29,6 +31,7 @@ iproute2; `netns_available()` says whether that holds and why not.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import itertools
 import logging
@@ -39,10 +42,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from fflnode.errors import FflError
 
@@ -71,6 +74,8 @@ _DOCUMENTATION_NETS = tuple(
     for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
 )
 _sequence = itertools.count()
+CLONE_NEWNET = 0x40000000  # <sched.h>: setns() into a network namespace
+T = TypeVar("T")
 
 
 class NetnsError(FflError):
@@ -125,6 +130,11 @@ def netns_available() -> tuple[bool, str]:
         return False, f"cannot create a bridge or a veth pair in a namespace: {e}"
     finally:
         _ip("netns", "del", probe, check=False)
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _owner_alive(pid: int) -> bool:
@@ -399,6 +409,41 @@ class Bridge:
         """`subprocess.run` of `argv` inside node i, text mode, output captured."""
         kwargs.setdefault("capture_output", True)
         return subprocess.run(self.node_cmd(i, argv), text=True, timeout=timeout_s, **kwargs)
+
+    def call_in(self, i: int, fn: Callable[[], T], *, timeout_s: float) -> T:
+        """`fn()` called in a new thread that has entered node i's network namespace.
+
+        What `fn` opens there (sockets) belongs to node i's network: a supervisor outside
+        reaches a node's 127.0.0.1 this way, e.g. its metrics endpoint. Only that thread
+        ever changes namespace (setns acts per thread), and it ends with `fn`; `fn` must
+        bound its own work (NetnsError if it still runs after `timeout_s`). Blocks; from
+        trio, call it through `trio.to_thread.run_sync`. Returns what `fn` returns and
+        raises what it raises.
+        """
+        path = os.path.join(NETNS_DIR, self._check(i))
+        outcome: dict[str, Any] = {}
+
+        def enter_and_call() -> None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if _libc().setns(fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise NetnsError(f"setns into {path}: {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+                outcome["value"] = fn()
+            except BaseException as e:  # handed to the caller's thread below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=enter_and_call, name=f"netns-{i}", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            raise NetnsError(f"a call inside {self.namespaces[i]} still runs after {timeout_s} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def link_down(self, i: int) -> None:
         """Unplug node i: its switch port goes down, so nothing reaches it or leaves it.

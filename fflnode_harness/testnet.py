@@ -1,4 +1,4 @@
-"""`fflnode testnet`: N real node processes on 127.0.0.1, trained, merged and checked.
+"""`fflnode testnet`: N real node processes, trained, merged and checked.
 
 The testnet is a supervisor, not a participant. It writes one config per node, starts
 `fflnode run` processes (node 0 first; the others bootstrap from its address), and acts
@@ -9,6 +9,18 @@ merge independently of the network path: it loads every premerge file with the
 `safetensors` package, computes the canonical mean and its hash with plain torch and
 hashlib, and compares every node's merged file and hash with it. Exit code 0 only when
 every node exited 0 and every merged file equals that reference bit for bit.
+
+Two networks. By default every node listens on 127.0.0.1 (port 0), all share one IP, so
+the configs relax GossipSub's IP defences. With `--netns` every node runs in its own
+Linux network namespace on one bridge (fflnode_harness.netns), as on separate hosts:
+each listens on /ip4/0.0.0.0/tcp/4001 at its own 198.51.100.x address, only node 0's
+address is given as bootstrap (the rest is learnt from heartbeats), and [pubsub] keeps
+its production defaults. The bridge exists only while the run does: it is removed
+however the run ends (done, failed, Ctrl-C, SIGTERM). Notify sockets and data dirs are
+paths in the shared filesystem, which namespaces do not isolate; each node's metrics
+endpoint listens on its own 127.0.0.1, which the testnet reaches from inside the
+namespace (`Bridge.call_in`). `--flap I@R[:S]` unplugs node I's link at round R for S
+seconds (netns only).
 """
 
 from __future__ import annotations
@@ -31,13 +43,28 @@ from typing import Any
 import trio
 
 from fflnode import config as cfgmod
+from fflnode import metrics as metricsmod
 from fflnode.errors import ConfigError
+from fflnode.p2p import identity
+from fflnode_harness import netns
+from fflnode_harness.netns import Bridge, NetnsError
 
 NOTIFY_TIMEOUT_S = 120.0  # a node that has not said READY by then is broken
 # Whole-run deadline: the issue's bar is 5 minutes for the default 4-node run; a
 # larger or slower run gets proportionally more before the testnet gives up.
 RUN_DEADLINE_S = 900.0
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this (the daemon promises 5 s)
+# --netns: every namespace has its own port space, so every node takes the port a
+# deployment would (configs/node.toml), and its metrics on its own loopback.
+NETNS_PORT = 4001
+NETNS_METRICS = "127.0.0.1:9100"
+# A link flap long enough that peers declare the node gone (membership: 2.5 s overdue +
+# a 2 s ping) and its connections are dropped, short enough for a short run.
+FLAP_DEFAULT_S = 8.0
+# One scrape of a node's metrics from inside its namespace: a local HTTP GET answers in
+# milliseconds; the fetch's own deadline (fflnode.metrics) bounds it, this is slack.
+SCRAPE_TIMEOUT_S = 15.0
+EXIT_SKIPPED = 77  # --netns where namespaces cannot be created (the automake convention)
 SUMMARY_RULE = "-" * 78
 
 
@@ -88,6 +115,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--restart-after", type=float, default=3.0, help="seconds a killed node stays down (3)"
     )
     p.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on one bridge (Linux, root): "
+        "0.0.0.0:4001, one bootstrap address, production [pubsub] settings",
+    )
+    p.add_argument(
+        "--flap",
+        action="append",
+        default=[],
+        metavar="NODE@ROUND[:SECONDS]",
+        help=f"--netns: unplug a node's link at a round for SECONDS ({FLAP_DEFAULT_S:g}), "
+        "then plug it back",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -118,12 +159,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str]) -> cfgmod.Config:
+    netns = getattr(args, "netns", False)
     doc: dict[str, Any] = {
         "node": {
             "data_dir": str(out / f"node{i}"),
-            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "listen": [f"/ip4/0.0.0.0/tcp/{NETNS_PORT}" if netns else "/ip4/127.0.0.1/tcp/0"],
             "bootstrap": bootstrap,
             "log_level": "info",
+            "metrics": NETNS_METRICS if netns else "",
         },
         "run": {
             "run_id": f"testnet-{args.seed}",
@@ -147,9 +190,9 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
             "gamma": args.gamma,
         },
         "merge": {"shards": args.shards},
-        # every node on 127.0.0.1: no IP diversity to ask for, every peer colocated
-        "pubsub": {"mesh_diversity_ips": 1, "ip_colocation_threshold": 1024},
     }
+    if not netns:  # every node on 127.0.0.1: no IP diversity to ask for, all colocated
+        doc["pubsub"] = {"mesh_diversity_ips": 1, "ip_colocation_threshold": 1024}
     if i >= args.nodes - args.corrupt:
         doc["adversary"] = {"mode": args.corrupt_mode}
     for key, value in parse_overrides(args.set).items():
@@ -215,6 +258,10 @@ class NodeProc:
     exit_code: int | None = None
     kill_at: int | None = None  # SIGKILL at this round, then restart on the same data dir
     stop_at: int | None = None  # SIGSTOP at this round, left frozen
+    flap_at: int | None = None  # --netns: unplug its link at this round ...
+    flap_s: float = 0.0  # ... for this long
+    flap: dict[str, Any] | None = None  # what happened: rounds and times of down and up
+    metrics_scrape: dict[str, Any] | None = None  # --netns: one scrape, from its namespace
     killed: bool = False
     stopped: bool = False
     restarts: int = 0
@@ -249,17 +296,38 @@ def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
     for spec in specs:
         node, _, rnd = spec.partition("@")
         if not (node.isdigit() and (rnd.isdigit() or rnd in MERGE_FAULTS) and int(node) < nodes):
-            raise SystemExit(
-                f"fflnode: --{what} {spec!r}: expected NODE@ROUND, NODE@merge or "
+            raise ConfigError(
+                f"--{what} {spec!r}: expected NODE@ROUND, NODE@merge or "
                 f"NODE@merge-start, NODE < {nodes}"
             )
         out[int(node)] = MERGE_FAULTS[rnd] if rnd in MERGE_FAULTS else int(rnd)
     return out
 
 
+def parse_flaps(specs: list[str], nodes: int) -> dict[int, tuple[int, float]]:
+    """--flap values "I@R" or "I@R:SECONDS" -> {node: (round, seconds)}."""
+    out = {}
+    for spec in specs:
+        node, _, rest = spec.partition("@")
+        rnd, colon, secs = rest.partition(":")
+        try:
+            seconds = float(secs) if colon else FLAP_DEFAULT_S
+        except ValueError:
+            seconds = -1.0
+        if not (node.isdigit() and rnd.isdigit() and int(node) < nodes and 0 < seconds <= 600):
+            raise ConfigError(
+                f"--flap {spec!r}: expected NODE@ROUND or NODE@ROUND:SECONDS, "
+                f"NODE < {nodes}, 0 < SECONDS <= 600"
+            )
+        out[int(node)] = (int(rnd), seconds)
+    return out
+
+
 class Testnet:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, bridge: Bridge | None = None) -> None:
+        """`bridge`: with --netns, the open Bridge whose node i runs node i."""
         self.args = args
+        self.bridge = bridge
         self.out = Path(args.out).resolve()
         self.sock_dir = Path(tempfile.mkdtemp(prefix="ffl-notify-"))  # short AF_UNIX paths
         self.procs = [
@@ -270,6 +338,8 @@ class Testnet:
             self.procs[i].kill_at = r
         for i, r in parse_faults(args.stop, "stop", args.nodes).items():
             self.procs[i].stop_at = r
+        for i, (r, seconds) in parse_flaps(args.flap, args.nodes).items():
+            self.procs[i].flap_at, self.procs[i].flap_s = r, seconds
         self.baseline: dict[str, Any] | None = None
         self.bootstrap: list[str] = []
 
@@ -283,19 +353,16 @@ class Testnet:
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True)
         self.timed_out = False
+        self.stopped_by: int | None = None  # the signal that ended the run early
         try:
-            with trio.move_on_after(self.args.deadline) as deadline:
-                async with trio.open_nursery() as nursery:
-                    if not self.args.no_baseline and self.args.task != "synthetic":
-                        nursery.start_soon(self._baseline)
-                    await self._launch(nursery, self.procs[0], [])
-                    self.bootstrap = self._addrs(self.procs[0])[:1]
-                    async with trio.open_nursery() as launching:  # the rest start together
-                        for proc in self.procs[1:]:
-                            launching.start_soon(self._launch, nursery, proc, self.bootstrap)
-                    if len(self.procs) > 1:  # a second bootstrap peer, should node 0 die
-                        self.bootstrap += self._addrs(self.procs[1])[:1]
-                    nursery.start_soon(self._end_frozen)
+            # Ctrl-C and SIGTERM stop the nodes and still write the report (with --netns,
+            # the bridge goes once trio.run returns).
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as top:
+                    top.start_soon(self._on_signal, signals, top.cancel_scope)
+                    with trio.move_on_after(self.args.deadline) as deadline:
+                        await self._run_nodes()
+                    top.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 self.timed_out = True
                 self.say(f"  testnet: not done within {self.args.deadline:.0f} s; nodes stopped")
@@ -304,9 +371,51 @@ class Testnet:
         wall = time.perf_counter() - t0
         return self._report(wall)
 
+    async def _on_signal(self, signals: Any, scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            self.stopped_by = signum
+            self.say(f"  testnet: {signal.Signals(signum).name}: stopping the nodes")
+            scope.cancel()
+            return
+
+    async def _run_nodes(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            if not self.args.no_baseline and self.args.task != "synthetic":
+                nursery.start_soon(self._baseline)
+            # Only node 0's address: the others find each other through heartbeats.
+            if self.bridge is None:  # its port is known once it listens: start it first
+                await self._launch(nursery, self.procs[0], [])
+                self.bootstrap = self._addrs(self.procs[0])[:1]
+                later = self.procs[1:]
+            else:  # known in advance, as in a deployment: all start together
+                self.bootstrap = [self._netns_bootstrap()]
+                later = self.procs
+            async with trio.open_nursery() as launching:
+                for proc in later:
+                    boot = self.bootstrap if proc.index else []
+                    launching.start_soon(self._launch, nursery, proc, boot)
+            nursery.start_soon(self._end_frozen)
+
+    def _netns_bootstrap(self) -> str:
+        """Node 0's address under --netns: its bridge address, the port every node
+        listens on, and the peer ID of an identity made for it now (the node loads it)."""
+        assert self.bridge is not None
+        key_pair = identity.load_or_create(self.procs[0].data_dir)
+        peer = identity.peer_id_of(key_pair)
+        return f"/ip4/{self.bridge.addresses[0]}/tcp/{NETNS_PORT}/p2p/{peer}"
+
+    def _rejoin_bootstrap(self, proc: NodeProc) -> list[str]:
+        """What a restarted node bootstraps from: node 0 and node 1, itself excepted, so
+        a restarted node 0 (whose first config had none) finds the run again."""
+        return [self._addrs(p)[0] for p in self.procs[:2] if p is not proc]
+
     @staticmethod
-    def _addrs(proc: NodeProc) -> list[str]:
-        return json.loads((proc.data_dir / "node.json").read_text())["addrs"]
+    def _node_file(proc: NodeProc) -> dict[str, Any]:
+        return json.loads((proc.data_dir / "node.json").read_text())
+
+    def _addrs(self, proc: NodeProc) -> list[str]:
+        return self._node_file(proc)["addrs"]
 
     async def _launch(self, nursery: trio.Nursery, proc: NodeProc, bootstrap: list[str]) -> None:
         cfg = node_config(self.args, proc.index, self.out, bootstrap)
@@ -336,6 +445,9 @@ class Testnet:
                         self.say(f"  {proc.name:>6}: {proc.status}")
                     if proc.status.startswith("round "):
                         proc.round = int(proc.status.split()[1].split("/")[0])
+                        if self.bridge is not None and proc.metrics_scrape is None:
+                            proc.metrics_scrape = {}
+                            self.nursery.start_soon(self._scrape, proc)
                     for each in self.procs:  # a merge fault may wait on the others' status
                         self._inject_faults(each)
                 if fields.get("READY") == "1":
@@ -363,15 +475,62 @@ class Testnet:
             when = "in the merge (stays down)" if merging else f"at round {proc.round}"
             after = "" if merging else " (restart follows)"
             self.say(f"  {proc.name:>6}: SIGKILL {when}{after}")
+        flap_due = proc.flap_at is not None and proc.round >= proc.flap_at and not merging
+        if flap_due and proc.flap is None and self.bridge is not None:
+            proc.flap = {"seconds": proc.flap_s, "round_down": proc.round}
+            self.nursery.start_soon(self._flap, proc)
         if due(proc.stop_at) and not proc.stopped:
             proc.stopped = True
             proc.process.send_signal(signal.SIGSTOP)  # frozen: connections stay open
             when = "in the merge" if merging else f"at round {proc.round}"
             self.say(f"  {proc.name:>6}: SIGSTOP {when} (left frozen)")
 
+    async def _flap(self, proc: NodeProc) -> None:
+        """Unplug the node's link for proc.flap_s seconds, then plug it back."""
+        assert self.bridge is not None and proc.flap is not None
+        others = [p for p in self.procs if p is not proc]
+        await trio.to_thread.run_sync(self.bridge.link_down, proc.index)
+        self.say(f"  {proc.name:>6}: link down at round {proc.round} for {proc.flap_s:g} s")
+        try:
+            await trio.sleep(proc.flap_s)  # the outage being simulated
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.bridge.link_up, proc.index)
+        proc.flap["round_up"] = proc.round
+        proc.flap["peers_round_up"] = max((p.round for p in others), default=0)
+        self.say(
+            f"  {proc.name:>6}: link up at round {proc.round} "
+            f"(the others at round {proc.flap['peers_round_up']})"
+        )
+
+    async def _scrape(self, proc: NodeProc) -> None:
+        """GET the node's metrics from inside its namespace (its 127.0.0.1 is its own)."""
+        assert self.bridge is not None
+        endpoint = self._node_file(proc).get("metrics", "")
+        proc.metrics_scrape = {"endpoint": endpoint}
+        try:
+            host, port = cfgmod.split_host_port(endpoint)
+            text = await trio.to_thread.run_sync(
+                lambda: self.bridge.call_in(  # type: ignore[union-attr]
+                    proc.index,
+                    lambda: trio.run(metricsmod.fetch, host, port),
+                    timeout_s=SCRAPE_TIMEOUT_S,
+                )
+            )
+        except (OSError, ValueError, trio.TooSlowError, NetnsError) as e:
+            proc.metrics_scrape["error"] = f"{type(e).__name__}: {e}"
+            self.say(f"  {proc.name:>6}: metrics at {endpoint} did not answer: {e}")
+            return
+        found = metricsmod.parse(text)
+        for name in ("fflnode_round", "fflnode_peers_alive"):
+            if found.get(name):
+                proc.metrics_scrape[name] = found[name][0][1]
+
     async def _supervise(self, proc: NodeProc, conf_path: Path) -> None:
         env = dict(os.environ, NOTIFY_SOCKET=proc.notify_path, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "fflnode", "run", "--config", str(conf_path)]
+        if self.bridge is not None:  # inside its namespace: `ip netns exec` execs it
+            cmd = self.bridge.node_cmd(proc.index, cmd)
         while True:
             with open(proc.data_dir / "node.log", "ab") as logf:
                 proc.process = await trio.lowlevel.open_process(
@@ -389,7 +548,7 @@ class Testnet:
                 # the merge completes without it, and there is nothing left to rejoin)
                 proc.restarts += 1
                 await trio.sleep(self.args.restart_after)  # the outage being simulated
-                cfg = node_config(self.args, proc.index, self.out, self.bootstrap)
+                cfg = node_config(self.args, proc.index, self.out, self._rejoin_bootstrap(proc))
                 conf_path.write_text(cfgmod.to_toml(cfg))
                 self.say(f"  {proc.name:>6}: restarting on its data dir")
                 continue
@@ -444,6 +603,9 @@ class Testnet:
                 "killed_and_restarted": proc.killed and not proc.lost_in_merge,
                 "frozen": proc.stopped,
                 "killed_in_merge": proc.lost_in_merge,
+                "flap": proc.flap,
+                "metrics_scrape": proc.metrics_scrape,
+                "address": self.bridge.addresses[proc.index] if self.bridge else None,
             }
         merged = [r["merge"] for r in nodes.values() if r.get("merge")]
         participants = merged[0]["members"] if merged else []
@@ -494,6 +656,7 @@ class Testnet:
         }
         ok = (
             not self.timed_out
+            and self.stopped_by is None
             and merge["hashes_agree"]
             and merge["files_equal_reference"]
             and all(p.exit_code == 0 for p in expected)
@@ -517,8 +680,18 @@ class Testnet:
                     "corrupt",
                     "corrupt_mode",
                     "set",
+                    "netns",
+                    "flap",
                 )
             },
+            "netns": {
+                "bridge": self.bridge.name,
+                "addresses": self.bridge.addresses,
+                "bootstrap": self.bootstrap,
+            }
+            if self.bridge
+            else None,
+            "stopped_by": signal.Signals(self.stopped_by).name if self.stopped_by else None,
             "nodes": nodes,
             "merge": merge,
             "centralized": self.baseline,
@@ -642,6 +815,18 @@ def compare(name: str, merged: float, central: float) -> str:
     return f"merged {abs(100 * rel):.1f} % {better} than centralized"
 
 
+def rejoin_summary(node: dict[str, Any]) -> str:
+    """How a node got back in step after an outage: catch-up jumps, state adopted."""
+    jumps = node.get("catch_up_jumps") or []
+    adopted = [r["round"] for r in node.get("rounds") or [] if r.get("resynced_from")]
+    done = []
+    if jumps:
+        done.append(f"caught up {jumps}")
+    if adopted:
+        done.append(f"adopted a peer's state after rounds {adopted}")
+    return ", ".join(done) or "stayed in step (no catch-up, no state adopted)"
+
+
 def print_summary(report: dict[str, Any]) -> None:
     c = report["config"]
     primary = primary_of(report)
@@ -656,6 +841,12 @@ def print_summary(report: dict[str, Any]) -> None:
         extras.insert(0, f"{c['corrupt']} corrupt node(s) ({c['corrupt_mode']})")
     if extras:
         print("  " + ", ".join(extras))
+    if report.get("netns"):
+        n = report["netns"]
+        print(
+            f"  network namespaces on bridge {n['bridge']}: {', '.join(n['addresses'])}, "
+            f"port {NETNS_PORT}; bootstrap {', '.join(n['bootstrap']) or '-'}"
+        )
     print(SUMMARY_RULE)
     print(f"{primary or 'metric'} before and after the merge, per node:")
     print(
@@ -684,6 +875,13 @@ def print_summary(report: dict[str, Any]) -> None:
             )
         if r.get("frozen"):
             print("       SIGSTOPped and left frozen: excluded from the merge, killed at the end")
+        if r.get("flap"):
+            f = r["flap"]
+            print(
+                f"       link down {f['seconds']:g} s at round {f['round_down']}, back at round "
+                f"{f.get('round_up', '?')} (the others at {f.get('peers_round_up', '?')}); "
+                f"{rejoin_summary(r)}"
+            )
         if r.get("error"):
             print(f"       error: {r['error']}")
     m = report["merge"]
@@ -765,17 +963,46 @@ def main(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         print("fflnode: --nodes must be at least 1", file=sys.stderr)
         return 2
-    try:
-        node_config(args, 0, Path(args.out), [])  # reject a bad --set before starting
+    if args.flap and not args.netns:
+        print("fflnode: --flap needs --netns (a link to unplug)", file=sys.stderr)
+        return 2
+    try:  # reject a bad --set or fault before starting anything
+        node_config(args, 0, Path(args.out), [])
+        parse_faults(args.kill, "kill", args.nodes)
+        parse_faults(args.stop, "stop", args.nodes)
+        parse_flaps(args.flap, args.nodes)
     except ConfigError as e:
         print(f"fflnode: {e}", file=sys.stderr)
         return 2
-    net = Testnet(args)
-    if not args.quiet:
-        print(f"fflnode testnet: starting {args.nodes} nodes in {net.out}", flush=True)
-    report = trio.run(net.run)
+    if not args.netns:
+        net = Testnet(args)
+        if not args.quiet:
+            print(f"fflnode testnet: starting {args.nodes} nodes in {net.out}", flush=True)
+        report = trio.run(net.run)
+    else:
+        available, why = netns.netns_available()
+        if not available:
+            print(f"fflnode testnet --netns: skipped: {why}", flush=True)
+            return EXIT_SKIPPED
+        netns.cleanup_stale()  # what runs killed outright (SIGKILL) left behind
+        # Entered outside trio.run: the Bridge's own SIGTERM handler covers its setup and
+        # teardown, the testnet's covers the run; the bridge is removed however it ends.
+        with Bridge(args.nodes) as bridge:
+            net = Testnet(args, bridge)
+            if not args.quiet:
+                print(
+                    f"fflnode testnet: starting {args.nodes} nodes in network namespaces "
+                    f"{bridge.name}-n0..n{args.nodes - 1} ({bridge.addresses[0]}..), "
+                    f"output in {net.out}",
+                    flush=True,
+                )
+            report = trio.run(net.run)
     out = net.out
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if net.stopped_by is not None:
+        print(f"fflnode testnet: stopped by {report['stopped_by']}; partial report in "
+              f"{out / 'report.json'}", flush=True)  # fmt: skip
+        return 128 + net.stopped_by
     if not args.no_plot:
         plot(report, out / "metrics.png")
     print_summary(report)

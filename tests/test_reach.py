@@ -176,3 +176,39 @@ async def test_a_heartbeat_naming_someone_elses_address_opens_no_connection_ther
     assert accepted == 0
     lines = [r for r in caplog.records if "no address we dial" in r.getMessage()]
     assert len(lines) == 1  # said once, not once per heartbeat
+
+
+async def test_the_log_says_what_each_peer_advertises_bounded_and_once_a_window(caplog):
+    """Across hosts the first question is where each peer told us to dial it: the log
+    says so when a peer joins, and when its addresses change, at most once a minute per
+    peer, cut to a line and escaped however long and odd the peer made them."""
+    caplog.set_level(logging.INFO, logger="fflnode")
+    async with AsyncExitStack() as stack:
+        host = build_host(create_new_key_pair(), advertiser=Advertiser([], fake_interfaces()))
+        pubsub, router = build_pubsub(host, 2)
+        await stack.enter_async_context(
+            running_host(host, [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/0")])
+        )
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(router))
+        stack.push_async_callback(close_host, host)
+        # public scope only: the documentation addresses below are logged, never dialled
+        guard = AddressGuard(host, scopes=["public"], interfaces=fake_interfaces())
+        m = Membership(host, pubsub, RUN, Traffic(), guard=guard)
+        peer = ID.from_pubkey(create_new_key_pair().public_key)
+        long_odd = "/ip4/198.51.100.99/tcp/9\n" + "x" * (wire.MAX_STR - 30)
+        plans = [["/ip4/198.51.100.9/tcp/4001"]] + [[long_odd] * wire.MAX_ADDRS] * 10
+        async with trio.open_nursery() as nursery:
+            for seq, addrs_ in enumerate(plans, start=1):
+                hb = wire.decode(
+                    wire.encode("hb", run=RUN, round=0, phase="join", seq=seq, admit={},
+                                addrs=addrs_),
+                    str(peer), run=RUN,
+                )  # fmt: skip
+                m._heartbeat(peer, hb, nursery)
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "advertis" in r.getMessage()]
+    assert len(said) == 2, said  # the join, then one change; nine more changes held back
+    assert said[0].endswith("joined (round 0, join), advertising /ip4/198.51.100.9/tcp/4001")
+    assert "now advertises /ip4/198.51.100.99/tcp/9\\n" in said[1]
+    assert all("\n" not in line and len(line) < 600 for line in said)

@@ -27,6 +27,13 @@ stays open and a read from it waits forever. A peer whose heartbeat is overdue i
 over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
 not alive, disconnected (which fails every stream open to it at once), until a fresh
 heartbeat proves it back.
+
+Partitions. Heartbeats travel only over connections, so two nodes that each gave up on
+the other (a cable pulled for longer than OVERDUE_S + PING_TIMEOUT_S, a host that
+rebooted while we were cut off) would each wait forever for the other's heartbeat.
+Every peer in the book that we hold no connection to is therefore redialled at the
+addresses its last heartbeat named, under the same per-peer backoff as any dial
+(DIAL_BACKOFF_S), until a connection carries its heartbeats again.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ from libp2p.pubsub.pubsub import Pubsub
 
 from fflnode import wire
 from fflnode.admission import Admission, Refusal
-from fflnode.errors import WireError, short_peer
+from fflnode.errors import WireError, bounded, short_peer
 from fflnode.p2p import streams
 from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.peerlog import PeerLog
 from fflnode.p2p.reach import AddressGuard
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,15 @@ class PeerView:
 
 Handler = Callable[[ID, wire.Message], None]
 ANNOUNCEMENTS = frozenset({"hb", "start.ready", "merge.ready", "merge.hash"})  # the run topic
+
+
+# A peer's addresses as a log line shows them: what a heartbeat may carry (16 of up to
+# 4 KiB each) cut to what fits a line, non-printable characters escaped.
+ADDRS_LOG_CHARS = 400
+
+
+def _shown(addrs: list[str]) -> str:
+    return bounded(", ".join(addrs) or "no address", ADDRS_LOG_CHARS)
 
 
 def decode_announcement(
@@ -155,6 +172,9 @@ class Membership:
         self._changed = trio.Event()
         self.traffic = traffic
         self._dialing: set[ID] = set()
+        # A peer's advertised addresses, each time they change: at most a line a minute
+        # per peer (a hostile peer may change them every heartbeat).
+        self._addr_log = PeerLog(log)
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
 
     @property
@@ -308,7 +328,11 @@ class Membership:
                 return
             view = self.peers[sender] = PeerView(sender, trio.current_time())
             log.info(
-                "peer %s joined (round %d, %s)", short_peer(str(sender)), msg["round"], msg["phase"]
+                "peer %s joined (round %d, %s), advertising %s",
+                short_peer(str(sender)),
+                msg["round"],
+                msg["phase"],
+                _shown(msg["addrs"]),
             )
         if msg["seq"] <= view.seq:
             return  # stale or replayed heartbeat: ignore, do not refresh liveness
@@ -316,14 +340,21 @@ class Membership:
             del self.suspects[sender]
             log.info("peer %s is back", short_peer(str(sender)))
         view.last_seen = trio.current_time()
+        if view.seq >= 0 and msg["addrs"] != view.addrs:
+            text = f"now advertises {_shown(msg['addrs'])}"
+            self._addr_log.log(str(sender), "addresses", text, logging.INFO)
         view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
         view.addrs = msg["addrs"]
-        if not self.host.get_network().connections.get(sender) and sender not in self._dialing:
+        if not self._connected(sender) and sender not in self._dialing:
             nursery.start_soon(self._dial, sender, list(view.addrs))
+
+    def _connected(self, peer: ID) -> bool:
+        return bool(self.host.get_network().connections.get(peer))
 
     # ------------------------------------------------------------------ liveness
     async def _watch(self, nursery: trio.Nursery) -> None:
-        """Ping every peer whose heartbeat is overdue; suspect those that do not answer."""
+        """Ping every peer whose heartbeat is overdue; suspect those that do not answer;
+        redial those we hold no connection to (see "Partitions" above)."""
         pinging: set[ID] = set()
 
         async def check(peer: ID) -> None:
@@ -342,6 +373,9 @@ class Membership:
                 if late and peer not in self.suspects and peer not in pinging:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
+                lost = view.addrs and not self._connected(peer) and peer not in self._dialing
+                if lost and now >= self._next_dial.get(peer, (0.0, 0.0))[0]:
+                    nursery.start_soon(self._dial, peer, list(view.addrs))
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
     def _forget_a_suspect(self) -> bool:
@@ -413,9 +447,17 @@ class Membership:
             return
         self._dialing.add(peer)
         try:
+            # Our backoff paces these dials: py-libp2p's 60 s negative cache of a peer
+            # whose dial failed would refuse a healed partition's first redials.
+            self.host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
             with trio.move_on_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, maddrs))
                 self._next_dial.pop(peer, None)  # connected: a later loss may redial at once
+                log.info(
+                    "connected to peer %s at %s (from its heartbeat)",
+                    short_peer(str(peer)),
+                    _shown([str(a) for a in maddrs]),
+                )
         except streams.STREAM_ERRORS as e:
             log.debug("dial %s failed: %s", short_peer(str(peer)), type(e).__name__)
         finally:

@@ -1,0 +1,95 @@
+"""Partitions: peers that gave up on each other meet again, and a node cut off from the
+majority of the run waits for it instead of training on alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from fflnode.rounds import QuorumLost, RoundRunner
+from tests.p2p_harness import peers
+
+# The redial comes at the next liveness check (1 s) and its heartbeats a second later;
+# 20 s covers a loaded 2-core machine.
+RECONNECT_S = 20.0
+
+
+async def test_peers_that_gave_up_on_each_other_reconnect_from_their_last_heartbeat():
+    """A pulled cable: each side suspected the other and dropped the connection. No
+    heartbeat can arrive without a connection, so only a redial at the addresses the
+    last heartbeat named brings them back."""
+    async with peers(2) as (a, b):
+        for me, other in ((a, b), (b, a)):
+            me.membership.suspect(other.id, "test: cable pulled")
+            await me.host.disconnect(other.id)
+        assert not a.membership.is_alive(b.id) and not b.membership.is_alive(a.id)
+        with trio.fail_after(RECONNECT_S):
+            while not (a.membership.is_alive(b.id) and b.membership.is_alive(a.id)):
+                await a.membership.wait_changed()
+        assert not a.membership.suspects and not b.membership.suspects
+
+
+class Members:
+    """What RoundRunner reads of Membership: who we are, who is alive, and waiting."""
+
+    def __init__(self, me: str, alive: set[str]) -> None:
+        self.me, self.alive = me, alive
+        self.changed = trio.Event()
+
+    def is_alive(self, peer: str) -> bool:
+        return peer in self.alive
+
+    def back(self, peer: str) -> None:
+        self.alive.add(peer)
+        self.changed.set()
+
+    async def wait_until(self, predicate, timeout_s: float) -> bool:
+        with trio.move_on_after(timeout_s):
+            while not predicate():
+                await self.changed.wait()
+                self.changed = trio.Event()
+        return predicate()
+
+
+class Status:
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def status(self, text: str) -> None:
+        self.said.append(text)
+
+
+def runner(members: Members, status: Status, quorum: int = 3) -> RoundRunner:
+    return RoundRunner(
+        trainer=None, exchange=None, membership=members, notifier=status, data_dir=Path("."),
+        run_id="r", members=["me", "a", "b", "c"], rounds=10, eval_every=1,
+        checkpoint_every=1, records=[], quorum=quorum, quorum_wait_s=QUORUM_WAIT_S,
+    )  # fmt: skip
+
+
+QUORUM_WAIT_S = 120.0
+
+
+async def test_a_node_cut_off_from_the_quorum_starts_no_round_until_it_is_back(autojump_clock):
+    """Cut off (one of four, quorum three), training on alone would diverge and run
+    ahead of the majority: the node waits, and goes on once a quorum is reachable."""
+    members, status = Members("me", {"a"}), Status()
+    run = runner(members, status)
+    assert run.reachable() == 2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run._await_quorum, 5)
+        await trio.sleep(60.0)  # virtual time: still waiting
+        assert status.said == ["waiting for a quorum: 2/3 members reachable"]
+        members.back("c")
+    assert trio.current_time() < QUORUM_WAIT_S and run.reachable() == 3
+    await run._await_quorum(6)  # a quorum: no wait, nothing said
+    assert len(status.said) == 1
+
+
+async def test_a_node_cut_off_for_too_long_gives_up_on_the_run(autojump_clock):
+    members, status = Members("me", set()), Status()
+    with pytest.raises(QuorumLost, match=r"round 5: only 1 of the run's 4 members reachable"):
+        await runner(members, status)._await_quorum(5)
+    assert trio.current_time() == pytest.approx(QUORUM_WAIT_S)
