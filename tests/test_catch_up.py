@@ -48,7 +48,7 @@ def runner(peers: Peers, members: list[ID]) -> RoundRunner:
     return RoundRunner(
         trainer=None, exchange=SimpleNamespace(first_round=0), membership=peers,
         notifier=None, data_dir=None, run_id="run", members=members, rounds=1000,
-        eval_every=10, checkpoint_every=10, records=[],
+        eval_every=10, checkpoint_every=10, records=[], quorum=1, quorum_wait_s=60.0,
     )  # type: ignore[arg-type]  # fmt: skip
 
 
