@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench_testnet.py codecs              # digits: codecs, same seed
     .venv/bin/python tools/bench_testnet.py codecs --task text  # the byte-level LM task
     .venv/bin/python tools/bench_testnet.py byzantine           # 1 of 5 nodes corrupt
+    .venv/bin/python tools/bench_testnet.py scaling             # 4, 8, 16 nodes, exact codec
 
 Every row is one `fflnode testnet` run (real processes, real sockets) with the same seed,
 task, rounds, local steps and recipe; only the codec (or the attack and the defence)
@@ -193,9 +194,70 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
         )
 
 
+def scaling(args: argparse.Namespace, tmp: Path) -> None:
+    """Bytes per node per round, round time, memory and the metric at equal rounds, for
+    4, 8 and 16 nodes with the exact codec: the default recipe (inner SGD, outer Adam,
+    one local step a round) and the default scheme (reduce-scatter + all-gather); the
+    all-to-all all-gather of whole Deltas is measured beside it where --allgather names N."""
+    r = args.rounds
+    p = params(args.task)
+    print(
+        f"task {args.task}, {r} rounds x 1 local step, {p} parameters ({4 * p / 1e6:.3f} MB"
+        f" float32), seed {args.seed}, exact codec"
+    )
+    print(
+        f"{'nodes':>5} {'scheme':<15}{'MB/node/round':>14}{'x 2|theta|':>11}"
+        f"{'round s (median)':>17}{'peak RSS MB':>12}{'merged':>10}{'wall s':>8}"
+    )
+    first: dict[str, float] = {}
+    runs = [(n, "reduce-scatter") for n in args.sizes]
+    runs += [(n, "all-gather") for n in args.allgather]
+    for n, scheme in runs:
+        out = tmp / f"n{n}-{scheme}"
+        cmd = [sys.executable, "-m", "fflnode", "testnet", "--nodes", str(n), "--rounds", str(r)]
+        cmd += ["--local-steps", "1", "--eval-every", str(r), "--no-plot", "--quiet"]
+        cmd += ["--no-baseline", "--out", str(out), "--deadline", str(RUN_TIMEOUT_S - 60)]
+        cmd += ["--task", args.task, "--seed", str(args.seed)]
+        cmd += ["--set", f'exchange.scheme="{scheme}"']
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        wall = time.perf_counter() - t0
+        report = json.loads((out / "report.json").read_text())
+        if not report["merge"]["hashes_agree"]:
+            sys.exit(f"{n} nodes failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+        nodes = list(report["nodes"].values())
+        per_round = sorted(
+            node["traffic"]["sent"].get(SHARD_PROTOCOL, 0) / max(1, len(node["rounds"]))
+            for node in nodes
+        )
+        mb = per_round[len(per_round) // 2] / 1e6  # median node
+        secs = sorted(rec["seconds"] for node in nodes for rec in node["rounds"][1:])
+        rss = max(node["peak_rss_mb"] or 0 for node in nodes)
+        metric, value = primary(report)
+        first.setdefault(scheme, mb)
+        print(
+            f"{n:>5} {scheme:<15}{mb:>14.3f}{mb / (8 * p / 1e6):>11.2f}"
+            f"{secs[len(secs) // 2]:>17.2f}{rss:>12.0f}{shown(metric, value):>10}{wall:>8.0f}",
+            flush=True,
+        )
+        if n == max(args.sizes) and scheme == "reduce-scatter":
+            print(
+                f"growth {min(args.sizes)} -> {n} nodes: "
+                f"{mb / first[scheme]:.2f}x bytes per node per round (measured)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("suite", choices=["codecs", "byzantine"])
+    ap.add_argument("suite", choices=["codecs", "byzantine", "scaling"])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[4, 8, 16], help="scaling: nodes")
+    ap.add_argument(
+        "--allgather",
+        type=int,
+        nargs="*",
+        default=[4, 8],
+        help="scaling: sizes also run with the all-gather of whole Deltas",
+    )
     ap.add_argument("--nodes", type=int, default=0, help="4 for codecs, 5 for byzantine")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--local-steps", type=int, default=48)
@@ -206,7 +268,7 @@ def main() -> None:
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
     with tempfile.TemporaryDirectory(prefix="fflnode-bench-") as tmp:
-        (codecs if args.suite == "codecs" else byzantine)(args, Path(tmp))
+        {"codecs": codecs, "byzantine": byzantine, "scaling": scaling}[args.suite](args, Path(tmp))
 
 
 if __name__ == "__main__":
