@@ -51,6 +51,8 @@ of a step from the in-memory trainer's beyond what the micro-batch split implies
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -303,6 +305,7 @@ class OutOfCoreTrainer:
             self._blockio.run(self._write_stage, k, 0, self.kinds)
             for p in ps:
                 p.data = torch.empty(0)
+        _return_freed_memory()
 
     async def _read_stage(self, k: int, slot: int, kinds: tuple[str, ...]) -> None:
         n = max(self.stage_numel[k], 1)
@@ -673,6 +676,17 @@ class _StreamedModel(nn.Module):
     def train(self, mode: bool = True) -> _StreamedModel:
         self._trainer.model.train(mode)
         return super().train(mode)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by the released model back to the OS (glibc keeps a
+    fragmented heap's free pages resident otherwise: measured +35..50 MB RSS after
+    releasing a 65 MB model). A no-op where the C library has no malloc_trim."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _numel(shape: tuple[int, ...]) -> int:
