@@ -220,3 +220,72 @@ def test_rss_stays_within_the_budget_for_a_model_four_times_its_size(tmp_path: P
     assert r["peak_held"] <= budget
     assert r["peak"] - r["baseline"] <= budget + RSS_ALLOWANCE, r
     assert r["cached"] <= 16 * MiB  # O_DIRECT: the cold weights stay out of the page cache
+
+
+# ----------------------------------------------------------------------------- config
+NODE_TOML = """
+[node]
+data_dir = "data"
+[run]
+run_id = "r1"
+seed = 1
+nodes = 1
+rounds = 1
+[train]
+task = "text"
+inner_optimizer = "adam"
+memory_budget_mb = {budget}
+[task]
+seq_len = 32
+batch_size = 4
+d_model = {d_model}
+n_layers = 8
+d_state = 8
+"""
+
+
+def node_config(tmp_path: Path, budget: int, d_model: int = 32):
+    from fflnode import config
+
+    p = tmp_path / "node.toml"
+    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model))
+    return config.load(p)
+
+
+def test_memory_budget_is_validated_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        node_config(tmp_path, -1)
+
+
+def test_a_model_that_fits_trains_in_memory(tmp_path: Path) -> None:
+    from fflnode.compose import compose
+    from fflnode.train.trainer import LocalTrainer
+
+    assert isinstance(compose(node_config(tmp_path, 0)).trainer, LocalTrainer)
+    assert isinstance(compose(node_config(tmp_path, 4096)).trainer, LocalTrainer)
+
+
+def test_a_model_over_the_budget_trains_out_of_core_from_the_data_dir(tmp_path: Path) -> None:
+    """d_model 256, 8 blocks, Adam: 5.4M parameters, 87 MB in memory, over a 64 MiB budget."""
+    from fflnode.compose import compose
+    from fflnode.train.outofcore import WEIGHTS_FILE, OutOfCoreTrainer
+
+    comp = compose(node_config(tmp_path, 64, d_model=256))
+    trainer = comp.trainer
+    assert isinstance(trainer, OutOfCoreTrainer)
+    try:
+        assert (comp.cfg.data_dir / "outofcore" / WEIGHTS_FILE).is_file()
+        assert comp.layout.numel == trainer.numel
+        before = trainer.flat()
+        loss = trainer.inner_steps(1)
+        assert loss > 0 and not torch.equal(trainer.flat(), before)
+        assert "perplexity" in trainer.evaluate()
+    finally:
+        trainer.close()
+
+
+def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path) -> None:
+    from fflnode.compose import compose
+
+    with pytest.raises(ConfigError, match="cannot hold even the streaming minimum"):
+        compose(node_config(tmp_path, 8, d_model=256))

@@ -202,6 +202,7 @@ class BlockIO:
 class OutOfCoreTrainer:
     """LocalTrainer's interface, with the model's stages streamed from a block file.
 
+    `sample_batch` (one of the task's batches), when given, checks the budget at once.
     `model` is the task's freshly built model: its stages' parameters are written to the
     block file and their storage released; from then on a stage's parameters point into
     an arena only while that stage computes."""
@@ -218,6 +219,7 @@ class OutOfCoreTrainer:
         memory_budget: int,
         micro_batch: int = 0,
         backend: str | None = "auto",
+        sample_batch: Any = None,
     ) -> None:
         self.loaded, self.task, self.s, self.batches = loaded, loaded.task, settings, batches
         self.model, self.chain = model, chain
@@ -263,6 +265,21 @@ class OutOfCoreTrainer:
         self.plan: MemoryPlan | None = None
         self._spill: BlockFile | None = None
         self._spill_numel = 0
+        if sample_batch is not None:  # check the budget now, not at the first step
+            with torch.no_grad():
+                h = chain.stages[0](chain.model_input(sample_batch))
+            rows = batch_rows(sample_batch)
+            lo, hi = self._micro_batches(rows)[0]
+            self.plan = plan_memory(
+                memory_budget,
+                self.largest,
+                len(self.kinds),
+                h.numel() * h.element_size(),
+                len(chain.stages) - 1,
+                rows,
+                hi - lo,
+            )
+            del h
         self._blockio = BlockIO()
         regions = {
             f"{k}.{kind}": max(n, 1) for k, n in enumerate(self.stage_numel) for kind in self.kinds
