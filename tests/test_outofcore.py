@@ -350,3 +350,42 @@ def test_a_rounds_holo_encoded_delta_is_bit_identical(tmp_path: Path) -> None:
             assert np.array_equal(a.parts[k], b.parts[k]), k
     finally:
         ooc.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> None:
+    """The same schedule with arenas, activations and compute on the GPU (reads land via
+    Prism's pinned pool and side stream). 'Same' here is a bound, not bits: CUDA's
+    embedding and cross-entropy backward accumulate with atomics in no fixed order, so
+    two runs of the in-memory step differ too; 1e-5 after 3 SGD steps at lr 1e-2."""
+    from fflnode.train.outofcore import OutOfCoreTrainer
+    from fflnode.train.trainer import BatchStream, TrainSettings
+
+    loaded = text_task()
+    settings = TrainSettings(
+        seed=3, local_steps=3, inner_lr=1e-2, outer_lr=1e-3, outer_momentum=0.0,
+        inner_optimizer="sgd",
+    )  # fmt: skip
+    reference = build_model(loaded, settings.seed).cuda()
+    opt = torch.optim.SGD(reference.parameters(), lr=settings.inner_lr)
+    data = iter(loaded.task.train_data(0, 1, settings.seed))
+    for _ in range(3):
+        loss = loaded.task.loss(reference, next(data).cuda())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model = build_model(loaded, settings.seed).cuda()
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    batches = BatchStream(lambda: loaded.task.train_data(0, 1, settings.seed))
+    ooc = OutOfCoreTrainer(
+        loaded, model, chain, settings, batches, directory=tmp_path, memory_budget=256 * MiB
+    )
+    try:
+        ooc.inner_steps(3)
+        got = ooc.state_tensors()
+        for name, p in reference.named_parameters():
+            diff = (got[name] - p.detach().cpu()).abs().max()
+            assert diff <= 1e-5, (name, float(diff))
+    finally:
+        ooc.close()
