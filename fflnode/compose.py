@@ -21,7 +21,7 @@ from fflnode.codecs import Codec, make_codec
 from fflnode.config import Config, read_psk, read_run_secret
 from fflnode.errors import ConfigError
 from fflnode.tensors import FlatLayout
-from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes
+from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
 from fflnode.train.task import LoadedTask, build_model, load_task, task_chain
 from fflnode.train.trainer import (
     BatchStream,
@@ -134,6 +134,8 @@ def make_trainer(
     t = cfg.train
     partition, nodes = t.partition_index, cfg.run.nodes
     budget = t.memory_budget_mb << 20
+    if budget:
+        pin_allocator()  # before the model is built (see fflnode.train.outofcore)
     model = build_model(loaded, settings.seed)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batches = BatchStream(lambda: loaded.task.train_data(partition, nodes, settings.seed))  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import torch
     from fflnode.prism.fs import peak_rss, reset_peak_rss, status_bytes
-    from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes
+    from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
     from fflnode.train.task import build_model, load_task, task_chain
     from fflnode.train.trainer import BatchStream, LocalTrainer, TrainSettings
 
@@ -53,6 +53,8 @@ CHILD = textwrap.dedent(
     baseline = status_bytes("VmRSS")
     settings = TrainSettings(seed=1, local_steps=1, inner_lr=1e-4, outer_lr=1e-3,
                              outer_momentum=0.0, inner_optimizer="adam")
+    if arm == "ooc":
+        pin_allocator()  # as compose does when a budget is set
     model = build_model(loaded, 1)
     numel = sum(p.numel() for p in model.parameters())
     batches = BatchStream(lambda: loaded.task.train_data(0, 1, 1))
