@@ -21,8 +21,17 @@ from fflnode.codecs import Codec, make_codec
 from fflnode.config import Config, read_psk, read_run_secret
 from fflnode.errors import ConfigError
 from fflnode.tensors import FlatLayout
-from fflnode.train.task import LoadedTask, load_task
-from fflnode.train.trainer import LocalTrainer, node_trainer, settings_from
+from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
+from fflnode.train.task import LoadedTask, build_model, load_task, task_chain
+from fflnode.train.trainer import (
+    BatchStream,
+    LocalTrainer,
+    TrainSettings,
+    settings_from,
+)
+
+# The out-of-core trainer's block files live here, under the node's data directory.
+OUTOFCORE_DIR = "outofcore"
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Composition:
 
     cfg: Config
     task: LoadedTask
-    trainer: LocalTrainer | None  # None for a merge-only task
+    trainer: LocalTrainer | OutOfCoreTrainer | None  # None for a merge-only task
     layout: FlatLayout  # what the final merge averages (the premerge file's tensors)
     codec: Codec
     psk: str | None
@@ -87,10 +96,10 @@ def compose(cfg: Config) -> Composition:
     """Build and check everything the node needs; ConfigError names what is wrong."""
     torch.set_num_threads(cfg.train.threads)
     loaded = load_task(cfg.train.task, cfg.task, cfg.base_dir)
-    trainer: LocalTrainer | None = None
+    trainer: LocalTrainer | OutOfCoreTrainer | None = None
     if loaded.trains:
         settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
-        trainer = node_trainer(loaded, settings, cfg.train.partition_index, cfg.run.nodes)
+        trainer = make_trainer(cfg, loaded, settings)
         layout = FlatLayout.of(trainer.state_tensors())
     else:
         if cfg.run.rounds:
@@ -114,6 +123,43 @@ def compose(cfg: Config) -> Composition:
         run_secret=read_run_secret(cfg),
         adversary=adversary,
         store_options=store_options(cfg),
+    )
+
+
+def make_trainer(
+    cfg: Config, loaded: LoadedTask, settings: TrainSettings
+) -> LocalTrainer | OutOfCoreTrainer:
+    """In memory, unless train.memory_budget_mb is set and the model's weights, gradients
+    and inner optimizer state exceed it: then out of core, streamed from the data dir."""
+    t = cfg.train
+    partition, nodes = t.partition_index, cfg.run.nodes
+    budget = t.memory_budget_mb << 20
+    if budget:
+        pin_allocator()  # before the model is built (see fflnode.train.outofcore)
+    model = build_model(loaded, settings.seed)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batches = BatchStream(lambda: loaded.task.train_data(partition, nodes, settings.seed))  # type: ignore[union-attr]
+    if not budget or in_memory_bytes(numel, settings.inner_optimizer) <= budget:
+        return LocalTrainer(loaded, model, settings, batches)
+    chain = task_chain(loaded, model)
+    if chain is None:
+        need = in_memory_bytes(numel, settings.inner_optimizer)
+        raise ConfigError(
+            f"{cfg.source}: the model needs {need >> 20} "
+            f"MiB in memory, over train.memory_budget_mb = {t.memory_budget_mb}, and task "
+            f"{t.task!r} declares no blocks() to stream it by (fflnode.train.task)"
+        )
+    return OutOfCoreTrainer(
+        loaded,
+        model,
+        chain,
+        settings,
+        batches,
+        directory=cfg.data_dir / OUTOFCORE_DIR,
+        memory_budget=budget,
+        micro_batch=t.micro_batch,
+        backend=cfg.prism.backend,
+        sample_batch=next(iter(loaded.task.train_data(partition, nodes, settings.seed))),  # type: ignore[union-attr]
     )
 
 

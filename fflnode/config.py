@@ -83,6 +83,11 @@ class TrainSection:
     threads: int = 1  # torch intra-op threads; several nodes share a small machine
     eval_every: int = 20  # rounds between evaluations (and the last round)
     checkpoint_every: int = 1  # rounds between atomic checkpoints (and the last round)
+    # Out-of-core training (fflnode.train.outofcore): the RAM, in MiB, local training may
+    # hold. When the model's weights, gradients and inner optimizer state exceed it, the
+    # node streams the task's blocks from a file in the data directory. 0: in memory.
+    memory_budget_mb: int = 0
+    micro_batch: int = 0  # rows per micro-batch of out-of-core steps; 0: the whole batch
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,8 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.threads", lambda v: v >= 1, "at least 1"),
     ("train.eval_every", lambda v: v >= 1, "at least 1"),
     ("train.checkpoint_every", lambda v: v >= 1, "at least 1"),
+    ("train.memory_budget_mb", lambda v: 0 <= v <= 1 << 24, "between 0 and 16777216 (16 TiB)"),
+    ("train.micro_batch", lambda v: v >= 0, "non-negative"),
     ("exchange.bits", lambda v: 1 <= v <= 8, "between 1 and 8"),
     ("exchange.ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("exchange.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -414,7 +421,7 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError(
             f"{source}: exchange.codec {e.codec!r} without error feedback loses what each "
             "round's encoding drops (holo: 11 points under centralized on digits); set "
-            "exchange.error_feedback = \"auto\""
+            'exchange.error_feedback = "auto"'
         )
     if cfg.exchange.scheme == "reduce-scatter" and (
         cfg.exchange.codec != "none" or cfg.exchange.robust != "none"

@@ -136,6 +136,13 @@ class Node:
 
     # ----------------------------------------------------------------------- run
     async def run(self) -> NodeReport:
+        try:
+            return await self._run()
+        finally:
+            if self.trainer is not None:
+                self.trainer.close()  # an out-of-core trainer's block files and I/O thread
+
+    async def _run(self) -> NodeReport:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,20 @@ What is federated: every floating-point parameter that requires a gradient, each
 final merge). All must be float32: the exact merge and the wire format assume it. Other
 parameters and buffers are left as the seed built them, identical on every node.
 
+Optionally, a task declares its model as a chain of blocks, for out-of-core training
+(fflnode.train.outofcore): `blocks(model)` returns a BlockChain: stages in order (the
+input stem, the blocks, the head), each a module whose parameters are a disjoint share
+of the federated ones, `model_input(batch)` (the first stage's input) and
+`loss(output, batch)` (the last stage's output to the task's loss). Its contract:
+* running the stages in order on model_input(batch) and applying `loss` gives exactly
+  task.loss(model, batch) (the same operations, so the same bits);
+* a stage's input and output are tensors with the batch's rows along dimension 0, and
+  rows do not interact (row i of a stage's output depends only on row i of its input);
+* `loss` is a mean over the batch's rows, so a micro-batch of m of N rows contributes
+  loss(micro-batch) x m / N; the batch (a tensor, or a tuple of tensors) is sliced by
+  rows along dimension 0;
+* every federated parameter belongs to exactly one stage (check_chain verifies it).
+
 A merge-only task (the built-in `synthetic`, for merge benchmarks) implements
 MergeOnlyTask instead: no training, it writes its premerge weights piece by piece.
 
@@ -36,7 +50,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -66,6 +80,93 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module) -> Mapping[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a BlockChain: `name` is the prefix of its parameters in the model
+    ("blocks.0"); `forward(module, x)` maps the previous stage's output to this one's
+    (None: `module(x)`)."""
+
+    name: str
+    module: nn.Module
+    forward: Callable[[nn.Module, Any], Any] | None = None
+
+    def __call__(self, x: Any) -> Any:
+        return self.module(x) if self.forward is None else self.forward(self.module, x)
+
+
+@dataclass(frozen=True)
+class BlockChain:
+    """A model as a chain of stages (see the module docstring for the contract)."""
+
+    stages: tuple[Stage, ...]
+    model_input: Callable[[Any], Any]  # batch -> the first stage's input
+    loss: Callable[[torch.Tensor, Any], torch.Tensor]  # last output, batch -> mean loss
+
+    def run_loss(self, batch: Any) -> torch.Tensor:
+        """The task's loss computed stage by stage (what the contract equates to loss)."""
+        h = self.model_input(batch)
+        for stage in self.stages:
+            h = stage(h)
+        return self.loss(h, batch)
+
+
+def task_chain(loaded: LoadedTask, model: nn.Module) -> BlockChain | None:
+    """The task's BlockChain for `model`, checked; None when the task declares none."""
+    make = getattr(loaded.task, "blocks", None)
+    if make is None:
+        return None
+    where = f"task {loaded.spec!r} ({loaded.source})"
+    try:
+        chain = make(model)
+    except Exception as e:  # user code
+        raise ConfigError(f"{where}: blocks() raised {type(e).__name__}: {e}") from None
+    if not isinstance(chain, BlockChain):
+        raise ConfigError(f"{where}: blocks() returned {type(chain).__name__}, not a BlockChain")
+    check_chain(chain, model, where)
+    return chain
+
+
+def check_chain(chain: BlockChain, model: nn.Module, where: str) -> None:
+    """Every federated parameter in exactly one stage, and nothing else trainable there."""
+    if not chain.stages:
+        raise ConfigError(f"{where}: blocks() declared no stage")
+    owner: dict[int, str] = {}
+    for stage in chain.stages:
+        for p in stage.module.parameters():
+            if id(p) in owner and owner[id(p)] != stage.name:
+                raise ConfigError(
+                    f"{where}: a parameter is shared by stages {owner[id(p)]!r} and "
+                    f"{stage.name!r}; out-of-core training needs each in one stage"
+                )
+            owner[id(p)] = stage.name
+    for name, p in federated_parameters(model):
+        if id(p) not in owner:
+            raise ConfigError(f"{where}: parameter {name} belongs to no stage of blocks()")
+    federated = {id(p) for _, p in federated_parameters(model)}
+    for stage in chain.stages:
+        for n, p in stage.module.named_parameters():
+            if id(p) not in federated and p.requires_grad:
+                raise ConfigError(f"{where}: stage {stage.name!r} parameter {n} is not federated")
+
+
+def slice_rows(batch: Any, lo: int, hi: int) -> Any:
+    """Rows [lo, hi) of a batch: a tensor, or a tuple/list of tensors, along dimension 0."""
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi]
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        return type(batch)(slice_rows(b, lo, hi) for b in batch)
+    raise ConfigError(
+        f"out-of-core training slices batches by rows: a {type(batch).__name__} is neither "
+        "a tensor nor a tuple of tensors"
+    )
+
+
+def batch_rows(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    return batch_rows(batch[0])
 
 
 @runtime_checkable
@@ -261,6 +362,12 @@ def as_metrics(metrics: Mapping[str, float], where: str) -> dict[str, float]:
 
 __all__ = [
     "BUILTIN_TASKS",
+    "BlockChain",
+    "Stage",
+    "batch_rows",
+    "check_chain",
+    "slice_rows",
+    "task_chain",
     "LoadedTask",
     "MergeOnlyTask",
     "as_metrics",

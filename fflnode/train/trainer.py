@@ -268,6 +268,9 @@ class LocalTrainer:
         """Apply the outer optimizer to the pseudo-gradient g = theta_start - theta_mix."""
         self.load_flat(self.outer.step(theta_start, g))
 
+    def close(self) -> None:
+        """Nothing to release (OutOfCoreTrainer closes its block files here)."""
+
     def evaluate(self) -> dict[str, float]:
         with torch.no_grad():
             metrics = self.task.evaluate(self.model)  # type: ignore[union-attr]

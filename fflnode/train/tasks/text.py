@@ -26,6 +26,7 @@ from torch import nn
 
 from fflnode.errors import ConfigError
 from fflnode.ssm.model import SSDConfig, SSDModel
+from fflnode.train.task import BlockChain, Stage
 
 VOCAB = 256  # bytes
 HELDOUT_FRACTION = 0.1  # the tail of every document, never trained on
@@ -35,6 +36,19 @@ SPLIT_SALT = 0x7E47  # separates the document deal from other uses of the run se
 # (~46 KB) at the default length and keeps an evaluation under a second here.
 MAX_EVAL_WINDOWS = 512
 EVAL_BATCH = 32
+
+
+def _model_input(batch: torch.Tensor) -> torch.Tensor:
+    return batch[:, :-1]
+
+
+def _next_byte_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each next byte (a mean over rows, as BlockChain requires)."""
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+def _block_forward(block: nn.Module, u: torch.Tensor) -> torch.Tensor:
+    return block(u)[0]  # the SSD layer's final state is not needed for training
 
 
 @lru_cache(maxsize=1)
@@ -133,8 +147,18 @@ class TextTask:
             yield tokens[base[:, None] + offsets]  # (batch, seq_len + 1)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        logits = model(batch[:, :-1])
-        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        return _next_byte_loss(model(batch[:, :-1]), batch)
+
+    def blocks(self, model: nn.Module) -> BlockChain:
+        """The SSD LM as a chain: embed, blocks.{i} (the residual stream (b, T, D)
+        between them), readout (logits); the same operations as SSDModel.forward."""
+        assert isinstance(model, SSDModel)
+        stages = (
+            Stage("embed", model.embed),
+            *(Stage(f"blocks.{i}", b, _block_forward) for i, b in enumerate(model.blocks)),
+            Stage("readout", model.readout),
+        )
+        return BlockChain(stages, _model_input, _next_byte_loss)
 
     def heldout_windows(self, doc_ids: list[int] | None = None) -> torch.Tensor:
         """Non-overlapping (seq_len + 1)-byte windows of the held-out parts."""

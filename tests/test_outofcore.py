@@ -1,0 +1,394 @@
+"""Out-of-core training (fflnode.train.outofcore) and the Task API's block chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fflnode.errors import ConfigError
+from fflnode.train.task import BlockChain, Stage, build_model, load_task, task_chain
+
+TINY_TEXT = {"seq_len": 32, "batch_size": 4, "d_model": 32, "n_layers": 3, "d_state": 8}
+
+
+def text_task(**options: object):
+    return load_task("text", {**TINY_TEXT, **options}, Path("."))
+
+
+def test_text_chain_gives_the_task_loss_bit_for_bit() -> None:
+    loaded = text_task()
+    model = build_model(loaded, 7)
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    assert [s.name for s in chain.stages] == [
+        "embed",
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "readout",
+    ]
+    batch = next(iter(loaded.task.train_data(0, 1, 7)))
+    assert torch.equal(chain.run_loss(batch), loaded.task.loss(model, batch))
+
+
+def test_chain_that_misses_a_parameter_is_refused() -> None:
+    loaded = text_task()
+    model = build_model(loaded, 7)
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    partial = BlockChain(chain.stages[:-1], chain.model_input, chain.loss)
+    with pytest.raises(ConfigError, match="readout.*belongs to no stage"):
+        from fflnode.train.task import check_chain
+
+        check_chain(partial, model, "test")
+
+
+def test_chain_with_a_shared_parameter_is_refused() -> None:
+    from fflnode.train.task import check_chain
+
+    a = nn.Linear(2, 2)
+    model = nn.Sequential(a, a)
+    chain = BlockChain((Stage("0", a), Stage("1", model)), lambda b: b, lambda o, b: o.mean())
+    with pytest.raises(ConfigError, match="shared by stages"):
+        check_chain(chain, model, "test")
+
+
+# ----------------------------------------------------------------------------- trainer
+def make_trainers(tmp_path: Path, inner: str, micro_batch: int = 0, resident: int = 1):
+    from fflnode.train.outofcore import (
+        FLOAT_BYTES,
+        OPT_STATES,
+        POOL_BYTES,
+        WORKING_FACTOR,
+        OutOfCoreTrainer,
+    )
+    from fflnode.train.trainer import BatchStream, TrainSettings, node_trainer
+
+    loaded = text_task()
+    settings = TrainSettings(
+        seed=3,
+        local_steps=3,
+        inner_lr=1e-2,
+        outer_lr=1e-3,
+        outer_momentum=0.0,
+        inner_optimizer=inner,
+    )
+    memory = node_trainer(loaded, settings, 0, 1)
+    model = build_model(loaded, settings.seed)
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    states = len(OPT_STATES[inner])
+    largest = max(sum(p.numel() for p in s.module.parameters()) for s in chain.stages)
+    rows, seq, width = TINY_TEXT["batch_size"], TINY_TEXT["seq_len"], TINY_TEXT["d_model"]
+    boundary = FLOAT_BYTES * rows * seq * width
+    micro = micro_batch or rows
+    # Exactly `resident` boundaries fit beside the fixed part: the others are spilled.
+    budget = (
+        FLOAT_BYTES * largest * (2 * states + 1)
+        + 2 * POOL_BYTES
+        + 4 * boundary
+        + WORKING_FACTOR * boundary * micro // rows
+        + resident * boundary
+    )
+    batches = BatchStream(lambda: loaded.task.train_data(0, 1, settings.seed))
+    ooc = OutOfCoreTrainer(
+        loaded,
+        model,
+        chain,
+        settings,
+        batches,
+        directory=tmp_path,
+        memory_budget=budget,
+        micro_batch=micro_batch,
+    )
+    return memory, ooc
+
+
+@pytest.mark.parametrize("inner", ["adam", "sgd"])
+def test_streamed_steps_give_bit_identical_weights_when_the_micro_batch_is_the_batch(
+    tmp_path: Path, inner: str
+) -> None:
+    """'Same' = torch.equal on every parameter after 3 steps: with one micro-batch the
+    streamed step runs the in-memory step's operations in the same order."""
+    memory, ooc = make_trainers(tmp_path, inner)
+    try:
+        loss_mem = memory.inner_steps(3)
+        loss_ooc = ooc.inner_steps(3)
+        assert ooc.plan is not None and ooc.plan.spilled == 3 and ooc.plan.resident == 1
+        assert loss_ooc == loss_mem
+        got = ooc.state_tensors()
+        for name, want in memory.state_tensors().items():
+            assert torch.equal(got[name], want), name
+        assert ooc.peak_held <= ooc.memory_budget
+        assert ooc.io["read"] > 0 and ooc.io["written"] > 0
+    finally:
+        ooc.close()
+
+
+def test_micro_batches_agree_with_the_whole_batch_within_reassociation(tmp_path: Path) -> None:
+    """With 4 micro-batches of 1 row, a gradient is a sum of 4 partial sums, not one
+    sum: float32 reassociation, ~1e-7 relative per gradient. After 3 SGD steps at lr
+    1e-2 the weights may differ by that, scaled by lr; the bound leaves 100x margin."""
+    memory, ooc = make_trainers(tmp_path, "sgd", micro_batch=1)
+    try:
+        start = memory.flat()
+        memory.inner_steps(3)
+        ooc.inner_steps(3)
+        got, want = ooc.flat(), memory.flat()
+        assert not torch.equal(want, start)
+        assert (got - want).abs().max() <= 1e-6, float((got - want).abs().max())
+    finally:
+        ooc.close()
+
+
+# ----------------------------------------------------------------------------- memory
+MiB = 1 << 20
+# What the issue allows beyond the budget besides the interpreter-and-torch baseline:
+# allocator slack, autograd's bookkeeping, the I/O thread's trio run.
+RSS_ALLOWANCE = 100 * MiB
+CHILD_TIMEOUT_S = 240  # two steps of a 17M-parameter model on one shared core: ~20 s here
+RSS_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from fflnode.prism.fs import peak_rss, reset_peak_rss, resident_bytes, status_bytes
+from fflnode.train.outofcore import WEIGHTS_FILE, OutOfCoreTrainer, in_memory_bytes
+from fflnode.train.outofcore import pin_allocator
+from fflnode.train.task import build_model, load_task, task_chain
+from fflnode.train.trainer import BatchStream, TrainSettings
+
+directory, budget = Path(sys.argv[1]), int(sys.argv[2])
+opts = dict(seq_len=32, batch_size=4, d_model=256, n_layers=24, d_state=16)
+loaded = load_task("text", opts, Path("."))
+# torch's lazily loaded parts (the optimizer step imports torch._dynamo, ~60 MB; the
+# autograd engine starts its thread) belong to the interpreter-and-torch baseline.
+w = torch.zeros(4, requires_grad=True)
+(w * 2).sum().backward()
+torch.optim.Adam([w]).step()
+next(iter(loaded.task.train_data(0, 1, 1)))
+baseline = status_bytes("VmRSS")  # interpreter, torch, the task's data
+settings = TrainSettings(seed=1, local_steps=2, inner_lr=1e-3, outer_lr=1e-3,
+                         outer_momentum=0.0, inner_optimizer="adam")
+pin_allocator()  # as compose does when a budget is set
+model = build_model(loaded, 1)  # built whole once (a limitation the report names)
+numel = sum(p.numel() for p in model.parameters())
+chain = task_chain(loaded, model)
+batches = BatchStream(lambda: loaded.task.train_data(0, 1, 1))
+trainer = OutOfCoreTrainer(loaded, model, chain, settings, batches, directory=directory,
+                           memory_budget=budget)
+after_init = status_bytes("VmRSS")
+reset_peak_rss()
+loss = trainer.inner_steps(2)
+peak = peak_rss()
+out = dict(baseline=baseline, peak=peak, after_init=after_init, numel=numel,
+           in_memory=in_memory_bytes(numel, "adam"), peak_held=trainer.peak_held,
+           resident=trainer.plan.resident, spilled=trainer.plan.spilled,
+           cached=resident_bytes(directory / WEIGHTS_FILE), io=trainer.io, loss=loss)
+trainer.close()
+print(json.dumps(out))
+"""
+
+
+def test_rss_stays_within_the_budget_for_a_model_four_times_its_size(tmp_path: Path) -> None:
+    """A fresh process trains a 17M-parameter SSD LM with Adam (270 MB in memory) under a
+    48 MiB budget: its peak RSS during the steps (VmHWM, reset after start-up) stays
+    within baseline + budget + RSS_ALLOWANCE, and the weights file is not cached.
+    Measured here: +25 MB after start-up, peak +57 MB over the baseline (the trainer's
+    own tensors peak at 21 MB, Prism's pools are 20 MiB; the rest is autograd and
+    allocator slack); +83..87 MB before glibc's mmap threshold was pinned."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    budget = 48 * MiB
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(tmp_path), str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    print(r)
+    assert r["in_memory"] >= 4 * budget
+    # Its boundaries (128 KiB each) all fit: activation spilling is pinned by the
+    # equivalence tests above, where the budget leaves room for one boundary.
+    assert r["peak_held"] <= budget
+    assert r["peak"] - r["baseline"] <= budget + RSS_ALLOWANCE, r
+    assert r["cached"] <= 16 * MiB  # O_DIRECT: the cold weights stay out of the page cache
+
+
+# ----------------------------------------------------------------------------- config
+NODE_TOML = """
+[node]
+data_dir = "data"
+[run]
+run_id = "r1"
+seed = 1
+nodes = 1
+rounds = 1
+[train]
+task = "text"
+inner_optimizer = "adam"
+memory_budget_mb = {budget}
+[task]
+seq_len = 32
+batch_size = 4
+d_model = {d_model}
+n_layers = 8
+d_state = 8
+"""
+
+
+def node_config(tmp_path: Path, budget: int, d_model: int = 32):
+    from fflnode import config
+
+    p = tmp_path / "node.toml"
+    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model))
+    return config.load(p)
+
+
+def test_memory_budget_is_validated_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        node_config(tmp_path, -1)
+
+
+def test_a_model_that_fits_trains_in_memory(tmp_path: Path) -> None:
+    from fflnode.compose import compose
+    from fflnode.train.trainer import LocalTrainer
+
+    assert isinstance(compose(node_config(tmp_path, 0)).trainer, LocalTrainer)
+    assert isinstance(compose(node_config(tmp_path, 4096)).trainer, LocalTrainer)
+
+
+def test_a_model_over_the_budget_trains_out_of_core_from_the_data_dir(tmp_path: Path) -> None:
+    """d_model 256, 8 blocks, Adam: 5.4M parameters, 87 MB in memory, over a 64 MiB budget."""
+    from fflnode.compose import compose
+    from fflnode.train.outofcore import WEIGHTS_FILE, OutOfCoreTrainer
+
+    comp = compose(node_config(tmp_path, 64, d_model=256))
+    trainer = comp.trainer
+    assert isinstance(trainer, OutOfCoreTrainer)
+    try:
+        assert (comp.cfg.data_dir / "outofcore" / WEIGHTS_FILE).is_file()
+        assert comp.layout.numel == trainer.numel
+        before = trainer.flat()
+        loss = trainer.inner_steps(1)
+        assert loss > 0 and not torch.equal(trainer.flat(), before)
+        assert "perplexity" in trainer.evaluate()
+    finally:
+        trainer.close()
+
+
+def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path) -> None:
+    from fflnode.compose import compose
+
+    with pytest.raises(ConfigError, match="cannot hold even the streaming minimum"):
+        compose(node_config(tmp_path, 8, d_model=256))
+
+
+# ----------------------------------------------------------------------------- testnet
+TESTNET_TIMEOUT_S = 480  # 2 nodes x 2 rounds of a 3M-parameter model: ~2-4 min here
+
+
+@pytest.mark.slow
+def test_two_node_testnet_trains_out_of_core_and_merges_exactly(tmp_path: Path) -> None:
+    """d_model 192, 8 blocks, Adam: 3M parameters, 48 MB in memory, over a 40 MiB budget:
+    both nodes stream their blocks, exchange holo-encoded deltas and merge exactly.
+    Not asserted: each node's RSS within its budget; the round loop and the exchange
+    still hold |θ|-sized vectors (see fflnode.train.outofcore)."""
+    import json
+    import subprocess
+
+    from tests.conftest import REPO, fflnode_cmd
+
+    out = tmp_path / "net"
+    options = ["d_model=192", "n_layers=8", "seq_len=32", "batch_size=4"]
+    proc = subprocess.run(
+        fflnode_cmd(
+            "testnet", "--nodes", "2", "--rounds", "2", "--local-steps", "2", "--task", "text",
+            *(a for o in options for a in ("--task-option", o)),
+            "--set", 'train.inner_optimizer="adam"', "--set", "train.memory_budget_mb=40",
+            "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot",
+            "--eval-every", "2", "--out", str(out),
+        ),
+        cwd=REPO, capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    merge = report["merge"]
+    assert merge["hashes_agree"] and merge["files_equal_reference"]
+    for name in ("node0", "node1"):
+        assert report["nodes"][name]["exit_code"] == 0
+        assert (out / name / "outofcore" / "outofcore-weights.blk").is_file()
+
+
+def test_a_rounds_holo_encoded_delta_is_bit_identical(tmp_path: Path) -> None:
+    """One round (3 Adam steps, micro-batch = batch): theta_start - theta_local encoded
+    with the holo codec gives the same bytes in memory and out of core."""
+    import numpy as np
+
+    from fflnode.codecs import make_codec
+    from fflnode.codecs.base import ChunkContext
+
+    memory, ooc = make_trainers(tmp_path, "adam")
+    try:
+        codec = make_codec("holo", bits=2, scale="unbiased")
+        encodings = []
+        for trainer in (memory, ooc):
+            start = trainer.flat()
+            trainer.inner_steps(3)
+            delta = start - trainer.flat()
+            encodings.append(codec.encode(delta, ChunkContext(1, 0, 0, delta.numel())))
+        a, b = encodings
+        assert a.parts.keys() == b.parts.keys() and a.meta == b.meta
+        for k in a.parts:
+            assert np.array_equal(a.parts[k], b.parts[k]), k
+    finally:
+        ooc.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> None:
+    """The same schedule with arenas, activations and compute on the GPU (reads land via
+    Prism's pinned pool and side stream). 'Same' here is a bound, not bits: CUDA's
+    embedding and cross-entropy backward accumulate with atomics in no fixed order, so
+    two runs of the in-memory step differ too; 1e-5 after 3 SGD steps at lr 1e-2."""
+    from fflnode.train.outofcore import OutOfCoreTrainer
+    from fflnode.train.trainer import BatchStream, TrainSettings
+
+    loaded = text_task()
+    settings = TrainSettings(
+        seed=3, local_steps=3, inner_lr=1e-2, outer_lr=1e-3, outer_momentum=0.0,
+        inner_optimizer="sgd",
+    )  # fmt: skip
+    reference = build_model(loaded, settings.seed).cuda()
+    opt = torch.optim.SGD(reference.parameters(), lr=settings.inner_lr)
+    data = iter(loaded.task.train_data(0, 1, settings.seed))
+    for _ in range(3):
+        loss = loaded.task.loss(reference, next(data).cuda())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model = build_model(loaded, settings.seed).cuda()
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    batches = BatchStream(lambda: loaded.task.train_data(0, 1, settings.seed))
+    ooc = OutOfCoreTrainer(
+        loaded, model, chain, settings, batches, directory=tmp_path, memory_budget=256 * MiB
+    )
+    try:
+        ooc.inner_steps(3)
+        got = ooc.state_tensors()
+        for name, p in reference.named_parameters():
+            diff = (got[name] - p.detach().cpu()).abs().max()
+            assert diff <= 1e-5, (name, float(diff))
+    finally:
+        ooc.close()
