@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from fflnode.p2p.host import LIBRARY_LOG_WINDOW_S, LibraryLogLimit, route_libp2p_logging
+from fflnode.p2p.host import (
+    LIBRARY_LINES_PER_WINDOW,
+    LIBRARY_LOG_WINDOW_S,
+    LibraryLogLimit,
+    route_libp2p_logging,
+)
 
 
 class Clock:
@@ -38,6 +43,24 @@ def test_a_library_call_site_writes_one_line_per_window_then_says_how_many_it_he
     assert limit.filter(late)
     assert late.getMessage() == "flush peer (999 similar lines held back)"
     assert not limit.filter(record("libp2p.pubsub", logging.WARNING, "flush %s", 7, "x"))
+
+
+def test_many_call_sites_share_one_budget_per_window():
+    """One attacker reaches some 15 library call sites: a line per site a minute would
+    still be 15 lines a minute about one peer (found by tools/fuzz_daemon.py)."""
+    clock = Clock()
+    limit = LibraryLogLimit(clock=clock)
+    sites = [record("libp2p.x", logging.WARNING, f"site {i}", i) for i in range(15)]
+    passed = [r for r in sites if limit.filter(r)]
+    assert len(passed) == LIBRARY_LINES_PER_WINDOW
+    assert limit.held == 15 - LIBRARY_LINES_PER_WINDOW
+    clock.now += LIBRARY_LOG_WINDOW_S
+    late = record("libp2p.x", logging.WARNING, "site 14", 14)  # held once, now passes
+    assert limit.filter(late)
+    assert late.getMessage() == "site 14 (1 similar lines held back)"
+    for _minute in range(10):  # a steady flood from every site: the budget, no more
+        clock.now += LIBRARY_LOG_WINDOW_S
+        assert sum(limit.filter(r) for r in sites * 5) == LIBRARY_LINES_PER_WINDOW
 
 
 def test_other_sites_levels_and_loggers_pass_untouched():
