@@ -1,5 +1,6 @@
 """F-SSD over the network: state bodies validated against the local model, all-or-nothing
-pulls, and real libp2p peers that merge each other's MQAR states into the centralized one."""
+pulls (one context or a batch per request), and real libp2p peers that merge each other's
+MQAR states into the centralized one."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from fflnode.ssm.federation import (
 )
 from fflnode.ssm.federation_net import StateFederation, StatePullError
 from fflnode.ssm.model import SSDConfig, SSDModel
+from fflnode.ssm.state_codec import HoloStateCodec, RawCodec
 from fflnode.ssm.states import LayerState, merge_model, relative_error
 from tests.conftest import REPO, fflnode_cmd
 from tests.p2p_harness import peers
@@ -224,6 +226,84 @@ def test_announcements_cover_ranges_at_one_round():
         federation.ready_fields(range(0, wire.MAX_ANNOUNCED_CONTEXTS + 1), 0)
 
 
+def batch_body(book: StateBook, contexts: range, *, round=2, index=None, codec=None, count=None):
+    """A batched answer as a receiver sees it, built from `book`'s held contexts."""
+    helds = [book.own(c) for c in contexts]
+    parts = federation.batch_parts(helds)
+    if count is not None:  # a body for another count than asked
+        parts = federation.batch_parts(helds[:count])
+    tag = codec or federation.batch_tag(book.codec)
+    first = contexts.start if index is None else index
+    framed, views = wire.bulk_header(
+        run=RUN, round=round, what=STATE_WHAT, index=first, codec=tag, parts=parts
+    )
+    msg = wire.decode(framed[wire.LENGTH_PREFIX.size :], PEER, expect={"bulk"})
+    header = wire.as_bulk_header(msg)
+    return header, wire.check_body(header, memoryview(b"".join(bytes(v) for v in views)), PEER)
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), HoloStateCodec(8, seed=3)], ids=["none", "holo"])
+def test_a_batched_body_enters_the_book_only_at_commit_as_its_sender_holds_it(codec):
+    server = StateBook(SPEC, OTHER, codec)
+    for c in range(4, 10):
+        server.put_own(c, 2, layer_states(c))
+    book = StateBook(SPEC, ME, codec)
+    pull = PeerPull(book, OTHER, PEER, run=RUN, round=2, contexts=list(range(4, 10)))
+    pull.add_batch(range(4, 8), *batch_body(server, range(4, 8)))
+    assert pull.missing() == [8, 9] and book.received(4, 2) == {}
+    pull.add_batch(range(8, 10), *batch_body(server, range(8, 10)))
+    assert pull.commit() == 6
+    for c in range(4, 10):  # bit-identical to what the sender composes with
+        got, want = book.received(c, 2)[OTHER], server.own(c).states
+        assert all(torch.equal(g.h, w.h) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("case", ["index", "round", "codec", "count", "repeat", "unasked"])
+def test_a_bad_batched_answer_is_a_typed_error(case):
+    server = StateBook(SPEC, OTHER)
+    for c in range(0, 6):
+        server.put_own(c, 2, layer_states(c))
+    pull = PeerPull(StateBook(SPEC, ME), OTHER, PEER, run=RUN, round=2, contexts=[0, 1, 2, 3])
+    want = {"index": "index", "round": "round", "codec": "codec", "count": "shape"}
+    if case == "repeat":
+        pull.add_batch(range(0, 2), *batch_body(server, range(0, 2)))
+        args = (range(1, 3), *batch_body(server, range(1, 3)))
+        want[case] = "index"
+    elif case == "unasked":
+        args = (range(3, 5), *batch_body(server, range(3, 5)))
+        want[case] = "index"
+    else:
+        overrides = {
+            "index": {"index": 1},
+            "round": {"round": 3},
+            "codec": {"codec": "ssd-states/1;holo8"},
+            "count": {"count": 1},
+        }[case]
+        args = (range(0, 2), *batch_body(server, range(0, 2), **overrides))
+    with pytest.raises(WireError) as info:
+        pull.add_batch(*args)
+    assert info.value.reason == want[case], info.value
+
+
+def test_batches_are_runs_of_consecutive_contexts_cut_to_size():
+    assert federation.batches([5, 1, 2, 3, 9, 4, 10], 3) == [
+        range(1, 4), range(4, 6), range(9, 11)
+    ]  # fmt: skip
+    limit = federation.batch_limit(((8, 64, 64),), RawCodec(), 1000)
+    assert limit * RawCodec().body_nbytes(((8, 64, 64),), 1) <= federation.MAX_BATCH_BODY_BYTES
+
+    def get(**kw):
+        fields = dict(run=RUN, round=2, what=STATE_WHAT, index=5, lo=0, hi=4,
+                      codec="ssd-states/1;none")  # fmt: skip
+        return wire.decode(wire.encode("get", **{**fields, **kw}), PEER)
+
+    tag = federation.batch_tag(RawCodec())
+    assert federation.check_batch_request(get(), tag, 8) == (range(5, 9), 2)
+    for bad in ({"hi": 0}, {"hi": 9}, {"lo": 1}, {"codec": "ssd-states/1;holo8"}):
+        with pytest.raises(ValueError):
+            federation.check_batch_request(get(**bad), tag, 8)
+
+
 # ----------------------------------------------------------------------------- network
 def recall_model() -> SSDModel:
     """A 1-layer SSD model built, not trained, to solve MQAR exactly: a context token
@@ -281,9 +361,12 @@ async def test_peers_pull_states_and_continue_from_the_centralized_state():
     merged, feds = {}, []
     with trio.fail_after(P2P_TIMEOUT_S):
         async with peers(n) as ps, trio.open_nursery() as nursery:
-            for j, p in enumerate(ps):
+            for j, p in enumerate(ps):  # even peers pull 8 contexts per request, odd ones 1
                 fed = StateFederation(
-                    p.membership, StateBook(model.state_spec(), p.id.to_bytes()), p.traffic
+                    p.membership,
+                    StateBook(model.state_spec(), p.id.to_bytes()),
+                    p.traffic,
+                    batch=8 if j % 2 == 0 else 1,
                 )
                 await nursery.start(fed.run)
                 contexts = fed.put_own_batch(0, 0, own[j])

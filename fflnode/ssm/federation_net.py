@@ -12,12 +12,18 @@ Theory of operation. A `StateFederation` gives one node's StateBook a network pr
   state topic, and the node re-publishes its latest REANNOUNCE_LAST announcements every
   heartbeat: a peer whose subscription reached us late, or whose mesh formed late, still
   hears it. Announcements received are recorded in federation.Announcements.
-* Pulling. `pull` fetches contexts from one peer over one stream, STATE_WINDOW requests
-  ahead, each answer validated against the LOCAL model's state spec as it arrives
-  (federation.PeerPull); the peer's states enter the book only when all of them
-  validated. `pull_all` does that for several peers at once and reports each failure by
-  peer. `merged` merges the named peers' states (and ours) in canonical order; a named
-  peer whose states are missing is a MergeError, never a silently smaller merge.
+* Pulling. `pull` fetches contexts from one peer over one stream, each answer
+  validated against the LOCAL model's state spec as it arrives (federation.PeerPull);
+  the peer's states enter the book only when all of them validated. With batch = 1 it
+  asks for one context per request, STATE_WINDOW ahead; with batch > 1 for runs of up
+  to `batch` consecutive contexts per request (federation.batches), BATCH_WINDOW ahead,
+  decoded in a worker thread. `pull_all` does that for several peers at once and
+  reports each failure by peer. `merged` merges the named peers' states (and ours) in
+  canonical order; a named peer whose states are missing is a MergeError, never a
+  silently smaller merge.
+* Epoch announcements. `states.ready` and `states.hash` (fflnode.states_phase) ride the
+  same topic; `on(kind, handler)` receives them, from peers the membership knows only.
+  `validator` is the topic's pubsub validator: the access gate's screen, then a decode.
 
 Every rejected message is counted in the node's Traffic (bulk.pull counts WireErrors from
 bodies; announcements are counted here). Trio only moves bytes and waits: validation of a
@@ -29,8 +35,9 @@ or wait without a deadline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from libp2p.abc import INetStream
@@ -58,6 +65,11 @@ STATE_WINDOW = 8
 # the membership heartbeat that is <= 3 messages/s per node, inside host.py's budget of
 # GOSSIP_MSGS_PER_NODE_PER_S = 4, and a late subscriber still hears the current batch.
 REANNOUNCE_LAST = 2
+# Batched requests in flight on one stream: each answer is up to 4 MiB
+# (federation.MAX_BATCH_BODY_BYTES); 2 keep the pipe busy while one is decoded.
+BATCH_WINDOW = 2
+# Kinds this topic carries; the epoch's two go to whoever registered with `on`.
+TOPIC_KINDS = frozenset({"state.ready", "states.ready", "states.hash"})
 
 
 class StatePullError(PeerUnavailable):
@@ -92,6 +104,7 @@ class StateFederation:
         traffic: bulk.Traffic,
         *,
         wait_s: float = STATE_WAIT_S,
+        batch: int = 1,
     ) -> None:
         self.membership = membership
         self.host = membership.host
@@ -101,6 +114,9 @@ class StateFederation:
         self.book = book
         self.traffic = traffic
         self.wait_s = wait_s
+        self.batch = federation.batch_limit(book.spec, book.codec, batch)
+        self.tag = federation.batch_tag(book.codec)
+        self._handlers: dict[str, list[Callable[[ID, wire.Message], None]]] = {}
         self.announcements = federation.Announcements()
         self._mine: list[tuple[range, int]] = []  # our latest announcements, re-published
         self._book_changed = trio.Event()
@@ -124,6 +140,15 @@ class StateFederation:
         self._book_changed.set()
         self._book_changed = trio.Event()
 
+    def book_changed(self) -> None:
+        """Wake requests waiting for a context: the book gained states (put_held)."""
+        self._book_changed.set()
+        self._book_changed = trio.Event()
+
+    async def wait_heard(self) -> None:
+        """Until the next announcement on the state topic (callers bound the wait)."""
+        await self._heard.wait()
+
     def put_own_batch(self, first: int, round: int, states: Sequence[LayerState]) -> range:
         """Hold batched states (batch b = context first + b) and return the contexts."""
         batch = int(states[0].h.shape[0])
@@ -142,6 +167,8 @@ class StateFederation:
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
         if not self._is_member(peer):
             raise bulk.Unavailable("not-member", "requester is not a member of this run")
+        if msg["codec"] == self.tag:
+            return await self._resolve_batch(msg)
         try:
             context, round = federation.check_request(msg)
         except ValueError as e:
@@ -157,6 +184,31 @@ class StateFederation:
                 "unknown", f"context {context} round {round} not held here after {self.wait_s:g} s"
             )
         return STATE_CODEC, held.parts, {}
+
+    async def _resolve_batch(self, msg: wire.Message) -> bulk.Resolved:
+        limit = federation.batch_limit(self.book.spec, self.book.codec, wire.MAX_MEMBERS)
+        try:
+            contexts, round = federation.check_batch_request(msg, self.tag, limit)
+        except ValueError as e:
+            raise bulk.Unavailable("bad-request", str(e)) from None
+
+        def pending() -> bool:
+            return any(self.book.lookup(c, round)[0] is Lookup.PENDING for c in contexts)
+
+        with trio.move_on_after(self.wait_s):
+            while pending():
+                await self._book_changed.wait()
+        helds = []
+        for c in contexts:
+            status, held = self.book.lookup(c, round)
+            if status is Lookup.GONE:
+                raise bulk.Unavailable("gone", f"context {c} round {round} is no longer held")
+            if status is Lookup.PENDING or held is None:
+                raise bulk.Unavailable(
+                    "unknown", f"context {c} round {round} not held here after {self.wait_s:g} s"
+                )
+            helds.append(held)
+        return self.tag, federation.batch_parts(helds), {}
 
     def _is_member(self, peer: str) -> bool:
         try:
@@ -181,17 +233,58 @@ class StateFederation:
             for contexts, round in self._mine:
                 await self._publish(federation.ready_fields(contexts, round))
 
+    def on(self, kind: str, handler: Callable[[ID, wire.Message], None]) -> None:
+        """Call `handler(sender, message)` for each `kind` announcement from a run peer."""
+        self._handlers.setdefault(kind, []).append(handler)
+
+    def off(self, kind: str, handler: Callable[[ID, wire.Message], None]) -> None:
+        if handler in self._handlers.get(kind, []):
+            self._handlers[kind].remove(handler)
+
+    async def publish(self, kind: str, **fields: object) -> None:
+        data = wire.encode(kind, run=self.run_id, **fields)
+        if len(data) > wire.MAX_PUBSUB_BYTES:
+            raise ValueError(f"{kind} announcement of {len(data)} bytes is too large for pubsub")
+        await self.pubsub.publish(self.topic, data)
+
+    def validator(self, screen: Callable[[ID, Any], bool]) -> Callable[[ID, Any], bool]:
+        """This topic's pubsub validator: `screen` (the access gate's verdict on origin and
+        forwarder), then a decode; a message that fails is neither delivered nor
+        forwarded (counted against its origin). Never raises."""
+        me = self.host.get_id()
+
+        def validate(forwarder: ID, msg: Any) -> bool:
+            try:
+                if not screen(forwarder, msg):
+                    return False
+                if ID(msg.from_id) == me:
+                    return True
+                got = decode_announcement(msg, me, self.run_id, TOPIC_KINDS, self.traffic)
+                return got is not None
+            except Exception as e:  # nothing a peer sends may raise out of a validator
+                self.traffic.reject_unexpected(str(forwarder), "state topic validator", e)
+                return False
+
+        return validate
+
     async def _receive(self, subscription: object) -> None:
         me = self.host.get_id()
         while True:  # for the node's lifetime; cancelled with its nursery
             msg = await subscription.get()  # type: ignore[attr-defined]
             # a rejection counts against its sender (the gate)
-            got = decode_announcement(msg, me, self.run_id, {"state.ready"}, self.traffic)
+            got = decode_announcement(msg, me, self.run_id, TOPIC_KINDS, self.traffic)
             if got is None:
                 continue
             sender, decoded = got
-            contexts, round = federation.parse_ready(decoded)
-            self.announcements.add(sender.to_bytes(), contexts, round)
+            if decoded.kind == "state.ready":
+                contexts, round = federation.parse_ready(decoded)
+                self.announcements.add(sender.to_bytes(), contexts, round)
+            elif sender in self.membership.peers:  # only members' epoch announcements count
+                for handler in self._handlers.get(decoded.kind, []):
+                    try:
+                        handler(sender, decoded)
+                    except Exception as e:  # a handler choking on a peer's announcement
+                        self.traffic.reject_unexpected(str(sender), decoded.kind, e)
             self._heard.set()
             self._heard = trio.Event()
 
@@ -212,8 +305,11 @@ class StateFederation:
         return missing()
 
     # ------------------------------------------------------------------ pulling
-    async def pull(self, peer: ID, contexts: Sequence[int], round: int) -> int:
-        """Pull `peer`'s states of `contexts` at `round` into the book, all or nothing.
+    async def pull(
+        self, peer: ID, contexts: Sequence[int], round: int, *, batch: int | None = None
+    ) -> int:
+        """Pull `peer`'s states of `contexts` at `round` into the book, all or nothing,
+        `batch` contexts per request (None: this federation's; 1: one each).
 
         Returns the number of contexts entered. Raises WireError when the peer sent
         something invalid (already counted in Traffic), StatePullError when it could not
@@ -222,10 +318,25 @@ class StateFederation:
         job = federation.PeerPull(
             self.book, peer.to_bytes(), name, run=self.run_id, round=round, contexts=contexts
         )
-        requests = [bulk.Request(round, STATE_WHAT, c, 0, 0, STATE_CODEC) for c in contexts]
+        size = self.batch if batch is None else federation.batch_limit(
+            self.book.spec, self.book.codec, batch
+        )  # fmt: skip
+        if size == 1:
+            requests = [bulk.Request(round, STATE_WHAT, c, 0, 0, STATE_CODEC) for c in contexts]
+            window, expected = STATE_WINDOW, federation.body_nbytes(self.book.spec)
+        else:
+            requests = [
+                bulk.Request(round, STATE_WHAT, r.start, 0, len(r), self.tag)
+                for r in federation.batches(contexts, size)
+            ]
+            window, expected = BATCH_WINDOW, self.book.codec.body_nbytes(self.book.spec, 1)
 
-        def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            job.add(req.index, header, arrays)
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            if req.codec == STATE_CODEC:
+                job.add(req.index, header, arrays)
+            else:
+                batch = range(req.index, req.index + req.hi)
+                await trio.to_thread.run_sync(job.add_batch, batch, header, arrays)
 
         try:
             await bulk.pull(
@@ -236,9 +347,9 @@ class StateFederation:
                 requests,
                 on_piece,
                 self.traffic,
-                window=STATE_WINDOW,
+                window=window,
                 wait_s=self.wait_s,
-                expected_bytes=len(contexts) * federation.body_nbytes(self.book.spec),
+                expected_bytes=len(contexts) * expected,
             )
         except PeerUnavailable as e:
             raise StatePullError(name, str(e)) from None
