@@ -11,12 +11,19 @@ The model is the project's SSD language model (fflnode.ssm.model.SSDModel over b
 vocabulary 256, one embedding table, per-step logits); its blocks are `blocks.{i}`.
 Evaluation reports the held-out loss in nats per byte, perplexity (exp of it) and bits
 per byte, on the held-out parts of every document.
+
+States (fflnode.train.task.StateTask): context d is document d. The node holding it reads
+the last `state_bytes` bytes of its training part (the text just before its held-out
+tail) into per-layer states; a document is dealt whole, so each context has one reader
+and its federated state is exactly that reader's. `evaluate_states` is the held-out loss
+of the documents a node never trained on, every window conditioned on its document's
+state (h = 0 where the node has none): what another node's memory of a document is worth.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,6 +33,7 @@ from torch import nn
 
 from fflnode.errors import ConfigError
 from fflnode.ssm.model import SSDConfig, SSDModel
+from fflnode.ssm.states import LayerState, StateShape, batch_for, stack_layers, unstack_layers
 
 VOCAB = 256  # bytes
 HELDOUT_FRACTION = 0.1  # the tail of every document, never trained on
@@ -35,6 +43,7 @@ SPLIT_SALT = 0x7E47  # separates the document deal from other uses of the run se
 # (~46 KB) at the default length and keeps an evaluation under a second here.
 MAX_EVAL_WINDOWS = 512
 EVAL_BATCH = 32
+CONTINUATION_BYTES = 160  # bytes `respond` generates
 
 
 @lru_cache(maxsize=1)
@@ -75,6 +84,8 @@ class TextTask:
     n_layers: int = 2
     d_state: int = 16
     mlp_ratio: int = 2
+    # Bytes of a document's training part folded into its state (its last ones); 0: all.
+    state_bytes: int = 512
 
     primary_metric = "perplexity"
 
@@ -82,6 +93,8 @@ class TextTask:
         for name in ("seq_len", "batch_size", "d_model", "n_layers", "d_state"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"text: {name} must be at least 1")
+        if self.state_bytes < 0:
+            raise ConfigError("text: state_bytes must be >= 0 (0: the whole training part)")
         if self.d_model % 16:
             raise ConfigError("text: d_model must be a multiple of 16 (the SSD head size)")
 
@@ -136,30 +149,115 @@ class TextTask:
         logits = model(batch[:, :-1])
         return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
 
-    def heldout_windows(self, doc_ids: list[int] | None = None) -> torch.Tensor:
-        """Non-overlapping (seq_len + 1)-byte windows of the held-out parts."""
+    def heldout_windows(self, doc_ids: list[int] | None = None, *, with_documents: bool = False):  # type: ignore[no-untyped-def]
+        """Non-overlapping (seq_len + 1)-byte windows of the held-out parts (and, with
+        `with_documents`, the document each window comes from)."""
         docs = documents()
         ids = range(len(docs)) if doc_ids is None else doc_ids
         n = self.seq_len + 1
-        windows = []
+        windows, owners = [], []
         for i in ids:
             tail = split_document(docs[i][1])[1]
-            windows += [tail[k : k + n] for k in range(0, len(tail) - n + 1, n)]
-        windows = windows[:MAX_EVAL_WINDOWS]
+            cut = [tail[k : k + n] for k in range(0, len(tail) - n + 1, n)]
+            windows += cut
+            owners += [i] * len(cut)
+        windows, owners = windows[:MAX_EVAL_WINDOWS], owners[:MAX_EVAL_WINDOWS]
         if not windows:
             raise ConfigError("text: no held-out window of seq_len + 1 bytes")
-        return torch.from_numpy(
+        tensor = torch.from_numpy(
             np.frombuffer(b"".join(windows), dtype=np.uint8).astype(np.int64)
         ).reshape(len(windows), n)
+        return (tensor, owners) if with_documents else tensor
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, doc_ids: list[int] | None = None) -> Mapping[str, float]:
-        windows = self.heldout_windows(doc_ids)
+        return self._heldout_loss(model, doc_ids, {})
+
+    # ------------------------------------------------------------------ states
+    def state_spec(self, model: nn.Module) -> Sequence[StateShape]:
+        assert isinstance(model, SSDModel)
+        return model.state_spec()
+
+    def local_contexts(
+        self, partition: int, nodes: int, seed: int, epoch: int
+    ) -> Mapping[int, torch.Tensor]:
+        """Document d (of this node's) -> the bytes of its training part folded into its
+        state; the same in every epoch (the corpus does not change)."""
+        docs = documents()
+        out = {}
+        for d in self.node_documents(partition, nodes, seed):
+            body = split_document(docs[d][1])[0][-self.state_bytes :]
+            out[d] = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).astype(np.int64))
+        return out
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module, segments: Sequence[torch.Tensor]) -> Sequence[LayerState]:
+        """Per layer, each segment's state from h = 0, batched (one pass per length)."""
+        assert isinstance(model, SSDModel)
+        model.eval()
+        out: dict[int, tuple[LayerState, ...]] = {}
+        by_length: dict[int, list[int]] = {}
+        for i, s in enumerate(segments):
+            by_length.setdefault(int(s.shape[0]), []).append(i)
+        for idx in by_length.values():
+            states = model.forward_with_states(torch.stack([segments[i] for i in idx]))[1]
+            out.update(zip(idx, unstack_layers(states), strict=True))
+        return stack_layers([out[i] for i in range(len(segments))])
+
+    @torch.no_grad()
+    def evaluate_states(
+        self,
+        model: nn.Module,
+        states: Mapping[int, Sequence[LayerState]],
+        partition: int,
+        nodes: int,
+        seed: int,
+        epoch: int,
+    ) -> Mapping[str, float]:
+        """Held-out loss of the documents partition `partition` never trained on, each
+        window continuing from its document's state in `states` (h = 0 when absent)."""
+        own = set(self.node_documents(partition, nodes, seed))
+        foreign = [d for d in range(len(documents())) if d not in own]
+        return self._heldout_loss(model, foreign, states)
+
+    @torch.no_grad()
+    def respond(
+        self,
+        model: nn.Module,
+        states: Sequence[LayerState] | None,
+        prompt: str,
+        context: int,
+        seed: int,
+        epoch: int,
+    ) -> str:
+        """A greedy continuation of `prompt`, read after document `context`'s state."""
+        assert isinstance(model, SSDModel)
+        model.eval()
+        carry = None if states is None else stack_layers([states])
+        tokens = torch.tensor([list(prompt.encode("utf-8")) or [ord(" ")]])
+        out = bytearray()
+        for _ in range(CONTINUATION_BYTES):
+            logits, carry = model.forward_with_states(tokens, carry)
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            tokens = torch.tensor([[nxt]])
+        return out.decode("utf-8", "replace")
+
+    def _heldout_loss(
+        self,
+        model: nn.Module,
+        doc_ids: list[int] | None,
+        states: Mapping[int, Sequence[LayerState]],
+    ) -> Mapping[str, float]:
+        windows, owners = self.heldout_windows(doc_ids, with_documents=True)
         model.eval()
         total, count = 0.0, 0
         for lo in range(0, len(windows), EVAL_BATCH):
             batch = windows[lo : lo + EVAL_BATCH]
-            logits = model(batch[:, :-1])
+            initial = None
+            if any(d in states for d in owners[lo : lo + EVAL_BATCH]):
+                initial = batch_for(self.state_spec(model), states, owners[lo : lo + EVAL_BATCH])
+            logits = model.forward_with_states(batch[:, :-1], initial)[0]  # type: ignore[operator]
             total += float(
                 nn.functional.cross_entropy(
                     logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1), reduction="sum"
