@@ -1,4 +1,4 @@
-"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status, states."""
+"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status, query, states."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")
+
+    qy = sub.add_parser("query", help="ask a finished run's model, from its merged states")
+    from fflnode.query import add_arguments as query_arguments
+
+    query_arguments(qy)
 
     sts = sub.add_parser("states", help="F-SSD demo: N nodes pull and merge MQAR states")
     from fflnode_harness.states_demo import add_arguments as states_arguments
@@ -70,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode_harness import testnet
 
         return testnet.main(args)
+    if args.command == "query":
+        from fflnode import query
+
+        return query.main(args)
     if args.command == "status":
         from fflnode import status
 
