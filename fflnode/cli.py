@@ -37,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     query_arguments(qy)
 
-    sts = sub.add_parser("states", help="F-SSD demo: N nodes pull and merge MQAR states")
-    from fflnode_harness.states_demo import add_arguments as states_arguments
-
-    states_arguments(sts)
+    sts = sub.add_parser(
+        "states",
+        help="F-SSD demo: `fflnode testnet --task mqar` (state federation inside the daemons)",
+    )
+    add_arguments(sts)
+    sts.set_defaults(task="mqar")
 
     bench = sub.add_parser("bench", help="benchmarks: `fflnode bench io FILE`")
     bench.add_argument("what", choices=["io"], help="io: Prism read backends vs the rest")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode import daemon
 
         daemon.exit_now(daemon.main(args.config))
-    if args.command == "testnet":
+    if args.command in ("testnet", "states"):  # `states` is the testnet on the mqar task
         from fflnode_harness import testnet
 
         return testnet.main(args)
@@ -83,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode import status
 
         return status.main(args)
-    if args.command == "states":
-        from fflnode_harness import states_demo
-
-        return states_demo.main(args)
     if args.command == "doctor":
         from fflnode import doctor
 
