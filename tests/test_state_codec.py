@@ -50,15 +50,16 @@ def test_raw_is_exact_and_holo_is_close_at_8_bits_and_shrinks_the_body():
     assert holo.body_nbytes(SPEC, 1) * 3.5 < raw.body_nbytes(SPEC, 1)
 
 
-def test_holo_decodes_the_same_bits_everywhere_and_depends_on_the_context():
+def test_holo_decodes_the_same_bits_everywhere_and_rotates_per_epoch():
     holo = HoloStateCodec(4, seed=5)
     a = holo.decode(body(holo, [7]), SPEC, [7], 3, "a")[0]
     b = holo.decode(body(holo, [7]), SPEC, [7], 3, "b")[0]
     assert all(torch.equal(x.h, y.h) for x, y in zip(a, b, strict=True))
     own_parts, own = holo.roundtrip(states(7), 7, 3, SPEC)  # what the sender composes
     assert all(torch.equal(x.h, y.h) for x, y in zip(own, a, strict=True))
-    other = holo.encode(states(7), 8, 3)  # another context: another rotation
+    other = holo.encode(states(7), 7, 4)  # another epoch: another rotation
     assert not np.array_equal(other[0][1], own_parts[0][1])
+    assert np.array_equal(holo.encode(states(7), 8, 3)[0][1], own_parts[0][1])  # one per epoch
 
 
 def hostile(codec):

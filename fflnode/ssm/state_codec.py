@@ -8,9 +8,10 @@ LOCAL model's state spec (L layers of (H, P, N)) and the count it asked for:
 
     "none"   h (count·L, H, P, N) f32, log_decay (count·L, H) f32: the states themselves.
     "holo"   codes (count, bits, ⌈P'/8⌉) u8 and scales (count, tiles) f32: each context's
-             h, flattened, by fflnode.codecs.holo at `bits` bits per entry (rotation seeded
-             by (run seed, epoch, context)); log_decay (count·L, H) f32 as it is (it is a
-             few bytes and must stay ≤ 0).
+             h, flattened, by fflnode.codecs.holo at `bits` bits per entry; log_decay
+             (count·L, H) f32 as it is (it is a few bytes and must stay ≤ 0). One rotation,
+             seeded by (run seed, epoch), serves every context of the epoch: built once,
+             its signs cost ~2 ms, more than the transform of a 32 KiB state.
 
 A lossy codec changes the states every node composes, not their agreement: the sender's
 own composition uses decode(encode(its states)), the same bytes every receiver decodes,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -35,6 +37,7 @@ from fflnode import wire
 from fflnode.codecs.base import ChunkContext, Encoded
 from fflnode.codecs.holo import HoloCodec
 from fflnode.errors import ConfigError, FormatError
+from fflnode.sketch.hadamard import RandomizedHadamard
 from fflnode.ssm.states import LayerState, StateShape, from_arrays
 
 PART_H, PART_LOG_DECAY, PART_CODES, PART_SCALES = "h", "log_decay", "codes", "scales"
@@ -42,9 +45,9 @@ PART_H, PART_LOG_DECAY, PART_CODES, PART_SCALES = "h", "log_decay", "codes", "sc
 # here (nothing is averaged over rounds), and "mse" has the lower error (measured with
 # tools/bench_state_codec.py; docs/benchmarks.md).
 HOLO_SCALE = "mse"
-# A context's h flattened is one holo chunk; the seed-independent context number keeps
-# every sender's rotation different per context and epoch.
 Parts = list[tuple[str, np.ndarray]]
+# Rotations kept per codec: one per (epoch, state size) in use; an epoch needs one.
+ROTATIONS_KEPT = 4
 
 
 def layer_shape(spec: Sequence[StateShape]) -> StateShape:
@@ -143,17 +146,36 @@ class RawCodec(StateCodec):
         ]  # fmt: skip
 
 
+class _EpochHolo(HoloCodec):
+    """The holo codec with its rotations kept: every context of an epoch shares one.
+    A kept rotation is only read after it is built (its lazily built signs are whole
+    tensors, assigned at once), so worker threads may share it."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits=bits, scale=HOLO_SCALE)
+        self._kept: OrderedDict[ChunkContext, RandomizedHadamard] = OrderedDict()
+
+    def rotation(self, ctx: ChunkContext) -> RandomizedHadamard:
+        rot = self._kept.get(ctx)
+        if rot is None:
+            rot = self._kept[ctx] = super().rotation(ctx)
+            while len(self._kept) > ROTATIONS_KEPT:
+                self._kept.popitem(last=False)
+        return rot
+
+
 class HoloStateCodec(StateCodec):
     """h by the holo codec at `bits` bits per entry; log_decay as float32."""
 
     def __init__(self, bits: int, seed: int) -> None:
-        self.holo = HoloCodec(bits=bits, scale=HOLO_SCALE)
+        self.holo = _EpochHolo(bits)
         self.bits = bits
         self.seed = seed
         self.name = f"holo{bits}"
 
     def _ctx(self, spec: Sequence[StateShape], context: int, epoch: int) -> ChunkContext:
-        return ChunkContext(self.seed, epoch, context, len(spec) * math.prod(layer_shape(spec)))
+        """The holo chunk of a context: the same rotation for every context of an epoch."""
+        return ChunkContext(self.seed, epoch, 0, len(spec) * math.prod(layer_shape(spec)))
 
     def parts_spec(self, spec: Sequence[StateShape], count: int) -> tuple[wire.Part, ...]:
         H, _, _ = layer_shape(spec)
