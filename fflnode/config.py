@@ -95,15 +95,23 @@ class ExchangeSection:
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
     gamma: float = 1.0
     # Add what the codec lost last round to this round's Delta (complete topology; the
-    # gossip's public copies carry their residual anyway).
-    error_feedback: bool = False
+    # gossip's public copies carry their residual anyway). "auto": on for the lossy
+    # codecs (holo, topk), off for none. A lossy codec with it "off" is refused: holo
+    # without it ended 11 points under centralized on digits (docs/benchmarks.md).
+    error_feedback: Literal["auto", "on", "off"] = "auto"
     # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
     # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
     # coordinate; "mad-mean" averages the values within 5 MADs of each coordinate's
     # median; "centered-clip" clips each Delta's distance to the coordinate median.
     robust: Literal["none", "trimmed-mean", "mad-mean", "centered-clip"] = "none"
     trim: int = 1  # values dropped at each end per coordinate (trimmed-mean)
-    chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
+    # How the complete graph's exact codec moves Deltas each round (fflnode.exchange_
+    # sharded): "reduce-scatter" (each member reduces one shard, then all gather: about
+    # 2 |theta| per node whatever N), "all-gather" (every node pulls every Delta: (N - 1)
+    # |theta|), or "auto": reduce-scatter for codec none without robust mixing, otherwise
+    # all-gather (lossy codecs all-gather their compressed Deltas, 32x smaller at 1 bit).
+    scheme: Literal["auto", "reduce-scatter", "all-gather"] = "auto"
+    chunk_elems: int = 1 << 20  # elements per request on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
 
 
@@ -418,6 +426,26 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError(
             f"{source}: train.partition_index {cfg.train.partition_index} must be below "
             f"run.nodes {cfg.run.nodes}"
+        )
+    e = cfg.exchange
+    if e.codec == "sketch":
+        raise ConfigError(
+            f"{source}: exchange.codec 'sketch' does not train: a dense pseudo-gradient has "
+            "no heavy hitters for it to recover (merged 10 % on digits, docs/benchmarks.md); "
+            "use codec 'holo' with bits = 1 for the same bandwidth"
+        )
+    if e.codec != "none" and e.error_feedback == "off":
+        raise ConfigError(
+            f"{source}: exchange.codec {e.codec!r} without error feedback loses what each "
+            "round's encoding drops (holo: 11 points under centralized on digits); set "
+            "exchange.error_feedback = \"auto\""
+        )
+    if cfg.exchange.scheme == "reduce-scatter" and (
+        cfg.exchange.codec != "none" or cfg.exchange.robust != "none"
+    ):
+        raise ConfigError(
+            f"{source}: exchange.scheme 'reduce-scatter' carries exact Deltas (codec 'none') "
+            "with the plain mean (robust 'none'); use scheme 'all-gather' or 'auto'"
         )
     if cfg.exchange.robust != "none" and cfg.run.topology != "complete":
         raise ConfigError(

@@ -38,6 +38,7 @@ from fflnode.compose import Composition
 from fflnode.config import split_host_port
 from fflnode.errors import ConfigError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
+from fflnode.exchange_sharded import ShardedAveraging
 from fflnode.merge.distance import consensus_distance
 from fflnode.merge.protocol import (
     MERGE_ATTEMPTS,
@@ -82,6 +83,7 @@ class NodeReport:
     peer_id: str
     partition_index: int
     task: str = ""
+    primary_metric: str | None = None  # the task's headline metric (its first, or its choice)
     rounds: list[RoundRecord] = field(default_factory=list)
     metrics_before_merge: dict[str, float] | None = None  # the task's evaluate(), premerge
     merged_metrics: dict[str, float] | None = None  # the same, on the merged weights
@@ -251,6 +253,9 @@ class Node:
                 if self.trainer is not None:
                     report.metrics_before_merge = await trio.to_thread.run_sync(
                         self.trainer.evaluate
+                    )
+                    report.primary_metric = self.comp.task.primary_metric or next(
+                        iter(report.metrics_before_merge), None
                     )
                 membership.phase = "merge"
                 self.notifier.status("merging")
@@ -461,13 +466,26 @@ class Node:
             traffic=self.traffic,
             liveness=membership,
         )
-        if len(peers) == len(members) - 1:  # everyone: the exact mean needs no copies
+        sharded = e.scheme == "reduce-scatter" or (
+            e.scheme == "auto" and e.codec == "none" and e.robust == "none"
+        )
+        complete = len(peers) == len(members) - 1
+        if complete and sharded:  # everyone, exact: reduce-scatter then all-gather
+            return ShardedAveraging(
+                host,
+                run.run_id,
+                run.seed,
+                self.comp.codec,
+                me=me,
+                **common,
+            )
+        if complete:  # everyone: the exact mean needs no copies
             return Averaging(
                 host,
                 run.run_id,
                 run.seed,
                 self.comp.codec,
-                error_feedback=e.error_feedback,
+                error_feedback=e.codec != "none" and e.error_feedback != "off",
                 me=me,
                 robust=e.robust,
                 trim=e.trim,

@@ -158,11 +158,22 @@ class RoundRunner:
             nursery.cancel_scope.cancel()
 
     def _caught_up(self, r: int) -> int:
-        """The round to run now: r, or the peers' round when we were left behind."""
-        ahead = max(
-            (v.round for p, v in self.membership.peers.items() if self.membership.is_alive(p)),
-            default=r,
+        """The round to run now: r, or the round a majority of the run's other live
+        members reached when we were left behind.
+
+        A majority, never the maximum: one member (or an admitted outsider) claiming
+        round 2**31 - 1 in a heartbeat must not make honest nodes skip the run.
+        """
+        member = set(self.members)
+        rounds = sorted(
+            (
+                v.round
+                for p, v in self.membership.peers.items()
+                if p in member and self.membership.is_alive(p)
+            ),
+            reverse=True,
         )
+        ahead = rounds[len(rounds) // 2] if rounds else r
         if ahead >= r + BEHIND_BY:
             log.warning("peers are at round %d, we are at %d: catching up", ahead, r)
             self.jumps.append((r, ahead))

@@ -77,7 +77,9 @@ DTYPES: dict[str, np.dtype] = {
     "u32": np.dtype("<u4"),
 }
 FLOAT_DTYPES = {"f32", "f16"}
-WHAT = ("delta", "premerge", "merged", "state", "weights")
+# "piece" and "reduced": a member's raw Delta range and a shard's reduced mean, in the
+# per-round reduce-scatter / all-gather of the exact codec (fflnode.exchange_sharded)
+WHAT = ("delta", "premerge", "merged", "state", "weights", "piece", "reduced")
 
 
 def digest(chunks: Iterable[bytes | memoryview | np.ndarray]) -> bytes:

@@ -590,7 +590,6 @@ class Testnet:
             "nodes": nodes,
             "merge": merge,
             "states": states,
-            "primary_metric": primary_metric_of(self.args),
             "centralized": self.baseline,
             "wall_seconds": wall,
         }
@@ -681,17 +680,6 @@ def merged_equals(path: Path, reference: dict[str, Any] | None) -> bool:
         return False
     got = load_file(str(path))
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in got)
-
-
-def primary_metric_of(args: argparse.Namespace) -> str | None:
-    """The task's own headline metric (its `primary_metric`), if it names one."""
-    from fflnode.train.task import load_task
-
-    cfg = node_config(args, 0, Path(args.out), [])
-    try:
-        return load_task(cfg.train.task, cfg.task, Path.cwd()).primary_metric
-    except ConfigError:
-        return None
 
 
 def states_report(
@@ -845,15 +833,16 @@ def layer_errors(
 
 
 def primary_of(report: dict[str, Any]) -> str | None:
-    """The headline metric: the task's own, else the first the task reports."""
-    named = report.get("primary_metric")
+    """The headline metric, as the nodes report it (the task's choice or its first)."""
     for r in report["nodes"].values():
-        if named and named in (r.get("metrics_before_merge") or {}):
-            return named
-    for r in report["nodes"].values():
-        if r.get("metrics_before_merge"):
-            return next(iter(r["metrics_before_merge"]))
+        if r.get("primary_metric"):
+            return r["primary_metric"]
     return None
+
+
+def ordered(metrics: dict[str, float], primary: str | None) -> list[tuple[str, float]]:
+    """The headline metric first, then the rest by name."""
+    return sorted(metrics.items(), key=lambda kv: (kv[0] != primary, kv[0]))
 
 
 def fmt_metric(name: str, v: float | None) -> str:
@@ -929,7 +918,7 @@ def print_summary(report: dict[str, Any]) -> None:
         + ")"
     )
     merged_metrics = m.get("merged_metrics") or {}
-    shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in merged_metrics.items()) or "-"
+    shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(merged_metrics, primary)) or "-"
     print(f"merged               {shown}  {merge_line}")
     if m.get("consensus_distance") is not None:
         d = m["consensus_distance"]
@@ -937,7 +926,7 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"consensus distance   {d:.4g}  (max ||theta_i - mean|| / ||mean||; {note})")
     cen = report.get("centralized")
     if cen:
-        shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in cen["metrics"].items())
+        shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(cen["metrics"], primary))
         gap = ""
         if primary and primary in merged_metrics and primary in cen["metrics"]:
             gap = f"  ({compare(primary, merged_metrics[primary], cen['metrics'][primary])})"

@@ -54,6 +54,8 @@ def run_testnet(out: Path, nodes: int, rounds: int, steps: int, extra: list[str]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     wall = time.perf_counter() - t0
+    if proc.returncode == 2:  # the configuration was refused (fflnode.config says why)
+        return {"refused": proc.stderr.strip().splitlines()[-1], "wall": wall}
     report = json.loads((out / "report.json").read_text())
     if not report["merge"]["hashes_agree"]:
         sys.exit(f"run {extra} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -73,7 +75,8 @@ def params(task: str) -> int:
 
 def primary(report: dict) -> tuple[str, float]:
     metrics = report["merge"]["merged_metrics"] or {}
-    name = next(iter(metrics))
+    names = [n["primary_metric"] for n in report["nodes"].values() if n.get("primary_metric")]
+    name = names[0] if names else next(iter(metrics))
     return name, metrics[name]
 
 
@@ -85,7 +88,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     n, r, h = args.nodes, args.rounds, args.local_steps
     # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
     topk_ratio = 1 / 64
-    ef = ["--set", "exchange.error_feedback=true"]  # every lossy codec gets it
+    ef: list[str] = []  # error feedback: on by default for every lossy codec (auto)
     mse, unbiased = (["--set", f'exchange.holo_scale="{s}"'] for s in ("mse", "unbiased"))
     rows = [
         ("none", []),
@@ -117,6 +120,9 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
             res = run_dense(tmp / slug, n, r * h, task)
         else:
             res = run_testnet(tmp / slug, n, r, h, [*extra, *task])
+        if "refused" in res:
+            print(f"{name:<22} refused: {res['refused']}", flush=True)
+            continue
         report = res["report"]
         central = central or report.get("centralized")
         metric, value = primary(report)
