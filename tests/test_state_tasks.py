@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fflnode.ssm.states import relative_error, stack_layers, unstack_layers
@@ -59,7 +60,15 @@ def test_text_states_change_the_loss_of_their_own_documents_only():
                       strict=True))  # fmt: skip
     foreign_docs = [d for d in range(len(documents())) if d not in task.node_documents(0, 4, SEED)]
     none = task.evaluate_states(model, {}, 0, 4, SEED, 0)
-    assert none == task.evaluate(model, foreign_docs)  # no state: the plain evaluation
+    # no state: the plain model on the first seq_len + 1 bytes of each foreign held-out part
+    windows, owners = task.continuation_windows(foreign_docs)
+    assert set(owners) <= set(foreign_docs) and len(owners) > 10
+    assert bytes(windows[0].tolist()) == split_document(documents()[owners[0]][1])[1][:33]
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(
+            model(windows[:, :-1]).reshape(-1, 256), windows[:, 1:].reshape(-1)
+        )
+    assert none["loss"] == pytest.approx(float(plain), rel=1e-5)
     assert task.evaluate_states(model, states, 0, 4, SEED, 0)["loss"] != none["loss"]
     own = task.local_contexts(0, 4, SEED, 0)
     own_states = dict(zip(own, unstack_layers(task.fold(model, list(own.values()))), strict=True))
