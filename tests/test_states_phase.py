@@ -15,7 +15,7 @@ import torch
 import trio
 from libp2p.peer.id import ID
 
-from fflnode import config
+from fflnode import config, states_phase
 from fflnode.compose import compose
 from fflnode.errors import ConfigError
 from fflnode.p2p.host import close_host
@@ -44,8 +44,15 @@ def phases(ps, task, model, tmp_path: Path, codec: str) -> list[StatePhase]:
     members = [str(p.id) for p in ps]
     return [
         StatePhase(
-            plan(j, codec), task, model, p.membership, p.traffic, members,
-            lambda forwarder, msg: True, tmp_path / f"node{j}", lambda text: None,
+            plan(j, codec),
+            task,
+            model,
+            p.membership,
+            p.traffic,
+            members,
+            lambda forwarder, msg: True,
+            tmp_path / f"node{j}",
+            lambda text: None,
         )  # fmt: skip
         for j, p in enumerate(ps)
     ]
@@ -64,7 +71,13 @@ def read_file(path: Path, model) -> dict[int, tuple]:
     return ep.read_tensors(tensors, model.state_spec(), str(path))
 
 
-async def test_members_compose_the_same_states_and_recall_what_they_never_read(tmp_path):
+async def test_members_compose_the_same_states_and_recall_what_they_never_read(
+    tmp_path, monkeypatch
+):
+    # Four hosts share this one process: at load average 20-40 on 2 cores their heartbeats
+    # run late, members are suspected and come back within seconds, and 10 s below the
+    # quorum ended the epoch (seen twice). That rule is not what this test is about.
+    monkeypatch.setattr(states_phase, "QUORUM_LOST_S", PHASE_TIMEOUT_S)
     task, model = MqarTask(contexts=CONTEXTS), recall_model()
     results: dict[int, dict] = {}
     with trio.fail_after(PHASE_TIMEOUT_S):
