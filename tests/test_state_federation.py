@@ -25,7 +25,7 @@ from fflnode.ssm.federation import (
 from fflnode.ssm.federation_net import StateFederation, StatePullError
 from fflnode.ssm.model import SSDConfig, SSDModel
 from fflnode.ssm.state_codec import HoloStateCodec, RawCodec
-from fflnode.ssm.states import LayerState, merge_model, relative_error
+from fflnode.ssm.states import LayerState, merge_model, relative_error, unstack_layers
 from tests.conftest import REPO
 from tests.p2p_harness import peers
 
@@ -366,17 +366,18 @@ async def test_peers_pull_states_and_continue_from_the_centralized_state():
                     batch=8 if j % 2 == 0 else 1,
                 )
                 await nursery.start(fed.run)
-                contexts = fed.put_own_batch(0, 0, own[j])
+                for c, states in enumerate(unstack_layers(own[j])):
+                    fed.put_own(c, 0, states)
                 feds.append(fed)
-            for fed in feds:
-                await fed.announce(contexts, 0)
+            contexts = range(CONTEXTS)
 
             async def node(j: int) -> None:
                 others = [p.id for p in ps if p.id != ps[j].id]
-                assert await feds[j].wait_announced(others, contexts, 0, P2P_TIMEOUT_S) == []
-                report = await feds[j].pull_all(others, contexts, 0)
-                assert report.ok and set(report.pulled.values()) == {CONTEXTS}, report.failed
-                merged[j] = await feds[j].merged(contexts, 0, others)
+                for peer in others:
+                    assert await feds[j].pull(peer, contexts, 0) == CONTEXTS
+                book, everyone = feds[j].book, [p.id.to_bytes() for p in ps]
+                members = [book.members(c, 0, everyone) for c in contexts]
+                merged[j] = federation.merged_batch(members)
 
             async with trio.open_nursery() as pulling:
                 for j in range(n):

@@ -1,4 +1,4 @@
-"""F-SSD over libp2p: serve, announce and pull SSM states (the shell around federation.py).
+"""F-SSD over libp2p: serve and pull SSM states (the shell around federation.py).
 
 Theory of operation. A `StateFederation` gives one node's StateBook a network presence:
 
@@ -8,26 +8,22 @@ Theory of operation. A `StateFederation` gives one node's StateBook a network pr
   StateBook.put_own, or an `error` with a stable code: "gone" (superseded or evicted),
   "unknown" (not held here, even after waiting STATE_WAIT_S for it), "bad-request",
   "not-member" (only peers the run's membership has heard from are served).
-* Announcing. `announce` publishes `state.ready` for a range of contexts on the run's
-  state topic, and the node re-publishes its latest REANNOUNCE_LAST announcements every
-  heartbeat: a peer whose subscription reached us late, or whose mesh formed late, still
-  hears it. Announcements received are recorded in federation.Announcements.
+* Range announcements. `state.ready` messages a peer publishes on the state topic are
+  validated and recorded in federation.Announcements (bounded); the node itself never
+  publishes them: the state phase agrees with `states.ready` instead (below).
 * Pulling. `pull` fetches contexts from one peer over one stream, each answer
   validated against the LOCAL model's state spec as it arrives (federation.PeerPull);
   the peer's states enter the book only when all of them validated. With batch = 1 it
   asks for one context per request, STATE_WINDOW ahead; with batch > 1 for runs of up
   to `batch` consecutive contexts per request (federation.batches), BATCH_WINDOW ahead,
-  decoded in a worker thread. `pull_all` does that for several peers at once and
-  reports each failure by peer. `merged` merges the named peers' states (and ours) in
-  canonical order; a named peer whose states are missing is a MergeError, never a
-  silently smaller merge.
+  decoded in a worker thread. Composition is the caller's (fflnode.ssm.epoch).
 * Epoch announcements. `states.ready` and `states.hash` (fflnode.states_phase) ride the
   same topic; `on(kind, handler)` receives them, from peers the membership knows only.
   `validator` is the topic's pubsub validator: the access gate's screen, then a decode.
 
 Every rejected message is counted in the node's Traffic (bulk.pull counts WireErrors from
 bodies; announcements are counted here). Trio only moves bytes and waits: validation of a
-body's digest runs in a worker thread (streams.recv_bulk), and so do merges.
+body's digest runs in a worker thread (streams.recv_bulk).
 Must never: insert part of a peer's answer, serve a peer the membership does not know,
 or wait without a deadline.
 """
@@ -36,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -46,7 +41,7 @@ from libp2p.peer.id import ID
 from fflnode import wire
 from fflnode.errors import PeerUnavailable, WireError, short_peer
 from fflnode.p2p import bulk
-from fflnode.p2p.membership import HEARTBEAT_S, Membership, decode_announcement
+from fflnode.p2p.membership import Membership, decode_announcement
 from fflnode.ssm import federation
 from fflnode.ssm.federation import STATE_CODEC, STATE_PROTOCOL, STATE_WHAT, Lookup, StateBook
 from fflnode.ssm.states import LayerState
@@ -61,10 +56,6 @@ STATE_WAIT_S = 10.0
 # Requests in flight on one state stream: a 1-layer MQAR state is 32 KiB, so 8 ahead keep
 # the loopback pipe busy between acks while buffering at most 256 KiB per peer.
 STATE_WINDOW = 8
-# Latest announcements re-published every heartbeat (each one a ~40-byte message): with
-# the membership heartbeat that is <= 3 messages/s per node, inside host.py's budget of
-# GOSSIP_MSGS_PER_NODE_PER_S = 4, and a late subscriber still hears the current batch.
-REANNOUNCE_LAST = 2
 # Batched requests in flight on one stream: each answer is up to 4 MiB
 # (federation.MAX_BATCH_BODY_BYTES); 2 keep the pipe busy while one is decoded.
 BATCH_WINDOW = 2
@@ -82,20 +73,8 @@ class StatePullError(PeerUnavailable):
         super().__init__(f"{short_peer(peer)}: states not pulled: {reason}")
 
 
-@dataclass(frozen=True)
-class PullReport:
-    """Outcome of `pull_all`: contexts entered per peer, and why each failed peer did."""
-
-    pulled: dict[ID, int]
-    failed: dict[ID, str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-
 class StateFederation:
-    """One node's states on the network: serve them, announce them, pull its peers'."""
+    """One node's states on the network: serve them, pull its peers', hear the topic."""
 
     def __init__(
         self,
@@ -118,19 +97,17 @@ class StateFederation:
         self.tag = federation.batch_tag(book.codec)
         self._handlers: dict[str, list[Callable[[ID, wire.Message], None]]] = {}
         self.announcements = federation.Announcements()
-        self._mine: list[tuple[range, int]] = []  # our latest announcements, re-published
         self._book_changed = trio.Event()
         self._heard = trio.Event()
 
     # ------------------------------------------------------------------ lifetime
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve, listen to and repeat announcements until cancelled (start it in the
-        node's nursery with `nursery.start`)."""
+        """Serve and listen until cancelled (start it in the node's nursery with
+        `nursery.start`)."""
         subscription = await self.pubsub.subscribe(self.topic)
         self.host.set_stream_handler(STATE_PROTOCOL, self.handle)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive, subscription)
-            nursery.start_soon(self._reannounce)
             task_status.started()
 
     # ------------------------------------------------------------------ own states
@@ -148,17 +125,6 @@ class StateFederation:
     async def wait_heard(self) -> None:
         """Until the next announcement on the state topic (callers bound the wait)."""
         await self._heard.wait()
-
-    def put_own_batch(self, first: int, round: int, states: Sequence[LayerState]) -> range:
-        """Hold batched states (batch b = context first + b) and return the contexts."""
-        batch = int(states[0].h.shape[0])
-        for b in range(batch):
-            self.book.put_own(
-                first + b, round, [LayerState(s.h[b], s.log_decay[b]) for s in states]
-            )
-        self._book_changed.set()
-        self._book_changed = trio.Event()
-        return range(first, first + batch)
 
     # ------------------------------------------------------------------ serving
     async def handle(self, stream: INetStream) -> None:
@@ -216,23 +182,6 @@ class StateFederation:
         except ValueError:
             return False
 
-    # ------------------------------------------------------------------ announcing
-    async def announce(self, contexts: range, round: int) -> None:
-        """Tell the run that versions `round` of `contexts` are held here."""
-        fields = federation.ready_fields(contexts, round)
-        self._mine = [*self._mine, (contexts, round)][-REANNOUNCE_LAST:]
-        await self._publish(fields)
-
-    async def _publish(self, fields: dict[str, int]) -> None:
-        data = wire.encode("state.ready", run=self.run_id, **fields)
-        await self.pubsub.publish(self.topic, data)
-
-    async def _reannounce(self) -> None:
-        while True:  # for the node's lifetime; cancelled with its nursery
-            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
-            for contexts, round in self._mine:
-                await self._publish(federation.ready_fields(contexts, round))
-
     def on(self, kind: str, handler: Callable[[ID, wire.Message], None]) -> None:
         """Call `handler(sender, message)` for each `kind` announcement from a run peer."""
         self._handlers.setdefault(kind, []).append(handler)
@@ -288,22 +237,6 @@ class StateFederation:
             self._heard.set()
             self._heard = trio.Event()
 
-    async def wait_announced(
-        self, peers: Sequence[ID], contexts: Sequence[int], round: int, timeout_s: float
-    ) -> list[ID]:
-        """Wait until every peer announced every context at `round`; returns the peers
-        that had not when `timeout_s` ran out (empty: all did)."""
-
-        def missing() -> list[ID]:
-            return [
-                p for p in peers if not self.announcements.covers(p.to_bytes(), contexts, round)
-            ]
-
-        with trio.move_on_after(timeout_s):
-            while missing():
-                await self._heard.wait()
-        return missing()
-
     # ------------------------------------------------------------------ pulling
     async def pull(
         self, peer: ID, contexts: Sequence[int], round: int, *, batch: int | None = None
@@ -358,34 +291,3 @@ class StateFederation:
         except WireError as e:
             self.traffic.reject(e.reason)
             raise
-
-    async def pull_all(
-        self, peers: Sequence[ID], contexts: Sequence[int], round: int
-    ) -> PullReport:
-        """Pull from every peer at once; each peer's outcome is independent."""
-        pulled: dict[ID, int] = {}
-        failed: dict[ID, str] = {}
-
-        async def one(peer: ID) -> None:
-            try:
-                pulled[peer] = await self.pull(peer, contexts, round)
-            except (WireError, StatePullError) as e:
-                failed[peer] = str(e)
-                log.warning("no states from %s: %s", short_peer(str(peer)), e)
-
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(one, peer)
-        return PullReport(pulled, failed)
-
-    # ------------------------------------------------------------------ continuing
-    async def merged(
-        self, contexts: Sequence[int], round: int, peers: Sequence[ID], *, own: bool = True
-    ) -> tuple[LayerState, ...]:
-        """Per layer, the canonical merge of `peers`' states (and ours when `own`) for each
-        context, stacked over `contexts`: the state a model continues from. Every named
-        peer must have contributed every context (MergeError otherwise)."""
-        members = [
-            self.book.members(c, round, [p.to_bytes() for p in peers], own=own) for c in contexts
-        ]
-        return await trio.to_thread.run_sync(federation.merged_batch, members)
