@@ -9,11 +9,11 @@ parts, float32, stacked over the layers:
     "h"          (L, H, P, N)    the layers' states
     "log_decay"  (L, H)          their per-head log-decays (≤ 0)
 
-A node that finished contexts announces `state.ready` {run, context, round, count} on the
-run's state topic: versions `round` of contexts [context, context + count) are held (one
-announcement per batch, so a batch of contexts stays under GossipSub's silent rate limit;
-`Announcements` keeps what peers said, bounded). Neighbours that want them pull them:
-receivers drive every bulk transfer, and no state ever rides pubsub. A pull from one peer
+Who holds what is agreed per state epoch by fflnode.states_phase (`states.ready` carries
+a bitmap of the contexts its sender holds). The older range announcement `state.ready`
+{run, context, round, count} is still validated and kept, bounded, in `Announcements`
+when a peer sends one, but the node no longer publishes it (a follow-up can drop the
+kind). Receivers drive every bulk transfer, and no state ever rides pubsub. A pull from one peer
 is a `PeerPull`: each answer is validated as it arrives and the peer's states enter the
 book only when every context asked for validated. A requester merges what it received, its
 own state included when it has one, in canonical order (ascending peer-ID bytes,
@@ -34,9 +34,10 @@ Batched requests. A `get` with codec `ssd-states/1;<codec>` (batch_tag) asks for
 `hi` consecutive contexts from `index` in one body: each context's arrays as the state
 codec encoded them once (state_codec: "none", float32; "holo", quantized), concatenated
 along their first axis. One request per 32 KiB state cost a round trip each (768 of them
-took ~5 s on loopback, docs/benchmarks.md); a batch moves up to MAX_BATCH_BODY_BYTES per
-request. The receiver checks the parts against its own spec and the count it asked for,
-and decodes and validates every context before any of it is kept (PeerPull.add_batch).
+took 41.5 s in 4 loaded daemons against 4.6 s in batches of 32, docs/benchmarks.md); a
+batch moves up to MAX_BATCH_BODY_BYTES per request. The receiver checks the parts
+against its own spec and the count it asked for, and decodes and validates every context
+before any of it is kept (PeerPull.add_batch).
 
 This module is pure: numpy and torch, no trio, no libp2p (federation_net.py is the shell
 that moves the bytes). Must never: merge a state whose shape the local model did not
