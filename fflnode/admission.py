@@ -46,6 +46,7 @@ GROUP_MEANING = {
     "recipe": "training recipe",
     "exchange": "exchange settings",
     "merge": "merge settings",
+    "states": "state federation settings",
 }
 
 

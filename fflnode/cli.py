@@ -1,4 +1,4 @@
-"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status, states."""
+"""The `fflnode` command line: run, testnet, doctor, bench, sketch, status, query, states."""
 
 from __future__ import annotations
 
@@ -32,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")
 
-    sts = sub.add_parser("states", help="F-SSD demo: N nodes pull and merge MQAR states")
-    from fflnode_harness.states_demo import add_arguments as states_arguments
+    qy = sub.add_parser("query", help="ask a finished run's model, from its merged states")
+    from fflnode.query import add_arguments as query_arguments
 
-    states_arguments(sts)
+    query_arguments(qy)
+
+    sts = sub.add_parser(
+        "states",
+        help="F-SSD demo: `fflnode testnet --task mqar` (state federation inside the daemons)",
+    )
+    add_arguments(sts)
+    sts.set_defaults(task="mqar")
 
     bench = sub.add_parser("bench", help="benchmarks: `fflnode bench io FILE`")
     bench.add_argument("what", choices=["io"], help="io: Prism read backends vs the rest")
@@ -66,18 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode import daemon
 
         daemon.exit_now(daemon.main(args.config))
-    if args.command == "testnet":
+    if args.command in ("testnet", "states"):  # `states` is the testnet on the mqar task
         from fflnode_harness import testnet
 
         return testnet.main(args)
+    if args.command == "query":
+        from fflnode import query
+
+        return query.main(args)
     if args.command == "status":
         from fflnode import status
 
         return status.main(args)
-    if args.command == "states":
-        from fflnode_harness import states_demo
-
-        return states_demo.main(args)
     if args.command == "doctor":
         from fflnode import doctor
 

@@ -20,6 +20,7 @@ import torch
 from fflnode.codecs import Codec, make_codec
 from fflnode.config import Config, read_psk, read_run_secret
 from fflnode.errors import ConfigError
+from fflnode.states_phase import StatesPlan, plan_states
 from fflnode.tensors import FlatLayout
 from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
 from fflnode.train.task import LoadedTask, build_model, load_task, task_chain
@@ -47,6 +48,7 @@ class Composition:
     run_secret: bytes | None
     adversary: Any | None  # fflnode_harness.adversary.Adversary, resilience tests only
     store_options: dict[str, object]
+    states: StatesPlan | None = None  # the state phase after the merge ([states])
 
     def run_descriptor(self) -> dict[str, object]:
         """What every participant must have identical (fflnode.admission), by group."""
@@ -79,7 +81,10 @@ class Composition:
                 e.chunk_elems,
             ],
             "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
-        }
+            "states": [] if self.states is None else [
+                self.states.epochs, self.states.codec, self.states.bits, self.states.quorum
+            ],
+        }  # fmt: skip
 
 
 def codec_of(cfg: Config) -> Codec:
@@ -123,6 +128,7 @@ def compose(cfg: Config) -> Composition:
         run_secret=read_run_secret(cfg),
         adversary=adversary,
         store_options=store_options(cfg),
+        states=plan_states(cfg, loaded, None if trainer is None else trainer.model),
     )
 
 

@@ -177,6 +177,29 @@ class AccessSection:
 
 
 @dataclass(frozen=True)
+class StatesSection:
+    """SSM state federation after the weight merge (fflnode.states_phase, docs/tasks.md):
+    every node folds its local contexts with the merged weights, and the members compose
+    each other's per-layer states into one hash-agreed file per epoch."""
+
+    # "auto": when the task has the state capability (fflnode.train.task.StateTask);
+    # "on": required (a task without it is a config error); "off": never.
+    federate: Literal["auto", "on", "off"] = "auto"
+    epochs: int = 1  # state epochs after the merge; epoch e reads the task's contexts of e
+    # How states travel (fflnode.ssm.state_codec): "none" ships float32; "holo" ships
+    # `bits` bits per state entry (rotate + quantize). docs/benchmarks.md, "F-SSD",
+    # measured MQAR recall against bytes: see there for the choice of default.
+    codec: Literal["none", "holo"] = "holo"
+    bits: int = 8
+    # Contexts per pull request: 768 states in 24 requests pulled 9x faster than one
+    # request each (tools/bench_state_pull.py, docs/benchmarks.md).
+    batch: int = 32
+    # Fewest members an epoch may compose; 0 means a majority of the merge's members.
+    quorum: int = 0
+    timeout_s: float = 120.0  # one epoch's deadline: agree, pull, compose, verify
+
+
+@dataclass(frozen=True)
 class AdversarySection:
     """Resilience testing only: make this node a Byzantine peer (fflnode.adversary)."""
 
@@ -193,6 +216,7 @@ class Config:
     pubsub: PubsubSection = field(default_factory=PubsubSection)
     prism: PrismSection = field(default_factory=PrismSection)
     access: AccessSection = field(default_factory=AccessSection)
+    states: StatesSection = field(default_factory=StatesSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
     # The task's own options, passed to it as keyword arguments (fflnode.train.task):
     # checked by the task when it is loaded, at start.
@@ -248,6 +272,11 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("pubsub.mesh_diversity_ips", lambda v: 1 <= v <= 64, "between 1 and 64"),
     ("pubsub.ip_colocation_threshold", lambda v: 1 <= v <= 1 << 16, "between 1 and 65536"),
     ("access.blacklist_after", lambda v: v >= 1, "at least 1"),
+    ("states.epochs", lambda v: 1 <= v <= 64, "between 1 and 64"),
+    ("states.bits", lambda v: 1 <= v <= 8, "between 1 and 8"),
+    ("states.batch", lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    ("states.quorum", lambda v: v >= 0, "non-negative"),
+    ("states.timeout_s", lambda v: v > 0, "positive"),
 ]
 
 
@@ -520,6 +549,7 @@ __all__ = [
     "PrismSection",
     "PubsubSection",
     "RunSection",
+    "StatesSection",
     "TrainSection",
     "from_dict",
     "load",

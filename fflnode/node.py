@@ -5,7 +5,9 @@ composition root (fflnode.compose). `Node.run`:
   identity -> libp2p host listening -> pubsub + membership -> READY=1 -> bootstrap dials
   -> start barrier (the run's members agree, fflnode.p2p.barrier) -> R rounds of
   [inner steps -> encode Delta -> peers pull it / we pull theirs -> mix -> outer step]
-  -> premerge.safetensors -> final merge -> merged.safetensors, hash agreed -> result.json.
+  -> premerge.safetensors -> final merge -> merged.safetensors, hash agreed
+  -> [state phase: SSM states folded with the merged weights, federated, hash agreed]
+  -> result.json.
 
 Rules: CPU-heavy work (training steps, encoding, evaluation, hashing) runs in worker
 threads so the loop keeps answering peers and heartbeating; every wait has a deadline;
@@ -59,6 +61,7 @@ from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import save_tensors
 from fflnode.rounds import RoundRecord, RoundRunner
 from fflnode.sdnotify import Notifier, watchdog_interval_s
+from fflnode.states_phase import run_states
 from fflnode.tensors import FlatLayout
 from fflnode.train import topology
 
@@ -97,6 +100,7 @@ class NodeReport:
     resumed_from_round: int | None = None  # the checkpoint this run resumed from
     catch_up_jumps: list[tuple[int, int]] = field(default_factory=list)
     mixing_with: list[str] = field(default_factory=list)  # the peers whose updates we mix
+    states: dict[str, Any] | None = None  # the state phase (fflnode.states_phase)
 
 
 def peak_rss_mb() -> float:
@@ -293,6 +297,19 @@ class Node:
                 if self.trainer is not None:
                     report.merged_metrics = await trio.to_thread.run_sync(
                         self._merged_metrics, self.data_dir / MERGED_FILE
+                    )
+                # ---- the state phase: the merged model's SSM states, federated ----
+                if self.comp.states is not None and self.trainer is not None:
+                    report.states = await run_states(
+                        self.comp.states,
+                        self.comp.task.task,  # type: ignore[arg-type]
+                        self.trainer.model,
+                        membership=membership,
+                        traffic=self.traffic,
+                        members=outcome.members,
+                        screen=self.gate.validate_announcement,
+                        data_dir=self.data_dir,
+                        status=self.notifier.status,
                     )
                 nursery.cancel_scope.cancel()
         report.wall_seconds = time.perf_counter() - t0

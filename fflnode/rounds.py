@@ -260,7 +260,9 @@ class RoundRunner:
             # progress, and drown it: 4 non-IID digits nodes on a ring learnt nothing that
             # way (docs/architecture.md, "Sparse graphs").
             assert isinstance(self.exchange, Gossip)
-            await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_local)
+            await trio.to_thread.run_sync(
+                trainer.outer_step, theta_start, theta_start - theta_local
+            )
             theta_half = trainer.flat()
             public = theta_half
             if self.adversary is not None:

@@ -147,6 +147,28 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "round": (_INT, True),
         "count": (_INT, False),
     },
+    # pubsub: a node's part in a state epoch's agreement (fflnode.ssm.epoch): its proposal
+    # of the members whose SSM states the epoch composes (stage as merge.ready), and the
+    # contexts it holds states for, as a bitmap of `contexts` bits (bit c: context c)
+    "states.ready": {
+        "run": (_STR, True),
+        "epoch": (_INT, True),
+        "attempt": (_INT, True),
+        "members": (_LIST, True),
+        "stage": (_STR, True),
+        "contexts": (_INT, True),
+        "held": (_BIN, True),
+    },
+    # pubsub: the hash of a node's merged states of one epoch (as merge.hash); `done`:
+    # it has verified every member's hash, so it needs nothing more from anyone
+    "states.hash": {
+        "run": (_STR, True),
+        "epoch": (_INT, True),
+        "attempt": (_INT, True),
+        "hash": (_STR, True),
+        "digest": (_STR, True),
+        "done": (_BOOL, False),
+    },
     # stream: ask a peer for one chunk of something
     "get": {
         "run": (_STR, True),
@@ -179,6 +201,10 @@ ROUND_LIMIT = 1 << 31
 # A merge fingerprint is 4 KiB (fflnode.merge.fingerprint); 16 KiB leaves room to grow.
 MAX_FINGERPRINT_BYTES = 16 << 10
 MAX_MERGE_ATTEMPT = 64  # merge attempts a message may name; a node makes a handful
+# Contexts a state epoch may number (fflnode.ssm.epoch): a node holds at most 1024
+# (federation.MAX_OWN_CONTEXTS) and receives at most 4096 peer states; the held bitmap
+# of a states.ready is then at most 512 bytes, far inside a pubsub message.
+MAX_STATE_CONTEXTS = 4096
 PHASES = ("join", "train", "merge", "done")
 START_STAGES = ("propose", "lock", "commit")  # fflnode.agreement.STAGES (start and merge)
 
@@ -498,6 +524,36 @@ def _check_state_ready(peer: str, doc: dict[str, Any]) -> None:
         raise WireError(peer, "schema", f"state.ready.count {count} out of range")
 
 
+def _check_epoch(peer: str, kind: str, doc: dict[str, Any]) -> None:
+    _check_attempt(peer, kind, doc)
+    if not 0 <= doc["epoch"] < ROUND_LIMIT:
+        raise WireError(peer, "schema", f"{kind}.epoch {doc['epoch']} out of range")
+
+
+def _check_states_ready(peer: str, doc: dict[str, Any]) -> None:
+    _check_epoch(peer, "states.ready", doc)
+    _check_str_list(peer, "states.ready.members", doc["members"], MAX_MEMBERS)
+    if doc["members"] != sorted(set(doc["members"])):
+        raise WireError(peer, "schema", "states.ready.members must be sorted and unique")
+    if doc["stage"] not in START_STAGES:
+        raise WireError(peer, "schema", f"states.ready.stage {shown(doc['stage'])}")
+    n, held = doc["contexts"], doc["held"]
+    if not 0 <= n <= MAX_STATE_CONTEXTS or len(held) != (n + 7) // 8:
+        raise WireError(
+            peer, "schema", f"states.ready: {len(held)} held bytes for {shown(n)} contexts"
+        )
+    if n % 8 and held[-1] >> (n % 8):
+        raise WireError(peer, "schema", "states.ready.held sets bits past its contexts")
+
+
+def _check_states_hash(peer: str, doc: dict[str, Any]) -> None:
+    _check_epoch(peer, "states.hash", doc)
+    for key in ("hash", "digest"):
+        v = doc[key]
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise WireError(peer, "schema", f"states.hash.{key} is not a sha256 hex digest")
+
+
 def _check_get(peer: str, doc: dict[str, Any]) -> None:
     _check_round(peer, "get", doc["round"])
     if doc["what"] not in WHAT:
@@ -568,6 +624,8 @@ _CHECKS = {
     "merge.ready": _check_ready,
     "merge.hash": _check_hash,
     "state.ready": _check_state_ready,
+    "states.ready": _check_states_ready,
+    "states.hash": _check_states_hash,
     "get": _check_get,
     "bulk": _check_bulk,
 }

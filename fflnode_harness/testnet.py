@@ -21,6 +21,16 @@ paths in the shared filesystem, which namespaces do not isolate; each node's met
 endpoint listens on its own 127.0.0.1, which the testnet reaches from inside the
 namespace (`Bridge.call_in`). `--flap I@R[:S]` unplugs node I's link at round R for S
 seconds (netns only).
+
+For a task with the state capability the nodes also federate their SSM states after the
+merge (fflnode.states_phase); the testnet then checks those too, again without the
+network path or the composition algebra: it loads the reference weights into the
+task's model, reads every state context CENTRALLY (the members' segments of it
+concatenated in ascending peer-ID order, folded in one pass), and reports per node the
+task's state metrics alone, merged (from the node's report) and centralized (its own),
+the per-layer error of each node's merged states against the centralized ones, the
+bytes each node moved, and whether every node's states file hashes to the hash they
+agreed on. Exit code 0 then also needs agreeing, matching state hashes.
 """
 
 from __future__ import annotations
@@ -50,6 +60,29 @@ from fflnode_harness import netns
 from fflnode_harness.netns import Bridge, NetnsError
 
 NOTIFY_TIMEOUT_S = 120.0  # a node that has not said READY by then is broken
+# Per-task defaults of --rounds, --local-steps and --set (given flags win). mqar: 4 nodes
+# reached 97.9 % recall in 40 rounds of 5 inner Adam steps averaged exactly each round
+# (outer SGD at lr 1, constant: plain averaging); with the WSD schedule (the outer step
+# decaying to 0 over the last quarter) only 92.7 %, and with 150 rounds of 1 step and
+# outer Adam 95.5 % in more time (docs/benchmarks.md, "F-SSD").
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mqar": {
+        "rounds": 40,
+        "local_steps": 5,
+        "set": [
+            "train.inner_optimizer=adam",
+            "train.inner_lr=0.01",
+            "train.outer_optimizer=sgd",
+            "train.outer_lr=1.0",
+            "train.lr_schedule=constant",
+            "train.eval_every=20",
+        ],
+    },
+}
+DEFAULT_ROUNDS, DEFAULT_LOCAL_STEPS = 600, 1
+# One layer composes exactly: a merged state within this of the centralized one (relative
+# Frobenius) is exact up to float32 rounding (measured 1.0-1.2e-7, docs/benchmarks.md).
+EXACT_STATE_ERROR = 1e-6
 # Whole-run deadline: the issue's bar is 5 minutes for the default 4-node run; a
 # larger or slower run gets proportionally more before the testnet gives up.
 RUN_DEADLINE_S = 900.0
@@ -70,8 +103,10 @@ SUMMARY_RULE = "-" * 78
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4, help="number of node processes (4)")
-    p.add_argument("--rounds", type=int, default=600, help="training rounds (600)")
-    p.add_argument("--local-steps", type=int, default=1, help="inner steps per round (1)")
+    p.add_argument("--rounds", type=int, default=None, help="training rounds (600; mqar: 40)")
+    p.add_argument(
+        "--local-steps", type=int, default=None, help="inner steps per round (1; mqar: 5)"
+    )
     p.add_argument("--out", default="testnet-out", help="output directory (testnet-out)")
     p.add_argument("--seed", type=int, default=1, help="run seed (1)")
     p.add_argument("--topology", default="complete", choices=["ring", "random-regular", "complete"])
@@ -156,6 +191,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-plot", action="store_true", help="skip the accuracy plot")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill --rounds, --local-steps and --set from TASK_DEFAULTS for the chosen task
+    (given values win: a --set of the same key comes later, so it overrides)."""
+    d = TASK_DEFAULTS.get(args.task, {})
+    if args.rounds is None:
+        args.rounds = d.get("rounds", DEFAULT_ROUNDS)
+    if args.local_steps is None:
+        args.local_steps = d.get("local_steps", DEFAULT_LOCAL_STEPS)
+    given = {item.partition("=")[0].strip() for item in args.set}
+    args.set = [kv for kv in d.get("set", []) if kv.partition("=")[0] not in given] + args.set
+    return args
 
 
 def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str]) -> cfgmod.Config:
@@ -285,8 +333,11 @@ class NodeProc:
 #   nobody can have agreed with it, so the others agree without it at attempt 0.
 # (Killing the victim on its own "merge agreed" was neither: it may commit alone and die
 # before its commit reaches anyone.)
-AT_MERGE, AT_MERGE_START = -1, -2
-MERGE_FAULTS = {"merge": AT_MERGE, "merge-start": AT_MERGE_START}
+# * "I@states": once every node still running has agreed on the members of the first
+#   state epoch (after the weight merge): the victim is a member of it, so the others'
+#   attempt fails and they agree again without it (fflnode.states_phase, "Churn").
+AT_MERGE, AT_MERGE_START, AT_STATES = -1, -2, -3
+MERGE_FAULTS = {"merge": AT_MERGE, "merge-start": AT_MERGE_START, "states": AT_STATES}
 
 
 def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
@@ -297,8 +348,8 @@ def parse_faults(specs: list[str], what: str, nodes: int) -> dict[int, int]:
         node, _, rnd = spec.partition("@")
         if not (node.isdigit() and (rnd.isdigit() or rnd in MERGE_FAULTS) and int(node) < nodes):
             raise ConfigError(
-                f"--{what} {spec!r}: expected NODE@ROUND, NODE@merge or "
-                f"NODE@merge-start, NODE < {nodes}"
+                f"--{what} {spec!r}: expected NODE@ROUND, NODE@merge, "
+                f"NODE@merge-start or NODE@states, NODE < {nodes}"
             )
         out[int(node)] = MERGE_FAULTS[rnd] if rnd in MERGE_FAULTS else int(rnd)
     return out
@@ -461,19 +512,24 @@ class Testnet:
         running = [p for p in running if not (p.killed or p.stopped)]
         agreed = all(p.status.startswith("merge agreed") for p in running)
         merging = proc.status.startswith("merg")
+        states_agreed = all(p.status.startswith("states epoch 0 agreed") for p in running)
 
         def due(at: int | None) -> bool:
             if at == AT_MERGE:
                 return agreed and proc in running
             if at == AT_MERGE_START:
                 return merging
+            if at == AT_STATES:
+                return states_agreed and proc in running
             return at is not None and proc.round >= at
 
         if due(proc.kill_at) and not proc.killed:
             proc.killed = True
             proc.process.kill()  # SIGKILL: no chance to clean up, as a crash
-            when = "in the merge (stays down)" if merging else f"at round {proc.round}"
-            after = "" if merging else " (restart follows)"
+            late = merging or proc.kill_at == AT_STATES
+            when = "in the state phase" if proc.kill_at == AT_STATES else "in the merge"
+            when = f"{when} (stays down)" if late else f"at round {proc.round}"
+            after = "" if late else " (restart follows)"
             self.say(f"  {proc.name:>6}: SIGKILL {when}{after}")
         flap_due = proc.flap_at is not None and proc.round >= proc.flap_at and not merging
         if flap_due and proc.flap is None and self.bridge is not None:
@@ -597,6 +653,11 @@ class Testnet:
         for proc in self.procs:
             path = proc.data_dir / "result.json"
             result = json.loads(path.read_text()) if path.exists() else {}
+            if not result.get("peer_id") and (proc.data_dir / "node.json").exists():
+                # killed before writing its result (e.g. in the state phase): who it was
+                node_doc = json.loads((proc.data_dir / "node.json").read_text())
+                result = {**result, "peer_id": node_doc.get("peer_id")}
+                result.setdefault("partition_index", proc.index)
             nodes[proc.name] = {
                 **result,
                 "exit_code": proc.exit_code,
@@ -626,14 +687,16 @@ class Testnet:
         # Frozen nodes and nodes killed in the merge cannot finish; corrupt nodes (--corrupt)
         # may be banned or excluded as outliers: the checks below hold the honest ones.
         first_corrupt = self.args.nodes - self.args.corrupt
-        expected = [
+        honest = [
             p
             for p in self.procs
             if not p.stopped
-            and not p.lost_in_merge
             and p.index < first_corrupt
             and nodes[p.name].get("peer_id") not in outliers
         ]
+        # killed in the state phase: a member of the merge that cannot finish the run
+        in_states = [p for p in honest if p.lost_in_merge and p.kill_at == AT_STATES]
+        expected = [p for p in honest if not p.lost_in_merge]
         hashes = {p.name: nodes[p.name].get("merged_hash") for p in expected}
         files_equal = {
             p.name: merged_equals(p.data_dir / "merged.safetensors", ref["tensors"])
@@ -654,13 +717,18 @@ class Testnet:
             "seconds": max((m["seconds"] for m in merged), default=None),
             "attempt": max((m.get("attempt", 0) for m in merged), default=None),
         }
+        states = states_report(
+            self.args, nodes, [p.name for p in expected], ref["tensors"], self.out
+        )
         ok = (
             not self.timed_out
             and self.stopped_by is None
             and merge["hashes_agree"]
             and merge["files_equal_reference"]
             and all(p.exit_code == 0 for p in expected)
-            and sorted(participants) == sorted(nodes[p.name]["peer_id"] for p in expected)
+            and sorted(participants)
+            == sorted(nodes[p.name]["peer_id"] for p in [*expected, *in_states])
+            and (states is None or states["ok"])
         )
         return {
             "ok": ok,
@@ -694,6 +762,7 @@ class Testnet:
             "stopped_by": signal.Signals(self.stopped_by).name if self.stopped_by else None,
             "nodes": nodes,
             "merge": merge,
+            "states": states,
             "centralized": self.baseline,
             "wall_seconds": wall,
         }
@@ -784,6 +853,156 @@ def merged_equals(path: Path, reference: dict[str, Any] | None) -> bool:
         return False
     got = load_file(str(path))
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in got)
+
+
+def states_report(
+    args: argparse.Namespace,
+    nodes: dict[str, Any],
+    expected: list[str],
+    weights: dict[str, Any] | None,
+    out: Path,
+) -> dict[str, Any] | None:
+    """The state federation of the run, checked against a centralized reading of our own
+    (None when the run federates no states)."""
+    import torch
+    from libp2p.peer.id import ID
+
+    from fflnode.train.task import build_model, load_task
+
+    cfg = node_config(args, 0, out, [])
+    if cfg.states.federate == "off":
+        return None
+    loaded = load_task(cfg.train.task, cfg.task, Path.cwd())
+    if not loaded.federates_states:
+        return None
+    records = {name: (nodes[name].get("states") or {}).get("epochs") or [] for name in expected}
+    if weights is None or not expected or not all(records.values()):
+        missing = [name for name, r in records.items() if not r]
+        return {"ok": False, "epochs": [], "error": f"no states from {missing or 'the merge'}"}
+    task = loaded.task
+    model = build_model(loaded, cfg.run.seed)
+    with torch.no_grad():
+        for name, value in weights.items():
+            try:
+                target = model.get_parameter(name)
+            except AttributeError:
+                target = model.get_buffer(name)
+            target.copy_(value.view_as(target))
+    partition_of = {r.get("peer_id"): r.get("partition_index") for r in nodes.values()}
+    primary = loaded.primary_metric
+    epochs, ok = [], True
+    for e in range(cfg.states.epochs):
+        recs = {name: r[e] for name, r in records.items() if len(r) > e}
+        if len(recs) != len(expected):
+            ok = False
+            break
+        members = next(iter(recs.values()))["members"]
+        order = sorted(members, key=lambda m: ID.from_base58(m).to_bytes())
+        central = centralized_states(task, model, [partition_of[m] for m in order], cfg, e)
+        rows = {}
+        for name, rec in recs.items():
+            got = load_states_file(Path(rec["file"]))
+            errors = layer_errors(got["layers"], central, got["contexts"])
+            central_metrics = task.evaluate_states(
+                model, central, partition_of[nodes[name]["peer_id"]], cfg.run.nodes,
+                cfg.run.seed, e,
+            )  # fmt: skip
+            rows[name] = {
+                "alone": rec["alone"],
+                "merged": rec["merged"],
+                "centralized": {k: float(v) for k, v in central_metrics.items()},
+                "hash": rec["hash"],
+                "file_matches_hash": got["hash"] == rec["hash"],
+                "layer_errors": errors,
+                "bytes_pulled": rec["bytes_pulled"],
+                "bytes_served": rec["bytes_served"],
+                "attempt": rec["attempt"],
+                "seconds": rec["seconds"],
+            }
+        hashes = {r["hash"] for r in rows.values()}
+        same_members = all(rec["members"] == members for rec in recs.values())
+        depth = len(next(iter(rows.values()))["layer_errors"])
+        epoch = {
+            "epoch": e,
+            "members": members,
+            "left_out": next(iter(recs.values()))["left_out"],
+            "attempt": max(r["attempt"] for r in rows.values()),
+            "hash": next(iter(hashes)),
+            "hashes_agree": len(hashes) == 1 and same_members,
+            "files_match_hashes": all(r["file_matches_hash"] for r in rows.values()),
+            "layer_errors": [
+                max(r["layer_errors"][i] for r in rows.values()) for i in range(depth)
+            ],
+            "contexts": len(central),
+            "nodes": rows,
+        }
+        ok = ok and epoch["hashes_agree"] and epoch["files_match_hashes"]
+        epochs.append(epoch)
+    metric = primary if primary in next(iter(records.values()))[0]["alone"] else None
+    return {
+        "ok": ok,
+        "codec": (nodes[expected[0]].get("states") or {}).get("codec"),
+        "metric": metric or next(iter(next(iter(records.values()))[0]["alone"]), None),
+        "epochs": epochs,
+    }
+
+
+def centralized_states(
+    task: Any, model: Any, partitions: list[int], cfg: Any, epoch: int
+) -> dict[int, tuple[Any, ...]]:
+    """Context -> the model's states of ONE reading of every member's segment of it, in
+    the given (ascending peer-ID) order: no network, no composition."""
+    import torch
+
+    from fflnode.ssm.states import unstack_layers
+
+    segments: dict[int, list[Any]] = {}
+    for part in partitions:
+        for c, seg in task.local_contexts(part, cfg.run.nodes, cfg.run.seed, epoch).items():
+            segments.setdefault(c, []).append(seg)
+    ids = sorted(segments)
+    out: dict[int, tuple[Any, ...]] = {}
+    for lo in range(0, len(ids), 64):
+        chunk = ids[lo : lo + 64]
+        states = task.fold(model, [torch.cat(segments[c], dim=0) for c in chunk])
+        out.update(zip(chunk, unstack_layers(states), strict=True))
+    return out
+
+
+def load_states_file(path: Path) -> dict[str, Any]:
+    """A node's states file read with `safetensors` and hashed with hashlib: contexts,
+    per-layer h, and sha256 over (name, 0, little-endian bytes) in name order."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    h = hashlib.sha256()
+    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+        h.update(name.encode("utf-8") + b"\x00")
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    depth = sum(1 for n in tensors if n.endswith(".h"))
+    return {
+        "contexts": tensors["contexts"].tolist(),
+        "layers": [tensors[f"layers.{i}.h"] for i in range(depth)],
+        "hash": h.hexdigest(),
+    }
+
+
+def layer_errors(
+    layers: list[Any], central: dict[int, tuple[Any, ...]], ids: list[int]
+) -> list[float]:
+    """Per layer, ||h_merged - h_central|| / ||h_central|| over every context (float64)."""
+    import torch
+
+    if sorted(central) != ids:
+        return [float("inf")] * len(layers)
+    out = []
+    for i, got in enumerate(layers):
+        want = torch.stack([central[c][i].h for c in ids]).double()
+        diff = torch.linalg.vector_norm((got.double() - want).reshape(-1))
+        ref = torch.linalg.vector_norm(want.reshape(-1))
+        out.append(float(diff / ref) if float(ref) > 0 else float(diff))
+    return out
 
 
 def primary_of(report: dict[str, Any]) -> str | None:
@@ -912,6 +1131,8 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"centralized          {shown}  ({cen['steps']} steps){gap}")
     total = sum(r.get("bytes_sent", 0) for r in report["nodes"].values())
     print(f"bytes moved          {total / 1e6:.2f} MB sent in total")
+    if report.get("states") is not None:
+        print_states(report["states"])
     verdict = "hashes agree" if m["hashes_agree"] else "HASHES DISAGREE"
     print(f"{verdict} with the reference {m['reference_hash']}")
     print(f"merged files equal the reference: {m['files_equal_reference']}")
@@ -919,6 +1140,48 @@ def print_summary(report: dict[str, Any]) -> None:
         f"wall time {report['wall_seconds']:.1f} s; report.json and metrics.png in the output dir"
     )
     print(SUMMARY_RULE)
+
+
+def print_states(st: dict[str, Any]) -> None:
+    """The state federation block of the summary."""
+    print(SUMMARY_RULE)
+    if not st.get("epochs"):
+        print(f"state federation     FAILED: {st.get('error', 'no epoch completed')}")
+        return
+    metric = st["metric"]
+    for ep in st["epochs"]:
+        print(
+            f"state federation, epoch {ep['epoch']}: {ep['contexts']} contexts, "
+            f"{len(ep['members'])} members, codec {st['codec']}"
+            + (f", attempt {ep['attempt'] + 1}" if ep["attempt"] else "")
+        )
+        if ep["left_out"]:
+            print(
+                f"  left out (lost during the phase): {', '.join(p[-12:] for p in ep['left_out'])}"
+            )
+        print(
+            f"{'node':<7}{metric + ' alone':>16}{'merged':>10}{'central':>10}"
+            f"{'pulled MB':>11}{'served MB':>11}  hash"
+        )
+        for name, r in ep["nodes"].items():
+            alone, merged, central = (r[k].get(metric) for k in ("alone", "merged", "centralized"))
+            print(
+                f"{name:<7}{fmt_state(metric, alone):>16}{fmt_state(metric, merged):>10}"
+                f"{fmt_state(metric, central):>10}{r['bytes_pulled'] / 1e6:>11.2f}"
+                f"{r['bytes_served'] / 1e6:>11.2f}  {r['hash'][:16]}"
+                + ("" if r["file_matches_hash"] else "  FILE DIFFERS FROM ITS HASH")
+            )
+        errors = ", ".join(f"layer {i + 1} {err:.2g}" for i, err in enumerate(ep["layer_errors"]))
+        print(f"merged vs centralized state (relative, per layer): {errors}")
+        verdict = "agree" if ep["hashes_agree"] else "DISAGREE"
+        files = "match them" if ep["files_match_hashes"] else "DO NOT match them"
+        print(f"state hashes {verdict} ({ep['hash'][:16]}…); the nodes' files {files}")
+
+
+def fmt_state(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if metric in ("recall", "accuracy") else f"{v:.4g}"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -960,6 +1223,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    apply_task_defaults(args)
     if args.nodes < 1:
         print("fflnode: --nodes must be at least 1", file=sys.stderr)
         return 2

@@ -41,6 +41,11 @@ def test_every_kind_round_trips():
         "start.ready": dict(run=RUN, members=["a", "b"], stage="lock"),
         "merge.ready": dict(run=RUN, members=["a", "b"], shards=2, stage="lock"),
         "merge.hash": dict(run=RUN, hash="a" * 64, digest="b" * 64),
+        "states.ready": dict(
+            run=RUN, epoch=0, attempt=1, members=["a", "b"], stage="lock", contexts=9,
+            held=b"\xff\x01",
+        ),  # fmt: skip
+        "states.hash": dict(run=RUN, epoch=2, attempt=0, hash="a" * 64, digest="b" * 64),
         "get": dict(run=RUN, round=1, what="premerge", index=0, lo=0, hi=10, codec="none"),
         "ack": dict(ok=True),
         "error": dict(code="gone", reason="round 1 no longer held"),

@@ -9,11 +9,11 @@ parts, float32, stacked over the layers:
     "h"          (L, H, P, N)    the layers' states
     "log_decay"  (L, H)          their per-head log-decays (≤ 0)
 
-A node that finished contexts announces `state.ready` {run, context, round, count} on the
-run's state topic: versions `round` of contexts [context, context + count) are held (one
-announcement per batch, so a batch of contexts stays under GossipSub's silent rate limit;
-`Announcements` keeps what peers said, bounded). Neighbours that want them pull them:
-receivers drive every bulk transfer, and no state ever rides pubsub. A pull from one peer
+Who holds what is agreed per state epoch by fflnode.states_phase (`states.ready` carries
+a bitmap of the contexts its sender holds). The older range announcement `state.ready`
+{run, context, round, count} is still validated and kept, bounded, in `Announcements`
+when a peer sends one, but the node no longer publishes it (a follow-up can drop the
+kind). Receivers drive every bulk transfer, and no state ever rides pubsub. A pull from one peer
 is a `PeerPull`: each answer is validated as it arrives and the peer's states enter the
 book only when every context asked for validated. A requester merges what it received, its
 own state included when it has one, in canonical order (ascending peer-ID bytes,
@@ -29,6 +29,15 @@ states.from_arrays (finite, |x| ≤ MAX_ABS_STATE, log_decay ≤ 0). Anything el
 WireError naming the peer with a stable reason slug. A peer's states enter the book only
 after every context it was asked for validated (all or nothing), so a hostile or broken
 peer cannot change what a node holds or merges.
+
+Batched requests. A `get` with codec `ssd-states/1;<codec>` (batch_tag) asks for the
+`hi` consecutive contexts from `index` in one body: each context's arrays as the state
+codec encoded them once (state_codec: "none", float32; "holo", quantized), concatenated
+along their first axis. One request per 32 KiB state cost a round trip each (768 of them
+took 41.5 s in 4 loaded daemons against 4.6 s in batches of 32, docs/benchmarks.md); a
+batch moves up to MAX_BATCH_BODY_BYTES per request. The receiver checks the parts
+against its own spec and the count it asked for, and decodes and validates every context
+before any of it is kept (PeerPull.add_batch).
 
 This module is pure: numpy and torch, no trio, no libp2p (federation_net.py is the shell
 that moves the bytes). Must never: merge a state whose shape the local model did not
@@ -48,12 +57,17 @@ import numpy as np
 import torch
 
 from fflnode import wire
-from fflnode.errors import ConfigError, FormatError, MergeError, WireError, shown
+from fflnode.errors import FormatError, MergeError, WireError, shown
+from fflnode.ssm.state_codec import Parts, RawCodec, StateCodec, layer_shape
 from fflnode.ssm.states import LayerState, StateShape, from_arrays, merge_model, to_arrays
 
 STATE_PROTOCOL = "/fflnode/state/1.0.0"
 STATE_WHAT = "state"
 STATE_CODEC = "ssd-state/1"  # the `codec` of a state get/bulk: the layout above, version 1
+STATE_BATCH_CODEC = "ssd-states/1"  # a batched get/bulk: "ssd-states/1;<state codec>"
+# One batched body at most: 32 one-layer MQAR states (1 MiB raw) fit four times; a
+# bigger model's batch is cut to fit (at least one context per request).
+MAX_BATCH_BODY_BYTES = 4 << 20
 PART_H = "h"
 PART_LOG_DECAY = "log_decay"
 STATE_DTYPE = "f32"  # the only dtype a state travels in: the canonical merge is defined on it
@@ -72,17 +86,6 @@ def state_topic(run_id: str) -> str:
     """The pubsub topic of `state.ready` announcements: one per run, apart from the
     membership topic, whose subscriber only accepts membership and merge kinds."""
     return f"/fflnode/{run_id}/state/1"
-
-
-def layer_shape(spec: Sequence[StateShape]) -> StateShape:
-    """The one (H, P, N) every layer shares; a stack of unequal layers has no wire form."""
-    shapes = {tuple(int(d) for d in s) for s in spec}
-    if len(spec) == 0 or len(shapes) != 1:
-        raise ConfigError(f"state federation needs >= 1 layer of one state shape, got {spec}")
-    shape = next(iter(shapes))
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"state shape {shape} is not (heads, head_dim, d_state)")
-    return shape  # type: ignore[return-value]
 
 
 def expected_parts(spec: Sequence[StateShape]) -> tuple[wire.Part, ...]:
@@ -186,6 +189,104 @@ def states_from_body(
         raise WireError(peer, "state", str(e)) from None
 
 
+def batch_tag(codec: StateCodec) -> str:
+    """The `codec` field of a batched state get/bulk for `codec`."""
+    return f"{STATE_BATCH_CODEC};{codec.name}"
+
+
+def batch_limit(spec: Sequence[StateShape], codec: StateCodec, wanted: int) -> int:
+    """Contexts per batched request: `wanted`, cut so a body stays within
+    MAX_BATCH_BODY_BYTES (and within one context at least)."""
+    return max(1, min(wanted, MAX_BATCH_BODY_BYTES // codec.body_nbytes(spec, 1)))
+
+
+def batches(contexts: Iterable[int], size: int) -> list[range]:
+    """The contexts as runs of consecutive ids, each cut into ranges of <= `size`."""
+    out: list[range] = []
+    for c in sorted(set(contexts)):
+        last = out[-1] if out else None
+        if last is not None and c == last.stop and len(last) < size:
+            out[-1] = range(last.start, c + 1)
+        else:
+            out.append(range(c, c + 1))
+    return out
+
+
+def check_batch_request(msg: wire.Message, tag: str, limit: int) -> tuple[range, int]:
+    """(contexts, round) of a batched `get` this node serves with codec tag `tag`;
+    ValueError with the reason otherwise (answered as `error`, not a body)."""
+    if msg["what"] != STATE_WHAT:
+        raise ValueError(f"{STATE_PROTOCOL} serves what={STATE_WHAT!r}, not {shown(msg['what'])}")
+    if msg["codec"] != tag:
+        raise ValueError(f"codec {shown(msg['codec'])}, this node serves {tag!r}")
+    first, count = msg["index"], msg["hi"]
+    if msg["lo"] != 0 or not 1 <= count <= limit or first + count > wire.ROUND_LIMIT:
+        raise ValueError(f"a batch is lo = 0 and 1 to {limit} contexts, got {shown(count)}")
+    return range(first, first + count), msg["round"]
+
+
+def batch_parts(helds: Sequence[Held]) -> list[tuple[str, np.ndarray]]:
+    """The body of a batched answer: each context's encoded arrays, concatenated."""
+    names = [name for name, _ in helds[0].encoded]
+    return [
+        (name, np.concatenate([h.encoded[k][1] for h in helds], axis=0))
+        for k, name in enumerate(names)
+    ]
+
+
+def states_from_batch(
+    header: wire.BulkHeader,
+    arrays: Mapping[str, np.ndarray],
+    spec: Sequence[StateShape],
+    codec: StateCodec,
+    peer: str,
+    *,
+    run: str,
+    contexts: range,
+    round: int,
+) -> dict[int, tuple[LayerState, ...]]:
+    """Validated states of every context of one verified batched body, or WireError."""
+    tag = batch_tag(codec)
+    for name, got, want in (
+        ("run", header.run, run),
+        ("what", header.what, STATE_WHAT),
+        ("index", header.index, contexts.start),
+        ("round", header.round, round),
+        ("codec", header.codec, tag),
+    ):
+        if got != want:
+            raise WireError(
+                peer, name, f"state {name} {shown(got)} where {shown(want)} was requested"
+            )
+    if header.meta:
+        raise WireError(peer, "schema", f"state body carries unknown meta {sorted(header.meta)}")
+    want = codec.parts_spec(spec, len(contexts))
+    if [p.name for p in header.parts] != [p.name for p in want]:
+        raise WireError(
+            peer,
+            "schema",
+            f"state parts {[p.name for p in header.parts]}, expected {[p.name for p in want]}",
+        )
+    for got_part, want_part in zip(header.parts, want, strict=True):
+        if got_part.dtype != want_part.dtype:
+            raise WireError(
+                peer, "dtype", f"state part {shown(got_part.name)} is {got_part.dtype}, "
+                f"only {want_part.dtype} is accepted"
+            )  # fmt: skip
+        if got_part.shape != want_part.shape:
+            raise WireError(
+                peer,
+                "shape",
+                f"state part {shown(got_part.name)} has shape {list(got_part.shape)}, "
+                f"the local model's is {list(want_part.shape)}",
+            )
+    try:
+        decoded = codec.decode(arrays, spec, contexts, round, f"states {contexts} from peer")
+    except FormatError as e:
+        raise WireError(peer, "state", str(e)) from None
+    return dict(zip(contexts, decoded, strict=True))
+
+
 def parse_ready(msg: wire.Message) -> tuple[range, int]:
     """(contexts, round) of a decoded, schema-checked `state.ready` announcement."""
     if msg.kind != "state.ready":
@@ -232,8 +333,9 @@ class Lookup(Enum):
 @dataclass(frozen=True)
 class Held:
     round: int
-    states: tuple[LayerState, ...]
-    parts: list[tuple[str, np.ndarray]]  # the body, built once, served to every requester
+    states: tuple[LayerState, ...]  # what every node composes: decode(encode(states))
+    parts: list[tuple[str, np.ndarray]]  # the single-context body (float32 of `states`)
+    encoded: Parts  # this context's share of a batched body, by the book's state codec
 
 
 class StateBook:
@@ -242,10 +344,13 @@ class StateBook:
     Own states keep the latest version of each context only (older versions are GONE);
     peers' states are keyed by their peer-ID bytes, the merge order. Both are bounded."""
 
-    def __init__(self, spec: Sequence[StateShape], me: bytes) -> None:
+    def __init__(
+        self, spec: Sequence[StateShape], me: bytes, codec: StateCodec | None = None
+    ) -> None:
         self.spec = tuple(tuple(int(d) for d in s) for s in spec)
         layer_shape(self.spec)  # refuses a spec with no wire form now, not at first request
         self.me = me
+        self.codec = codec or RawCodec()
         self._own: OrderedDict[int, Held] = OrderedDict()
         self._evicted: dict[int, int] = {}  # context -> the round we no longer hold
         self._received: OrderedDict[tuple[int, int], dict[bytes, tuple[LayerState, ...]]] = (
@@ -255,11 +360,16 @@ class StateBook:
     # ---------------------------------------------------------------- own states
     def put_own(self, context: int, round: int, states: Sequence[LayerState]) -> None:
         """Hold `states` (unbatched, one per layer) as version `round` of `context`."""
+        self.put_held(context, self.held_for(context, round, states))
+
+    def held_for(self, context: int, round: int, states: Sequence[LayerState]) -> Held:
+        """What put_held keeps for `states`: checked, encoded once, and decoded as every
+        receiver will. Reads nothing of the book: a worker thread may build it."""
         if not (0 <= context < wire.ROUND_LIMIT and 0 <= round < wire.ROUND_LIMIT):
             raise FormatError(f"context {context} / round {round} out of the wire's range")
-        held = self._own.get(context)
-        if held is not None and round < held.round:
-            raise FormatError(f"context {context}: round {round} is older than {held.round}")
+        encoded: Parts | None = None
+        if not isinstance(self.codec, RawCodec):  # served as encoded, held as decoded
+            encoded, states = self.codec.roundtrip(states, context, round, self.spec)
         parts = state_parts(states, self.spec)
         layers = [{"h": parts[0][1][i], "log_decay": parts[1][1][i]} for i in range(len(states))]
         from_arrays(layers, self.spec, f"own state of context {context}")  # raises if unfit
@@ -268,7 +378,16 @@ class StateBook:
             LayerState(torch.from_numpy(layer["h"]), torch.from_numpy(layer["log_decay"]))
             for layer in layers
         )
-        self._own[context] = Held(round, views, parts)
+        return Held(round, views, parts, parts if encoded is None else encoded)
+
+    def put_held(self, context: int, held: Held) -> None:
+        """Hold `held` (from held_for) as context `context`'s version held.round."""
+        current = self._own.get(context)
+        if current is not None and held.round < current.round:
+            raise FormatError(
+                f"context {context}: round {held.round} is older than {current.round}"
+            )
+        self._own[context] = held
         self._own.move_to_end(context)
         self._evicted.pop(context, None)
         while len(self._own) > MAX_OWN_CONTEXTS:
@@ -389,6 +508,33 @@ class PeerPull:
             context=context,
             round=self.round,
         )
+
+    def add_batch(
+        self, contexts: range, header: wire.BulkHeader, arrays: Mapping[str, np.ndarray]
+    ) -> None:
+        """Validate the answer to a batched request for `contexts` (raises WireError);
+        CPU-bound for a lossy codec: the shell runs it in a worker thread."""
+        for c in contexts:
+            if c not in self._wanted:
+                raise WireError(self.peer_name, "index", f"context {c} was not requested")
+            if c in self._found:
+                raise WireError(self.peer_name, "index", f"context {c} answered twice")
+        self._found.update(
+            states_from_batch(
+                header,
+                arrays,
+                self.book.spec,
+                self.book.codec,
+                self.peer_name,
+                run=self.run,
+                contexts=contexts,
+                round=self.round,
+            )
+        )
+
+    def missing(self) -> list[int]:
+        """Contexts asked for and not validated yet, in the order asked."""
+        return [c for c in self.contexts if c not in self._found]
 
     def commit(self) -> int:
         """Enter every context's states into the book; returns how many contexts."""

@@ -7,9 +7,10 @@ one step, with no convolution whose window would cross a node boundary when the 
 split over nodes.
 
 Owns the task's definition (vocabularies, sampling, the model shape) and its training
-recipe, shared by tools/mqar.py (the per-layer experiment) and `fflnode states` (the same
-experiment over the network). Promises: sampling and training are deterministic for a
-seed on one thread count. Sans-IO: torch and numpy only.
+recipe, shared by tools/mqar.py (the per-layer experiment), the built-in mqar task
+(fflnode/train/tasks/mqar.py: the same experiment inside the daemons, `fflnode testnet
+--task mqar`) and tools/bench_state_codec.py. Promises: sampling and training are
+deterministic for a seed on one thread count. Sans-IO: torch and numpy only.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ QUERY = VALUES  # the value-field id that marks a query token
 PAIRS = 32  # pairs per sequence, split over the nodes (divisible by 2, 4 and 8)
 # Token ids of either field are < 256: one byte per field when counting raw-token bytes.
 TOKEN_FIELD_BYTES = 1
-# A short recipe for `fflnode states` and the tests, 1 layer, seed 0: measured 99.3 % recall
-# on 256 test sequences after 6.4 s on 1 thread (load average 3). 150 steps reach 78 %;
+# A short one-process recipe (tools/bench_state_codec.py; the mqar task's baseline lr),
+# 1 layer, seed 0: measured 99.3 % recall on 256 test sequences after 6.4 s on 1 thread
+# (load average 3). 150 steps reach 78 %;
 # tools/mqar.py's 400 steps of 64 at lr 3e-3 reach 99.9 % in ~17 s on 2 threads.
 QUICK_STEPS, QUICK_BATCH, QUICK_LR = 200, 32, 1e-2
 

@@ -177,6 +177,36 @@ def merge_model(
     return tuple(merged)
 
 
+def stack_layers(per_context: Sequence[Sequence[LayerState]]) -> tuple[LayerState, ...]:
+    """Per layer, the unbatched states of several contexts stacked into one batch."""
+    if not per_context:
+        raise FormatError("stack of no contexts' states")
+    return tuple(
+        LayerState(
+            torch.stack([c[layer].h for c in per_context]),
+            torch.stack([c[layer].log_decay for c in per_context]),
+        )
+        for layer in range(len(per_context[0]))
+    )
+
+
+def unstack_layers(batched: Sequence[LayerState]) -> list[tuple[LayerState, ...]]:
+    """The inverse of stack_layers: per context (batch entry), its unbatched layer states."""
+    return [
+        tuple(LayerState(s.h[b], s.log_decay[b]) for s in batched)
+        for b in range(int(batched[0].h.shape[0]))
+    ]
+
+
+def batch_for(
+    spec: Sequence[StateShape], states: Mapping[int, Sequence[LayerState]], keys: Iterable[int]
+) -> tuple[LayerState, ...]:
+    """Per layer, the states of `keys` stacked into one batch: h = 0 (the empty segment)
+    for a key without a state, so a model reads it from scratch."""
+    empty = tuple(LayerState.zeros(tuple(shape)) for shape in spec)  # type: ignore[arg-type]
+    return stack_layers([states.get(k, empty) for k in keys])
+
+
 def relative_error(approx: LayerState, exact: LayerState) -> float:
     """‖h_approx − h_exact‖ / ‖h_exact‖ (Frobenius, float64): the error figure we report."""
     diff = torch.linalg.vector_norm((approx.h.double() - exact.h.double()).reshape(-1))

@@ -5,7 +5,7 @@ A task is ordinary Python code, loaded by reference from `[train] task`:
   config file's directory), where `attr` is a Task object or a callable (a class or a
   factory function) that returns one; the `[task]` table of the config is passed to it
   as keyword arguments.
-* a name without a colon: a built-in task (BUILTIN_TASKS: digits, synthetic, text).
+* a name without a colon: a built-in task (BUILTIN_TASKS: digits, mqar, synthetic, text).
 
 A Task (the protocol below; docs/tasks.md has a complete example) supplies:
 * `build_model(seed)`: an ordinary torch.nn.Module, built identically on every node from
@@ -40,6 +40,16 @@ of the federated ones, `model_input(batch)` (the first stage's input) and
 A merge-only task (the built-in `synthetic`, for merge benchmarks) implements
 MergeOnlyTask instead: no training, it writes its premerge weights piece by piece.
 
+Optional, the state capability (StateTask, docs/tasks.md "Federated memory"): a task
+whose model has SSM layers with composable states (fflnode.ssm.states) says which
+contexts this node reads (`local_contexts`: context id -> this node's segment, a tensor
+whose first dimension is time), how the model folds segments into per-layer states
+(`fold`), their shapes (`state_spec`), and how the model does when conditioned on states
+(`evaluate_states`); `respond` (optional) answers a prompt from one context's state, for
+`fflnode query`. After the weight merge the node federates those states (fflnode.
+states_phase): the same segments of one context read by several nodes compose, in
+ascending peer-ID order, into the state of their concatenation.
+
 Loading errors are ConfigError (exit 2) with one line naming the spec and the file:
 import failure, missing attribute, bad options, a model that is not float32.
 """
@@ -59,12 +69,14 @@ import torch
 from torch import nn
 
 from fflnode.errors import ConfigError
+from fflnode.ssm.states import LayerState, StateShape
 
 # Built-in tasks by name: module and attribute, imported only when chosen.
 BUILTIN_TASKS = {
     "digits": ("fflnode.train.tasks.digits", "DigitsTask"),
     "synthetic": ("fflnode.train.tasks.synthetic", "SyntheticTask"),
     "text": ("fflnode.train.tasks.text", "TextTask"),
+    "mqar": ("fflnode.train.tasks.mqar", "MqarTask"),
 }
 TASK_METHODS = ("build_model", "train_data", "loss", "evaluate")
 # Metric names where lower is better, for a task that does not say.
@@ -170,6 +182,48 @@ def batch_rows(batch: Any) -> int:
 
 
 @runtime_checkable
+class StateTask(Protocol):
+    """The state capability: methods a Task may add so its SSM states are federated.
+
+    Segments are tensors whose first dimension is time: the segments of one context held
+    by several nodes, concatenated along it in ascending peer-ID order, are the
+    "centralized" reading that the composed state equals (exactly for one layer)."""
+
+    def state_spec(self, model: nn.Module) -> Sequence[StateShape]: ...
+
+    def local_contexts(
+        self, partition: int, nodes: int, seed: int, epoch: int
+    ) -> Mapping[int, torch.Tensor]: ...
+
+    def fold(self, model: nn.Module, segments: Sequence[torch.Tensor]) -> Sequence[LayerState]: ...
+
+    def evaluate_states(
+        self,
+        model: nn.Module,
+        states: Mapping[int, Sequence[LayerState]],
+        partition: int,
+        nodes: int,
+        seed: int,
+        epoch: int,
+    ) -> Mapping[str, float]: ...
+
+
+@runtime_checkable
+class Responder(Protocol):
+    """Optional beside StateTask: answer a prompt from one context's state (fflnode query)."""
+
+    def respond(
+        self,
+        model: nn.Module,
+        states: Sequence[LayerState] | None,
+        prompt: str,
+        context: int,
+        seed: int,
+        epoch: int,
+    ) -> str: ...
+
+
+@runtime_checkable
 class MergeOnlyTask(Protocol):
     def layout(self, seed: int) -> dict[str, tuple[int, ...]]: ...
 
@@ -192,6 +246,11 @@ class LoadedTask:
     @property
     def primary_metric(self) -> str | None:
         return getattr(self.task, "primary_metric", None)
+
+    @property
+    def federates_states(self) -> bool:
+        """The task has the state capability (StateTask) as well as training."""
+        return self.trains and isinstance(self.task, StateTask)
 
 
 def load_task(spec: str, options: Mapping[str, Any], base_dir: Path) -> LoadedTask:
@@ -370,6 +429,8 @@ __all__ = [
     "task_chain",
     "LoadedTask",
     "MergeOnlyTask",
+    "Responder",
+    "StateTask",
     "as_metrics",
     "Task",
     "build_model",
