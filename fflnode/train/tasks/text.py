@@ -302,7 +302,10 @@ class TextTask:
             initial = None
             if any(d in states for d in owners[lo : lo + EVAL_BATCH]):
                 initial = batch_for(self.state_spec(model), states, owners[lo : lo + EVAL_BATCH])
-            logits = model.forward_with_states(batch[:, :-1], initial)[0]  # type: ignore[operator]
+            if initial is None:  # the plain forward: an out-of-core trainer streams it
+                logits = model(batch[:, :-1])
+            else:
+                logits = model.forward_with_states(batch[:, :-1], initial)[0]  # type: ignore[operator]
             total += float(
                 nn.functional.cross_entropy(
                     logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1), reduction="sum"
