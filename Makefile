@@ -25,7 +25,7 @@ native-deps:
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(NATIVE_SRC)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,harness]'
 	@touch $@
 
 deps: native-deps $(STAMP)
@@ -37,7 +37,7 @@ testnet: deps
 	$(BIN)/fflnode testnet --nodes 4 --out $(TESTNET_OUT)
 
 lint: deps
-	$(BIN)/ruff check fflnode tests tools
+	$(BIN)/ruff check fflnode fflnode_harness tests tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(TESTNET_OUT) fflnode/prism/_uring*.so

@@ -28,7 +28,7 @@ from fflnode.prism.writer import remove_stale_temporaries, save_tensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_KEY = "fflnode.checkpoint"
-FORMAT = "fflnode.checkpoint/1"
+FORMAT = "fflnode.checkpoint/2"  # 2: "sampler" is the batch position (Task API)
 
 
 @dataclass

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="path to the node's TOML config")
 
     tn = sub.add_parser("testnet", help="launch N local nodes, train, merge, report")
-    from fflnode.testnet import add_arguments
+    from fflnode_harness.testnet import add_arguments
 
     add_arguments(tn)
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("args", nargs=argparse.REMAINDER, help="FILE --k K [options]; --help")
 
     sts = sub.add_parser("states", help="F-SSD demo: N nodes pull and merge MQAR states")
-    from fflnode.ssm.federation_demo import add_arguments as states_arguments
+    from fflnode_harness.states_demo import add_arguments as states_arguments
 
     states_arguments(sts)
 
@@ -55,13 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         from fflnode.prism import bench
 
         return bench.main(argv[2:])
+    if argv[:1] == ["run"]:  # the daemon: parsed alone, so it never imports the harness
+        run = argparse.ArgumentParser(prog="fflnode run", description="run a node daemon")
+        run.add_argument("--config", required=True, help="path to the node's TOML config")
+        from fflnode import daemon
+
+        daemon.exit_now(daemon.main(run.parse_args(argv[1:]).config))
     args = build_parser().parse_args(argv)
     if args.command == "run":
         from fflnode import daemon
 
         daemon.exit_now(daemon.main(args.config))
     if args.command == "testnet":
-        from fflnode import testnet
+        from fflnode_harness import testnet
 
         return testnet.main(args)
     if args.command == "status":
@@ -69,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return status.main(args)
     if args.command == "states":
-        from fflnode.ssm import federation_demo
+        from fflnode_harness import states_demo
 
-        return federation_demo.main(args)
+        return states_demo.main(args)
     if args.command == "doctor":
         from fflnode import doctor
 

@@ -66,22 +66,20 @@ class RunSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    task: Literal["digits", "synthetic"] = "digits"
-    model: str = "ssd"
-    width: int = 0  # model width (GRU hidden size, SSD d_model); 0 = the model's default
-    partition_index: int = 0
-    alpha: float = 0.5  # Dirichlet concentration of the non-IID label split
+    # What to train: a built-in task name (digits, synthetic, text) or your own,
+    # "package.module:attr" or "path/to/file.py:attr" (relative to this file); its
+    # options go in the [task] table (fflnode.train.task, docs/tasks.md).
+    task: str = "digits"
+    partition_index: int = 0  # this node's share of the task's data: 0..run.nodes-1
     local_steps: int = 1  # H: inner optimizer steps per round (see fflnode.train.trainer)
-    batch_size: int = 32
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
     inner_lr: float = 0.1
     outer_optimizer: Literal["adam", "sgd"] = "adam"  # see fflnode.train.trainer
     outer_lr: float = 3e-3
     outer_momentum: float = 0.0  # Nesterov momentum of outer SGD (DiLoCo: lr 0.7, mu 0.9)
     lr_schedule: Literal["wsd", "constant", "cosine"] = "wsd"  # of the outer optimizer
-    synthetic_mb: float = 64.0  # task = "synthetic": float32 model size for merge benchmarks
     threads: int = 1  # torch intra-op threads; several nodes share a small machine
-    eval_every: int = 20  # rounds between test-set evaluations (and the last round)
+    eval_every: int = 20  # rounds between evaluations (and the last round)
     checkpoint_every: int = 1  # rounds between atomic checkpoints (and the last round)
 
 
@@ -97,15 +95,23 @@ class ExchangeSection:
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
     gamma: float = 1.0
     # Add what the codec lost last round to this round's Delta (complete topology; the
-    # gossip's public copies carry their residual anyway).
-    error_feedback: bool = False
+    # gossip's public copies carry their residual anyway). "auto": on for the lossy
+    # codecs (holo, topk), off for none. A lossy codec with it "off" is refused: holo
+    # without it ended 11 points under centralized on digits (docs/benchmarks.md).
+    error_feedback: Literal["auto", "on", "off"] = "auto"
     # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
     # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
     # coordinate; "mad-mean" averages the values within 5 MADs of each coordinate's
     # median; "centered-clip" clips each Delta's distance to the coordinate median.
     robust: Literal["none", "trimmed-mean", "mad-mean", "centered-clip"] = "none"
     trim: int = 1  # values dropped at each end per coordinate (trimmed-mean)
-    chunk_elems: int = 1 << 20  # elements per shard on the wire (4 MiB of float32)
+    # How the complete graph's exact codec moves Deltas each round (fflnode.exchange_
+    # sharded): "reduce-scatter" (each member reduces one shard, then all gather: about
+    # 2 |theta| per node whatever N), "all-gather" (every node pulls every Delta: (N - 1)
+    # |theta|), or "auto": reduce-scatter for codec none without robust mixing, otherwise
+    # all-gather (lossy codecs all-gather their compressed Deltas, 32x smaller at 1 bit).
+    scheme: Literal["auto", "reduce-scatter", "all-gather"] = "auto"
+    chunk_elems: int = 1 << 20  # elements per request on the wire (4 MiB of float32)
     round_timeout_s: float = 60.0  # give up on a neighbour's delta after this
 
 
@@ -180,7 +186,16 @@ class Config:
     prism: PrismSection = field(default_factory=PrismSection)
     access: AccessSection = field(default_factory=AccessSection)
     adversary: AdversarySection = field(default_factory=AdversarySection)
+    # The task's own options, passed to it as keyword arguments (fflnode.train.task):
+    # checked by the task when it is loaded, at start.
+    task: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="<memory>", compare=False)
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative paths in this config resolve against."""
+        path = Path(self.source)
+        return path.parent.resolve() if path.is_file() else Path.cwd()
 
     @property
     def data_dir(self) -> Path:
@@ -199,15 +214,12 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
         lambda v: 0 < len(v) <= 64 and v.isprintable() and "/" not in v,
         "1-64 printable characters without '/'",
     ),
-    ("train.width", lambda v: v >= 0, "non-negative"),
     ("train.partition_index", lambda v: v >= 0, "non-negative"),
-    ("train.alpha", lambda v: v > 0, "positive"),
+    ("train.task", lambda v: 0 < len(v) <= 4096, "a task name or 'module:attr'"),
     ("train.local_steps", lambda v: v >= 1, "at least 1"),
-    ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("train.inner_lr", lambda v: v > 0, "positive"),
     ("train.outer_lr", lambda v: v > 0, "positive"),
     ("train.outer_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.synthetic_mb", lambda v: 0 < v <= 1 << 20, "in (0, 1048576]"),
     ("train.threads", lambda v: v >= 1, "at least 1"),
     ("train.eval_every", lambda v: v >= 1, "at least 1"),
     ("train.checkpoint_every", lambda v: v >= 1, "at least 1"),
@@ -316,6 +328,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{key}] must be a table")
         return _build(tp, value, key, source)
+    if origin is dict:  # a free-form table (the task's options): keys and TOML values
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table")
+        for k, v in value.items():
+            if isinstance(v, dict):
+                raise ConfigError(f"{source}: {key}.{k}: nested tables are not options")
+            if isinstance(v, list) and any(isinstance(x, dict | list) for x in v):
+                raise ConfigError(f"{source}: {key}.{k}: lists of tables are not options")
+        return dict(value)
     if origin is Literal:
         ok = value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0])
     elif origin is list:
@@ -379,6 +400,26 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
             f"{source}: train.partition_index {cfg.train.partition_index} must be below "
             f"run.nodes {cfg.run.nodes}"
         )
+    e = cfg.exchange
+    if e.codec == "sketch":
+        raise ConfigError(
+            f"{source}: exchange.codec 'sketch' does not train: a dense pseudo-gradient has "
+            "no heavy hitters for it to recover (merged 10 % on digits, docs/benchmarks.md); "
+            "use codec 'holo' with bits = 1 for the same bandwidth"
+        )
+    if e.codec != "none" and e.error_feedback == "off":
+        raise ConfigError(
+            f"{source}: exchange.codec {e.codec!r} without error feedback loses what each "
+            "round's encoding drops (holo: 11 points under centralized on digits); set "
+            "exchange.error_feedback = \"auto\""
+        )
+    if cfg.exchange.scheme == "reduce-scatter" and (
+        cfg.exchange.codec != "none" or cfg.exchange.robust != "none"
+    ):
+        raise ConfigError(
+            f"{source}: exchange.scheme 'reduce-scatter' carries exact Deltas (codec 'none') "
+            "with the plain mean (robust 'none'); use scheme 'all-gather' or 'auto'"
+        )
     if cfg.exchange.robust != "none" and cfg.run.topology != "complete":
         raise ConfigError(
             f"{source}: exchange.robust {cfg.exchange.robust!r} needs run.topology 'complete'"
@@ -434,8 +475,14 @@ def to_toml(cfg: Config) -> str:
         if section.name == "source":
             continue
         lines.append(f"[{section.name}]")
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        value = getattr(cfg, section.name)
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        )
+        for name, v in items:
+            lines.append(f"{name} = {_toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
 

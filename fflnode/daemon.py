@@ -24,6 +24,7 @@ import traceback
 import trio
 
 from fflnode import config
+from fflnode.compose import Composition, compose
 from fflnode.errors import ConfigError, FflError, IdentityError, MergeError, leaf_error
 from fflnode.node import Node
 from fflnode.p2p.host import route_libp2p_logging
@@ -92,9 +93,14 @@ def main(config_path: str) -> int:
         print(f"fflnode: {e}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.node.log_level, cfg.node.log_format)
+    try:  # everything checkable without the network: task, model, codec, keys
+        comp = compose(cfg)
+    except (ConfigError, IdentityError) as e:
+        print(f"fflnode: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     notifier = Notifier()
     try:
-        return trio.run(serve, cfg, notifier)
+        return trio.run(serve, comp, notifier)
     finally:
         notifier.close()
 
@@ -112,8 +118,8 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-async def serve(cfg: config.Config, notifier: Notifier) -> int:
-    node = Node(cfg, notifier)
+async def serve(comp: Composition, notifier: Notifier) -> int:
+    node = Node(comp, notifier)
     outcome: dict[str, int] = {}
 
     async def run_node(cancel: trio.CancelScope) -> None:

@@ -206,18 +206,9 @@ class RoundExchange:
 
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
         r, what = msg["round"], msg["what"]
-        if peer not in self._peer_names:
-            raise bulk.Unavailable("not-peer", "requester does not mix with us")
         if what not in ("delta", "weights"):
             raise bulk.Unavailable("bad-request", f"{SHARD_PROTOCOL} does not serve {what}")
-        if r < self.first_round:
-            raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
-        if r <= self.current_round - KEEP_ROUNDS:
-            raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
-        if r > max(self.current_round, self.first_round) + ROUNDS_AHEAD:
-            # Nobody in step asks that far ahead, and waiting would keep one event per
-            # asked round: refuse at once (a peer that far ahead does not wait for us).
-            raise bulk.Unavailable("not-ready", f"round {r} is ahead of us ({self.current_round})")
+        self._check_request(peer, msg)
         if what == "weights":
             return await self._resolve_weights(r, msg["lo"], msg["hi"])
         with trio.move_on_after(self.round_timeout_s):
@@ -232,6 +223,21 @@ class RoundExchange:
             raise bulk.Unavailable("bad-request", f"chunk {index} of {len(pub.chunks)}")
         enc = pub.chunks[index]
         return enc.codec, list(enc.parts.items()), {**enc.meta, START_KEY: pub.start}
+
+    def _check_request(self, peer: str, msg: wire.Message) -> None:
+        """Refuse, before any wait, a request from outside our peers or for a round we
+        cannot hold: the per-round books stay bounded whatever members ask."""
+        r = msg["round"]
+        if peer not in self._peer_names:
+            raise bulk.Unavailable("not-peer", "requester does not mix with us")
+        if r < self.first_round:
+            raise bulk.Unavailable("not-in-round", f"round {r}: we joined at {self.first_round}")
+        if r <= self.current_round - KEEP_ROUNDS:
+            raise bulk.Unavailable("gone", f"round {r} no longer held (now {self.current_round})")
+        if r > max(self.current_round, self.first_round) + ROUNDS_AHEAD:
+            # Nobody in step asks that far ahead, and waiting would keep one event per
+            # asked round: refuse at once (a peer that far ahead does not wait for us).
+            raise bulk.Unavailable("not-ready", f"round {r} is ahead of us ({self.current_round})")
 
     async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
         raise bulk.Unavailable("bad-request", "this exchange serves no weights")
@@ -268,7 +274,9 @@ class RoundExchange:
                 )
                 done = True
             except (FflError, WireError) as e:
-                log.warning("nothing from %s: %s", short_peer(str(peer)), e)
+                # A member whose answer fails every round must not write a line a round:
+                # one per peer per peerlog.WINDOW_S, then a count.
+                self.traffic.peer_log.log(str(peer), "pull", f"nothing pulled: {e}")
             nursery.cancel_scope.cancel()
         if not done and not self.liveness.is_alive(peer):
             log.info("gave up on %s: no longer alive", short_peer(str(peer)))
@@ -296,12 +304,8 @@ class RoundExchange:
         if not await self.pull(peer, requests, on_piece, numel):
             return None
         if len(starts) != 1:
-            self.traffic.reject("schema", str(peer))
-            log.warning(
-                "%s sent chunks of one Delta with %d start digests",
-                short_peer(str(peer)),
-                len(starts),
-            )
+            detail = f"a Delta whose chunks carry {len(starts)} start digests"
+            self.traffic.reject("schema", str(peer), detail)
             return None
         return out, starts.pop()
 
@@ -409,8 +413,10 @@ class Averaging(RoundExchange):
             in_sync=pub.start == majority,
             kept_peers=[by_bytes[k] for k in sorted(kept) if k in by_bytes],
         )
-        if excluded:
-            log.warning("round %d: left out %d out-of-sync peers", round, len(excluded))
+        for peer in excluded:  # one line per peer per window: a member may do it each round
+            self.traffic.peer_log.log(
+                peer, "out-of-sync", f"left out of round {round}: it started from another state"
+            )
         if not report.in_sync:
             # We hold no majority state after this round until a resync lands: answer a
             # peer asking for it now rather than at the round timeout. Two nodes whose
@@ -464,8 +470,7 @@ class Averaging(RoundExchange):
         step, digest = claims.pop()
         snap = StateSnapshot(vectors, step, state_digest(vectors, step))
         if snap.digest != digest:
-            self.traffic.reject("hash", str(peer))
-            log.warning("state from %s fails its digest", short_peer(str(peer)))
+            self.traffic.reject("hash", str(peer), "a state that fails its digest")
             return None
         return snap
 

@@ -1,8 +1,9 @@
 """One node: one process, one trio event loop, one nursery owning everything.
 
-Lifecycle of `Node.run`:
+Lifecycle only: what the node is made of comes ready-built and checked from the
+composition root (fflnode.compose). `Node.run`:
   identity -> libp2p host listening -> pubsub + membership -> READY=1 -> bootstrap dials
-  -> start barrier (the run's `nodes` participants seen) -> R rounds of
+  -> start barrier (the run's members agree, fflnode.p2p.barrier) -> R rounds of
   [inner steps -> encode Delta -> peers pull it / we pull theirs -> mix -> outer step]
   -> premerge.safetensors -> final merge -> merged.safetensors, hash agreed -> result.json.
 
@@ -24,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
-import numpy as np
-import torch
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -33,11 +32,12 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from fflnode import checkpoint, metrics
 from fflnode.admission import Admission
-from fflnode.adversary import Adversary
-from fflnode.codecs import make_codec
-from fflnode.config import Config, read_psk, read_run_secret, split_host_port
+from fflnode.compose import Composition
+from fflnode.config import split_host_port
 from fflnode.errors import ConfigError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
+from fflnode.exchange_sharded import ShardedAveraging
+from fflnode.merge.distance import consensus_distance
 from fflnode.merge.protocol import (
     MERGE_ATTEMPTS,
     MERGE_PROTOCOL,
@@ -56,12 +56,11 @@ from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.p2p.reach import AddressGuard, Advertiser
 from fflnode.prism.reader import SafetensorsFile
-from fflnode.prism.writer import AtomicSafetensorsWriter, save_tensors
+from fflnode.prism.writer import save_tensors
 from fflnode.rounds import RoundRecord, RoundRunner
 from fflnode.sdnotify import Notifier, watchdog_interval_s
 from fflnode.tensors import FlatLayout
 from fflnode.train import topology
-from fflnode.train.trainer import LocalTrainer, evaluate, node_trainer, settings_from, test_split
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,13 @@ SYNTHETIC_TENSOR_ELEMS = 1 << 20  # 4 MiB tensors: like a transformer's weight m
 class NodeReport:
     peer_id: str
     partition_index: int
-    train_samples: int
+    task: str = ""
+    primary_metric: str | None = None  # the task's headline metric (its first, or its choice)
     rounds: list[RoundRecord] = field(default_factory=list)
-    test_accuracy_before_merge: float | None = None
-    merged_test_accuracy: float | None = None
+    metrics_before_merge: dict[str, float] | None = None  # the task's evaluate(), premerge
+    merged_metrics: dict[str, float] | None = None  # the same, on the merged weights
+    # ||theta_i - theta_merged|| / ||theta_merged||: how far this node was from the mean
+    consensus_distance: float | None = None
     merged_hash: str | None = None
     merge: dict[str, Any] | None = None
     bytes_sent: int = 0
@@ -107,78 +109,20 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def synthetic_layout(megabytes: float) -> FlatLayout:
-    """A float32 model of about `megabytes` MB in 4 MiB [1024, 1024] tensors."""
-    total = max(1, int(megabytes * 1e6) // 4)
-    shapes: dict[str, tuple[int, ...]] = {}
-    i = 0
-    while total > 0:
-        n = min(total, SYNTHETIC_TENSOR_ELEMS)
-        shapes[f"layer.{i:04d}.weight"] = (
-            (SYNTHETIC_ROWS, n // SYNTHETIC_ROWS) if n % SYNTHETIC_ROWS == 0 else (n,)
-        )
-        total -= n
-        i += 1
-    return FlatLayout.from_shapes(shapes)
-
-
-def write_synthetic(path: Path, layout: FlatLayout, seed: int, part: int) -> None:
-    """Seeded random weights written piece by piece: never the whole model in memory."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + part)
-    with AtomicSafetensorsWriter.for_flat(path, layout) as w:
-        for lo in range(0, layout.numel, SYNTHETIC_TENSOR_ELEMS):
-            hi = min(lo + SYNTHETIC_TENSOR_ELEMS, layout.numel)
-            w.write_flat(lo, torch.randn(hi - lo, generator=gen))
-        w.commit()
-
-
-def bootstrap_addresses(cfg: Config) -> list[str]:
+def bootstrap_addresses(cfg: Any) -> list[str]:
     """The transport part of every node.bootstrap address (the operator's, trusted)."""
     return [a.split("/p2p/")[0] for a in cfg.node.bootstrap]
 
 
-def run_descriptor(cfg: Config, layout: FlatLayout) -> dict[str, object]:
-    """What every participant must have identical (fflnode.admission), by group."""
-    t, e, m, r = cfg.train, cfg.exchange, cfg.merge, cfg.run
-    return {
-        "seed": r.seed,
-        "size": [r.nodes, r.rounds],
-        "topology": [r.topology, r.degree if r.topology == "random-regular" else 0],
-        "task": [t.task, t.model, t.width, t.alpha, t.synthetic_mb if t.task == "synthetic" else 0],
-        "layout": [[s.name, list(s.shape)] for s in layout.slots],
-        "recipe": [
-            t.local_steps,
-            t.batch_size,
-            t.inner_optimizer,
-            t.inner_lr,
-            t.outer_optimizer,
-            t.outer_lr,
-            t.outer_momentum,
-            t.lr_schedule,
-        ],
-        "exchange": [
-            e.codec,
-            e.bits,
-            e.holo_scale,
-            e.ratio,
-            e.gamma,
-            e.error_feedback,
-            e.robust,
-            e.trim,
-            e.chunk_elems,
-        ],
-        "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
-    }
-
-
 class Node:
-    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, comp: Composition, notifier: Notifier | None = None) -> None:
+        self.comp = comp
+        self.cfg = cfg = comp.cfg
         self.notifier = notifier or Notifier()
         self.data_dir = cfg.data_dir
         self.gate = Gate.from_config(cfg.access.allow, cfg.access.blacklist_after)
         self.traffic = Traffic(on_reject=self.gate.offence)
-        self.trainer: LocalTrainer | None = None
+        self.trainer = comp.trainer
         self.report: NodeReport | None = None
         self.listening = trio.Event()
         self.addrs: list[str] = []
@@ -186,9 +130,8 @@ class Node:
         self.membership: Membership | None = None
         self.merge_state = "pending"  # pending | running | done | failed
         self.metrics_port: int | None = None
-        # Resilience tests only: a Byzantine node's corrupted updates and premerge weights.
-        self.adversary = Adversary(cfg.adversary.mode, cfg.run.seed + cfg.train.partition_index)
-        if self.adversary.active:
+        self.adversary = comp.adversary  # resilience tests only: corrupted updates
+        if self.adversary is not None:
             log.warning("adversary mode %r: this node sends corrupted updates", cfg.adversary.mode)
 
     # ----------------------------------------------------------------------- run
@@ -198,14 +141,14 @@ class Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(self.data_dir)
         advertiser = Advertiser(cfg.node.announce)
-        host = build_host(key_pair, psk=read_psk(cfg), gate=self.gate, advertiser=advertiser)
+        host = build_host(key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser)
         # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.
         guard = AddressGuard(host, scopes=cfg.node.dial_scopes, trusted=bootstrap_addresses(cfg))
         self.peer_id = host.get_id()
         me = self.peer_id
-        layout, train_samples = await trio.to_thread.run_sync(self._prepare_model)
-        admission = Admission(run_descriptor(cfg, layout), read_run_secret(cfg))
-        report = self.report = NodeReport(str(me), cfg.train.partition_index, train_samples)
+        layout = self.comp.layout
+        admission = Admission(self.comp.run_descriptor(), self.comp.run_secret)
+        report = self.report = NodeReport(str(me), cfg.train.partition_index, cfg.train.task)
         try:
             listen = [multiaddr.Multiaddr(a) for a in cfg.node.listen]
         except Exception as e:  # multiaddr raises assorted types
@@ -264,7 +207,7 @@ class Node:
                 ckpt = None
                 if self.trainer is not None:
                     ckpt = await trio.to_thread.run_sync(
-                        checkpoint.load, self.data_dir, cfg.run.run_id, layout.numel
+                        checkpoint.load, self.data_dir, cfg.run.run_id, self.trainer.numel
                     )
                 if ckpt is None:
                     members = await start_barrier(
@@ -304,7 +247,12 @@ class Node:
                 premerge = self.data_dir / PREMERGE_FILE
                 await trio.to_thread.run_sync(self._write_premerge, premerge, layout)
                 if self.trainer is not None:
-                    report.test_accuracy_before_merge = self.trainer.accuracy(test_split())
+                    report.metrics_before_merge = await trio.to_thread.run_sync(
+                        self.trainer.evaluate
+                    )
+                    report.primary_metric = self.comp.task.primary_metric or next(
+                        iter(report.metrics_before_merge), None
+                    )
                 membership.phase = "merge"
                 self.notifier.status("merging")
                 self.merge_state = "running"
@@ -328,9 +276,12 @@ class Node:
                 if not await merge.wait_all_done(outcome.members):
                     log.warning("not every member reported done within the grace period")
                 merge.close()
+                report.consensus_distance = await trio.to_thread.run_sync(
+                    consensus_distance, premerge, self.data_dir / MERGED_FILE, layout
+                )
                 if self.trainer is not None:
-                    report.merged_test_accuracy = await trio.to_thread.run_sync(
-                        self._merged_accuracy, self.data_dir / MERGED_FILE, layout
+                    report.merged_metrics = await trio.to_thread.run_sync(
+                        self._merged_metrics, self.data_dir / MERGED_FILE
                     )
                 nursery.cancel_scope.cancel()
         report.wall_seconds = time.perf_counter() - t0
@@ -415,7 +366,7 @@ class Node:
             ),
         ]
         if last is not None:
-            evaluated = [x.test_accuracy for x in rep.rounds if x.test_accuracy is not None]
+            evaluated = [x.metrics for x in rep.rounds if x.metrics is not None]
             out += [
                 S(
                     "fflnode_train_loss",
@@ -424,10 +375,10 @@ class Node:
                     [({}, last.loss)],
                 ),
                 S(
-                    "fflnode_test_accuracy",
+                    "fflnode_task_metric",
                     "gauge",
-                    "test accuracy at the last evaluation",
-                    [({}, acc) for acc in evaluated[-1:]],
+                    "the task's metrics at the last evaluation, by name",
+                    [({"name": k}, v) for scores in evaluated[-1:] for k, v in scores.items()],
                 ),
                 S(
                     "fflnode_consensus_gap",
@@ -458,31 +409,13 @@ class Node:
     def record_failure(self, error: BaseException) -> None:
         """Write result.json for a run that failed, so the failure is on record."""
         if self.report is None:
-            self.report = NodeReport(str(self.peer_id or ""), self.cfg.train.partition_index, 0)
+            self.report = NodeReport(
+                str(self.peer_id or ""), self.cfg.train.partition_index, self.cfg.train.task
+            )
         self.report.error = f"{type(error).__name__}: {error}"
         self._finish(self.report)
 
     # ----------------------------------------------------------------------- parts
-    def _prepare_model(self) -> tuple[FlatLayout, int]:
-        cfg = self.cfg
-        torch.set_num_threads(cfg.train.threads)
-        if cfg.train.task == "synthetic":
-            if cfg.run.rounds:
-                raise ConfigError(f"{cfg.source}: train.task 'synthetic' needs run.rounds = 0")
-            return synthetic_layout(cfg.train.synthetic_mb), 0
-        settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
-        self.trainer = node_trainer(
-            settings, cfg.train.partition_index, cfg.run.nodes, cfg.train.alpha
-        )
-        return FlatLayout.of(self.trainer.state_tensors()), len(self.trainer.data)
-
-    def _store_options(self) -> dict[str, object]:
-        """Prism options from [prism]: the backend, and the depth the pool size allows."""
-        from fflnode.prism.stream import depth_for_pool
-
-        p = self.cfg.prism
-        return {"backend": p.backend, "depth": depth_for_pool(p.pool_mb << 20)}
-
     async def _rejoin(self, membership: Membership, ckpt: checkpoint.Checkpoint) -> list[ID]:
         """After a restart: the members from the checkpoint; wait (bounded) to hear one."""
         members = [ID.from_base58(m) for m in ckpt.members]
@@ -498,12 +431,6 @@ class Node:
         exact averaging on the complete graph, consensus gossip on sparse ones."""
         assert self.trainer is not None
         e, run = self.cfg.exchange, self.cfg.run
-        params: dict[str, Any] = {}
-        if e.codec == "holo":
-            params["bits"] = e.bits
-            params["scale"] = e.holo_scale
-        elif e.codec in ("topk", "sketch"):
-            params["ratio"] = e.ratio
         by_bytes = {p.to_bytes(): p for p in members}
         me = host.get_id()
         peers = [
@@ -522,14 +449,26 @@ class Node:
             traffic=self.traffic,
             liveness=membership,
         )
-        codec = make_codec(e.codec, **params)
-        if len(peers) == len(members) - 1:  # everyone: the exact mean needs no copies
+        sharded = e.scheme == "reduce-scatter" or (
+            e.scheme == "auto" and e.codec == "none" and e.robust == "none"
+        )
+        complete = len(peers) == len(members) - 1
+        if complete and sharded:  # everyone, exact: reduce-scatter then all-gather
+            return ShardedAveraging(
+                host,
+                run.run_id,
+                run.seed,
+                self.comp.codec,
+                me=me,
+                **common,
+            )
+        if complete:  # everyone: the exact mean needs no copies
             return Averaging(
                 host,
                 run.run_id,
                 run.seed,
-                codec,
-                error_feedback=e.error_feedback,
+                self.comp.codec,
+                error_feedback=e.codec != "none" and e.error_feedback != "off",
                 me=me,
                 robust=e.robust,
                 trim=e.trim,
@@ -539,7 +478,7 @@ class Node:
             host,
             run.run_id,
             run.seed,
-            codec,
+            self.comp.codec,
             initial=self.trainer.flat(),
             gamma=e.gamma,
             **common,
@@ -563,7 +502,7 @@ class Node:
             traffic=self.traffic,
             seed=cfg.run.seed,
             exclude_outliers=cfg.merge.exclude_outliers,
-            store_options=self._store_options(),
+            store_options=self.comp.store_options,
             attempt=attempt,
             on_phase=self.notifier.status,
         )
@@ -620,20 +559,22 @@ class Node:
                 delay = min(delay * 2, DIAL_BACKOFF_S[1])
 
     def _write_premerge(self, path: Path, layout: FlatLayout) -> None:
-        if self.trainer is not None:
-            tensors = self.trainer.state_tensors()
-            if self.adversary.active:
-                tensors = {k: self.adversary.corrupt(v) for k, v in tensors.items()}
-            save_tensors(path, tensors, {"fflnode.run": self.cfg.run.run_id})
-        else:
-            write_synthetic(path, layout, self.cfg.run.seed, self.cfg.train.partition_index)
+        if self.trainer is None:  # a merge-only task writes its own, piece by piece
+            self.comp.task.task.write_premerge(  # type: ignore[union-attr]
+                path, self.cfg.run.seed, self.cfg.train.partition_index
+            )
+            return
+        tensors = self.trainer.state_tensors()
+        if self.adversary is not None and self.adversary.active:
+            tensors = {k: self.adversary.corrupt(v) for k, v in tensors.items()}
+        save_tensors(path, tensors, {"fflnode.run": self.cfg.run.run_id})
 
-    def _merged_accuracy(self, path: Path, layout: FlatLayout) -> float:
+    def _merged_metrics(self, path: Path) -> dict[str, float]:
+        """The task's metrics on the merged weights (loaded into the trainer's model)."""
         assert self.trainer is not None
         with SafetensorsFile(path) as f:
-            flat = torch.from_numpy(np.ascontiguousarray(f.read_flat(0, layout.numel)))
-        self.trainer.load_flat(flat)
-        return evaluate(self.trainer.model, test_split())
+            self.trainer.load_state_tensors(f.tensors())
+        return self.trainer.evaluate()
 
     @staticmethod
     def _record_merge(report: NodeReport, outcome: MergeOutcome) -> None:

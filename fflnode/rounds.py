@@ -22,16 +22,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 from libp2p.peer.id import ID
 
 from fflnode import checkpoint
-from fflnode.adversary import Adversary
 from fflnode.exchange import Averaging, Gossip, RoundExchange, StateSnapshot, state_digest
 from fflnode.p2p.membership import Membership
 from fflnode.sdnotify import Notifier
-from fflnode.train.trainer import LocalTrainer, test_split
+from fflnode.train.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ BEHIND_BY = 2
 class RoundRecord:
     round: int
     loss: float
-    test_accuracy: float | None  # evaluated every train.eval_every rounds
+    metrics: dict[str, float] | None  # the task's evaluate(), every train.eval_every rounds
     peers: int
     received: int
     missing: list[str]
@@ -71,7 +71,7 @@ class RoundRunner:
         eval_every: int,
         checkpoint_every: int,
         records: list[RoundRecord],
-        adversary: Adversary | None = None,
+        adversary: Any | None = None,
     ) -> None:
         self.trainer = trainer
         self.exchange = exchange
@@ -84,7 +84,7 @@ class RoundRunner:
         self.eval_every = eval_every
         self.checkpoint_every = checkpoint_every
         self.records = records
-        self.adversary = adversary or Adversary("none", 0)
+        self.adversary = adversary  # fflnode_harness.adversary, resilience tests only
         self.next_round = 0
         self.resumed_from: int | None = None
         self.jumps: list[tuple[int, int]] = []
@@ -158,11 +158,22 @@ class RoundRunner:
             nursery.cancel_scope.cancel()
 
     def _caught_up(self, r: int) -> int:
-        """The round to run now: r, or the peers' round when we were left behind."""
-        ahead = max(
-            (v.round for p, v in self.membership.peers.items() if self.membership.is_alive(p)),
-            default=r,
+        """The round to run now: r, or the round a majority of the run's other live
+        members reached when we were left behind.
+
+        A majority, never the maximum: one member (or an admitted outsider) claiming
+        round 2**31 - 1 in a heartbeat must not make honest nodes skip the run.
+        """
+        member = set(self.members)
+        rounds = sorted(
+            (
+                v.round
+                for p, v in self.membership.peers.items()
+                if p in member and self.membership.is_alive(p)
+            ),
+            reverse=True,
         )
+        ahead = rounds[len(rounds) // 2] if rounds else r
         if ahead >= r + BEHIND_BY:
             log.warning("peers are at round %d, we are at %d: catching up", ahead, r)
             self.jumps.append((r, ahead))
@@ -182,7 +193,7 @@ class RoundRunner:
         if isinstance(self.exchange, Averaging):
             start = await trio.to_thread.run_sync(state_digest, start_vectors, trainer.outer.t)
             delta = theta_start - theta_local
-            if self.adversary.active:
+            if self.adversary is not None:
                 delta = self.adversary.corrupt(delta)
             pub = await trio.to_thread.run_sync(self.exchange.encode, r, delta, start)
             self.exchange.publish(r, pub)
@@ -196,27 +207,25 @@ class RoundRunner:
         else:
             assert isinstance(self.exchange, Gossip)
             public = theta_local
-            if self.adversary.active:
+            if self.adversary is not None:
                 public = theta_start - self.adversary.corrupt(theta_start - theta_local)
             pub = await trio.to_thread.run_sync(self.exchange.encode, r, public)
             self.exchange.publish(r, pub)
             theta_mix, rep = await self.exchange.gather(r, theta_local)
             await trio.to_thread.run_sync(trainer.outer_step, theta_start, theta_start - theta_mix)
         self.exchange.record_state(r, StateSnapshot.of(trainer.state_vectors(), trainer.outer.t))
-        acc = None
+        scores = None
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
-            acc = await trio.to_thread.run_sync(trainer.accuracy, test_split())
-        status = (
-            f"round {r + 1}/{self.rounds} loss {loss:.3f}"
-            + (f" acc {acc:.3f}" if acc is not None else "")
-            + f" peers {rep.received}/{rep.peers}"
-        )
+            scores = await trio.to_thread.run_sync(trainer.evaluate)
+        status = f"round {r + 1}/{self.rounds} loss {loss:.3f} peers {rep.received}/{rep.peers}"
+        if scores is not None:  # evaluated rounds carry the task's metrics after a "|"
+            status += " | " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
         self.notifier.status(status)
-        log.log(logging.INFO if acc is not None else logging.DEBUG, status)
+        log.log(logging.INFO if scores is not None else logging.DEBUG, status)
         return RoundRecord(
             r,
             loss,
-            acc,
+            scores,
             rep.peers,
             rep.received,
             rep.missing,

@@ -48,13 +48,14 @@ def summary(text: str, node: dict | None = None) -> list[str]:
         f"phase {active('fflnode_phase')}, round {one('fflnode_round'):.0f}"
         f"/{one('fflnode_rounds_planned'):.0f}, peers alive {one('fflnode_peers_alive'):.0f}"
     )
-    if "fflnode_test_accuracy" in m:
+    if "fflnode_train_loss" in m:
+        scores = ", ".join(f"{lab['name']} {v:.4g}" for lab, v in m.get("fflnode_task_metric", []))
         lines.append(
-            f"last round: loss {one('fflnode_train_loss'):.4f}, test accuracy "
-            f"{100 * one('fflnode_test_accuracy'):.2f} %, consensus gap "
+            f"last round: loss {one('fflnode_train_loss'):.4f}, consensus gap "
             f"{one('fflnode_consensus_gap'):.2e}, peers missing "
             f"{one('fflnode_peers_missing'):.0f}"
         )
+        lines.append(f"last evaluation: {scores or 'none yet'}")
     lines.append(f"sent: {by_label('fflnode_bytes_sent_total', 'protocol')}")
     lines.append(f"received: {by_label('fflnode_bytes_received_total', 'protocol')}")
     rejected = [

@@ -77,7 +77,9 @@ DTYPES: dict[str, np.dtype] = {
     "u32": np.dtype("<u4"),
 }
 FLOAT_DTYPES = {"f32", "f16"}
-WHAT = ("delta", "premerge", "merged", "state", "weights")
+# "piece" and "reduced": a member's raw Delta range and a shard's reduced mean, in the
+# per-round reduce-scatter / all-gather of the exact codec (fflnode.exchange_sharded)
+WHAT = ("delta", "premerge", "merged", "state", "weights", "piece", "reduced")
 
 
 def digest(chunks: Iterable[bytes | memoryview | np.ndarray]) -> bytes:
@@ -390,7 +392,7 @@ def decode(
     except msgpack.ExtraData:
         raise WireError(peer, "malformed", "trailing bytes after the message") from None
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__}") from None
+        raise WireError(peer, "malformed", f"not valid msgpack: {type(e).__name__} {e}") from None
     if not isinstance(doc, dict):
         raise WireError(peer, "schema", f"message is a {type(doc).__name__}, not a map")
     version, kind = doc.pop("v", None), doc.pop("kind", None)

@@ -75,3 +75,26 @@ def test_to_toml_round_trips(tmp_path: Path):
     cfg = config.load(write(tmp_path, GOOD))
     again = config.load(write(tmp_path, config.to_toml(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "exchange, words",
+    [
+        ('codec = "sketch"', ["sketch", "does not train", "holo"]),
+        ('codec = "holo"\nerror_feedback = "off"', ["holo", "error feedback", "auto"]),
+        ('codec = "holo"\nscheme = "reduce-scatter"', ["reduce-scatter", "codec 'none'"]),
+        ('robust = "mad-mean"\nscheme = "reduce-scatter"', ["reduce-scatter", "robust"]),
+    ],
+)
+def test_recipes_known_to_fail_are_refused_with_what_to_use(tmp_path, exchange, words):
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, GOOD + f"[exchange]\n{exchange}\n"))
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_the_task_table_is_free_form_but_flat(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD + '[task]\nalpha = 5\nmodel = "gru"\n'))
+    assert cfg.task == {"alpha": 5, "model": "gru"}
+    with pytest.raises(ConfigError, match="nested tables"):
+        config.load(write(tmp_path, GOOD + "[task]\n[task.inner]\nx = 1\n"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fflnode import robust, wire
-from fflnode.adversary import Adversary
 from fflnode.exchange import canonical_mean_of
 from fflnode.merge import fingerprint
 from fflnode.merge.fingerprint import Fingerprinter, outliers
+from fflnode_harness.adversary import Adversary
 
 N = 5
 NUMEL = 4000
@@ -149,7 +149,7 @@ def test_outlier_rule_never_excludes_a_majority_and_flags_missing_ones():
 
 def test_merge_ready_carries_a_fingerprint_and_caps_it():
     fp = members_with(None)["peer0"]
-    fields = dict(run="r", members=["a"], shards=1, committed=False, fp=fp)
+    fields = dict(run="r", members=["a"], shards=1, stage="propose", fp=fp)
     msg = wire.decode(wire.encode("merge.ready", **fields), "peer", run="r")
     assert msg.fields["fp"] == fp
     too_big = dict(fields, fp=b"\x00" * (wire.MAX_FINGERPRINT_BYTES + 4))

@@ -30,8 +30,10 @@ def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
     assert merge["hashes_agree"] and merge["files_equal_reference"]
     assert len(merge["reference_hash"]) == 64
     assert merge["shards"] == 3 and len(merge["participants"]) == 3
-    assert 0.0 <= merge["merged_test_accuracy"] <= 1.0
+    assert 0.0 <= merge["merged_metrics"]["accuracy"] <= 1.0
+    assert merge["consensus_distance"] == 0.0  # the complete graph keeps nodes identical
     assert report["centralized"]["steps"] == 3 * 3 * 5
+    assert set(report["centralized"]["metrics"]) == {"accuracy", "loss"}
     peer_ids = set()
     for name in ("node0", "node1", "node2"):
         node = report["nodes"][name]
@@ -39,11 +41,12 @@ def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
         ID.from_base58(node["peer_id"])  # a real peer ID
         assert node["exit_code"] == 0
         assert node["merged_hash"] == merge["reference_hash"]
-        assert 0.0 <= node["test_accuracy_before_merge"] <= 1.0
+        assert 0.0 <= node["metrics_before_merge"]["accuracy"] <= 1.0
+        assert node["consensus_distance"] == 0.0
         assert node["bytes_sent"] > 0 and node["bytes_received"] > 0
         assert len(node["rounds"]) == 3
         for f in ("premerge.safetensors", "merged.safetensors", "node.log", "node.toml"):
             assert (out / name / f).exists(), f
     assert sorted(peer_ids) == sorted(merge["participants"])
-    assert (out / "accuracy.png").stat().st_size > 1000
+    assert (out / "metrics.png").stat().st_size > 1000
     assert report["wall_seconds"] > 0

@@ -39,7 +39,7 @@ def test_every_kind_round_trips():
             proof=b"\x02" * 32,
         ),
         "start.ready": dict(run=RUN, members=["a", "b"], stage="lock"),
-        "merge.ready": dict(run=RUN, members=["a", "b"], shards=2, committed=False),
+        "merge.ready": dict(run=RUN, members=["a", "b"], shards=2, stage="lock"),
         "merge.hash": dict(run=RUN, hash="a" * 64, digest="b" * 64),
         "get": dict(run=RUN, round=1, what="premerge", index=0, lo=0, hi=10, codec="none"),
         "ack": dict(ok=True),
@@ -239,7 +239,7 @@ def test_every_legitimate_message_fits_the_depth_and_object_limits() -> None:
         run=RUN,
         members=sorted(f"12D3KooW{i:044d}" for i in range(wire.MAX_MEMBERS)),
         shards=4,
-        committed=True,
+        stage="commit",
         attempt=0,
         fp=b"\x00" * 4096,
     )

@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """End-to-end comparisons on the real testnet, one table per suite, all runs in one go.
 
-    .venv/bin/python tools/bench_testnet.py codecs      # issue 4: codecs, same seeds/rounds
-    .venv/bin/python tools/bench_testnet.py byzantine   # issue 6: 1 of 5 nodes corrupt
+    .venv/bin/python tools/bench_testnet.py codecs              # digits: codecs, same seed
+    .venv/bin/python tools/bench_testnet.py codecs --task text  # the byte-level LM task
+    .venv/bin/python tools/bench_testnet.py byzantine           # 1 of 5 nodes corrupt
 
 Every row is one `fflnode testnet` run (real processes, real sockets) with the same seed,
-rounds, local steps and recipe; only the codec (or the attack and the defence) changes.
-A run must end with the merged hashes agreeing with the testnet's own reference, or the
-benchmark stops.
+task, rounds, local steps and recipe; only the codec (or the attack and the defence)
+changes. A run must end with the merged hashes agreeing with the testnet's own
+reference, or the benchmark stops. The first run also trains the centralized baseline
+(same model, the union of the data, the same total steps); its metrics head the table.
 
 Recipe: DiLoCo (inner Adam, H local steps; outer Nesterov SGD lr 0.7, momentum 0.9),
-complete graph, sequential digits. Bytes are the exchange's (the /fflnode/shard/1.0.0
-protocol, summed over nodes); the final merge costs the same for every codec and is
-left out. Per-step FedAvg is the standard FL pattern priced on the same graph: after
-every local step each node ships its dense fp32 gradient to each of its n - 1 peers,
-steps x n x (n - 1) x 4 x params bytes in total (a server-based FedAvg moves 2 x 4 x
-params per node per step instead, (n - 1) / 2 times less; both ratios are printed).
+complete graph. Bytes are the exchange's (the /fflnode/shard/1.0.0 protocol, summed over
+nodes); the final merge costs the same for every codec and is left out.
+
+The codecs suite also RUNS the dense per-step baseline it is compared with: codec none,
+one local step per round (R x H rounds), the FedOpt recipe the testnet uses by default
+(inner SGD, outer Adam), so its bytes and its metric are measured in the same run. A
+column "computed" prices a server-based FedAvg by formula (2 x 4 x params bytes per
+node per step); it is labelled as computed, never as measured.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def run_testnet(out: Path, nodes: int, rounds: int, steps: int, extra: list[str]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     wall = time.perf_counter() - t0
+    if proc.returncode == 2:  # the configuration was refused (fflnode.config says why)
+        return {"refused": proc.stderr.strip().splitlines()[-1], "wall": wall}
     report = json.loads((out / "report.json").read_text())
     if not report["merge"]["hashes_agree"]:
         sys.exit(f"run {extra} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -60,17 +66,29 @@ def run_testnet(out: Path, nodes: int, rounds: int, steps: int, extra: list[str]
     return {"report": report, "exchange_bytes": exchange, "wall": wall}
 
 
-def params() -> int:
-    from fflnode.train.model import build_model
+def params(task: str) -> int:
+    from fflnode.train.task import build_model, federated_parameters, load_task
 
-    return sum(p.numel() for p in build_model("ssd", 0).parameters())
+    loaded = load_task(task, {}, Path.cwd())
+    return sum(p.numel() for _, p in federated_parameters(build_model(loaded, 0)))
+
+
+def primary(report: dict) -> tuple[str, float]:
+    metrics = report["merge"]["merged_metrics"] or {}
+    names = [n["primary_metric"] for n in report["nodes"].values() if n.get("primary_metric")]
+    name = names[0] if names else next(iter(metrics))
+    return name, metrics[name]
+
+
+def shown(name: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if "accuracy" in name else f"{value:.4g}"
 
 
 def codecs(args: argparse.Namespace, tmp: Path) -> None:
     n, r, h = args.nodes, args.rounds, args.local_steps
     # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
     topk_ratio = 1 / 64
-    ef = ["--set", "exchange.error_feedback=true"]  # every lossy codec gets it
+    ef: list[str] = []  # error feedback: on by default for every lossy codec (auto)
     mse, unbiased = (["--set", f'exchange.holo_scale="{s}"'] for s in ("mse", "unbiased"))
     rows = [
         ("none", []),
@@ -79,33 +97,64 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         ("holo 1 bit unbiased", ["--codec", "holo", "--bits", "1", *ef, *unbiased]),
         ("topk 1/64 (= 1 bit)", ["--codec", "topk", "--ratio", str(topk_ratio), *ef]),
         ("sketch 1/64", ["--codec", "sketch", "--ratio", str(topk_ratio), *ef]),
+        ("dense per-step (H=1)", ["DENSE"]),
     ]
     if args.only:
         rows = [row for row in rows if row[0].split()[0] in args.only]
-    p = params()
-    fedavg = r * h * n * (n - 1) * 4 * p
+    p = params(args.task)
     server = r * h * n * 2 * 4 * p
-    print(f"{n} nodes, {r} rounds x {h} local steps, {p} parameters, seed {args.seed}")
     print(
-        f"per-step fp32 FedAvg on this graph: {fedavg / 1e6:.1f} MB"
-        f" (server-based {server / 1e6:.1f} MB)"
+        f"task {args.task}, {n} nodes, {r} rounds x {h} local steps, {p} parameters, "
+        f"seed {args.seed}"
     )
-    head = f"{'codec':<22}{'merged acc':>11}{'exchange MB':>13}{'vs none':>9}{'vs FedAvg':>11}"
-    head += f"{'vs server':>11}{'wall s':>8}"
+    head = f"{'codec':<22}{'merged':>11}{'exchange MB':>13}{'vs none':>9}"
+    head += f"{'vs FedAvg (computed)':>22}{'wall s':>8}"
     print(head)
-    base = None
+    base, central = None, None
     for name, extra in rows:
         slug = "".join(c if c.isalnum() else "-" for c in name)
-        res = run_testnet(tmp / slug, n, r, h, [*extra, "--seed", str(args.seed)])
-        acc = res["report"]["merge"]["merged_test_accuracy"]
+        task = ["--task", args.task, "--seed", str(args.seed)]
+        if central is not None:
+            task.append("--no-baseline")  # the same baseline: trained once, in the first run
+        if extra == ["DENSE"]:  # one local step per round, the default (FedOpt) recipe
+            res = run_dense(tmp / slug, n, r * h, task)
+        else:
+            res = run_testnet(tmp / slug, n, r, h, [*extra, *task])
+        if "refused" in res:
+            print(f"{name:<22} refused: {res['refused']}", flush=True)
+            continue
+        report = res["report"]
+        central = central or report.get("centralized")
+        metric, value = primary(report)
         b = res["exchange_bytes"]
         base = base or (b if name == "none" else None)
         vs_none = f"{base / b:.1f}x" if base else "-"
         print(
-            f"{name:<22}{100 * acc:>10.2f}%{b / 1e6:>13.3f}{vs_none:>9}"
-            f"{fedavg / b:>10.0f}x{server / b:>10.0f}x{res['wall']:>8.0f}",
+            f"{name:<22}{shown(metric, value):>11}{b / 1e6:>13.3f}{vs_none:>9}"
+            f"{server / b:>21.0f}x{res['wall']:>8.0f}",
             flush=True,
         )
+    if central:
+        shown_c = ", ".join(f"{k} {shown(k, v)}" for k, v in central["metrics"].items())
+        print(f"centralized baseline ({central['steps']} steps): {shown_c}")
+
+
+def run_dense(out: Path, nodes: int, rounds: int, extra: list[str]) -> dict:
+    """Per-step dense exchange: codec none, H = 1, the testnet's default recipe."""
+    cmd = [sys.executable, "-m", "fflnode", "testnet", "--nodes", str(nodes)]
+    cmd += ["--rounds", str(rounds), "--local-steps", "1", "--eval-every", str(rounds)]
+    cmd += ["--no-plot", "--quiet", "--out", str(out), "--deadline", str(RUN_TIMEOUT_S - 60)]
+    cmd += extra
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    report = json.loads((out / "report.json").read_text())
+    if not report["merge"]["hashes_agree"]:
+        sys.exit(f"dense run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    exchange = sum(
+        n.get("traffic", {}).get("sent", {}).get(SHARD_PROTOCOL, 0)
+        for n in report["nodes"].values()
+    )
+    return {"report": report, "exchange_bytes": exchange, "wall": time.perf_counter() - t0}
 
 
 def byzantine(args: argparse.Namespace, tmp: Path) -> None:
@@ -123,7 +172,7 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
     rows.append(("1 NaN (data lost), exact mean", ["--corrupt", "1", "--corrupt-mode", "nan"]))
     if args.only:
         rows = [row for row in rows if any(o in row[0] for o in args.only)]
-    rows = [(name, [*extra, "--alpha", str(args.alpha)]) for name, extra in rows]
+    rows = [(name, [*extra, "--task-option", f"alpha={args.alpha}"]) for name, extra in rows]
     print(
         f"{n} nodes, {r} rounds x {h} local steps, seed {args.seed}, Dirichlet alpha"
         f" {args.alpha}; corrupt = node{n - 1}"
@@ -136,8 +185,9 @@ def byzantine(args: argparse.Namespace, tmp: Path) -> None:
         res = run_testnet(tmp / slug, n, r, h, [*extra, "--seed", str(args.seed)])
         m = res["report"]["merge"]
         outl = ", ".join(m.get("outliers") or {}) or "-"
+        metric, value = primary(res["report"])
         print(
-            f"{name:<28}{100 * m['merged_test_accuracy']:>10.2f}%{len(m['participants']):>14}"
+            f"{name:<28}{shown(metric, value):>11}{len(m['participants']):>14}"
             f"{outl:>20}{res['wall']:>8.0f}",
             flush=True,
         )
@@ -151,7 +201,8 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="rows to run (codec names, or run-name parts)")
-    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-split alpha")
+    ap.add_argument("--alpha", type=float, default=0.5, help="digits: Dirichlet alpha")
+    ap.add_argument("--task", default="digits", help="the testnet's --task (digits, text, ...)")
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
     with tempfile.TemporaryDirectory(prefix="fflnode-bench-") as tmp:

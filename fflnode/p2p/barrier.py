@@ -22,8 +22,9 @@ from fflnode.p2p.membership import HEARTBEAT_S, Membership
 
 log = logging.getLogger(__name__)
 
-# A member still converging hears the commitment within a heartbeat or two; 30 s covers
-# a node paused by a loaded machine, after which every member is long past round 0.
+# A member still converging hears the commitment within a heartbeat or two; it is
+# repeated until every member's heartbeat says it started, for 30 s at most (a node
+# paused that long by a loaded machine is behind anyway and catches up from heartbeats).
 COMMIT_ANNOUNCE_S = 30.0
 
 
@@ -89,8 +90,17 @@ async def _announce(membership: Membership, decision: Decision) -> None:
 
 
 async def _keep_announcing(membership: Membership, decision: Decision) -> None:
+    """Repeat the commitment until every member's heartbeat shows it past the barrier
+    (or COMMIT_ANNOUNCE_S): GossipSub's per-topic rate limit drops a relay's messages
+    past a few per node per second, so announcements nobody needs are not sent."""
+    others = [ID.from_base58(m) for m in decision.members if m != str(membership.me)]
+
+    def all_started() -> bool:
+        views = [membership.peers.get(p) for p in others]
+        return all(v is not None and v.phase != "join" for v in views)
+
     with trio.move_on_after(COMMIT_ANNOUNCE_S):
-        while True:
+        while not all_started():
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
             await _announce(membership, Decision(decision.members, COMMIT))
 

@@ -15,7 +15,9 @@ Owns every py-libp2p knob fflnode turns, in one place:
   a loop. ConnectionConfig alone cannot turn it off (its target stays 150).
 * Leaving `host.run` does not close the connections (peers keep seeing us for
   seconds); `running_host` closes the host first.
-* The `libp2p` logger is routed into the node's logging (it is silent otherwise).
+* The `libp2p` logger is routed into the node's logging (it is silent otherwise), its
+  warnings and errors at most one line per call site a minute (`LibraryLogLimit`): the
+  library writes one per hostile input, and a node's log must stay bounded under attack.
 * Reads from the raw connection go through a read-ahead buffer (`_ReadAhead`): Noise
   reads a 2-byte length then its 65535-byte message, each one socket receive and one
   trip through trio; one 256 KiB receive now feeds ~4 messages. Measured with
@@ -24,13 +26,17 @@ Owns every py-libp2p knob fflnode turns, in one place:
   (205-412) MB/s.
 * Every connection passes the access gate (fflnode.p2p.gate) at its security upgrade:
   a psk mismatch fails in milliseconds instead of a 10 s timeout, and only allowed,
-  unbanned peers get a muxed connection.
+  unbanned peers get a muxed connection. Pubsub messages whose origin or forwarder the
+  gate refuses are ignored before GossipSub validates (and scores) them: see
+  `GuardedPubsub.push_msg`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -149,8 +155,14 @@ def build_host(
     )
     advertiser.bind(host)
     _install_read_ahead(host)  # first: the gate then wraps it and sees the first bytes
-    (gate or Gate()).install(host, private=psk is not None)
+    gate = gate or Gate()
+    gate.install(host, private=psk is not None)
+    _GATES[host] = gate
     return host
+
+
+# Each host's access gate, for the pubsub built on that host (build_pubsub).
+_GATES: weakref.WeakKeyDictionary[IHost, Gate] = weakref.WeakKeyDictionary()
 
 
 def _install_read_ahead(host: IHost) -> None:
@@ -236,13 +248,28 @@ class GuardedPubsub(Pubsub):
     forgets the peer as it does for an oversized RPC) or drops only that message, and is
     reported to `on_hostile(peer, reason, detail)`, which counts it against the peer.
     The library's own handling of closed streams is left as it is.
+
+    Messages whose origin or forwarder `gate` refuses (banned, or not on the allowlist)
+    are ignored before the library validates them. A topic validator can only accept or
+    reject, and GossipSub charges a rejection to the peer that forwarded the message,
+    not to its origin: a peer banned here, still relayed by an honest peer that has not
+    banned it (yet), would cost that honest peer 10 points a message, and below -50 its
+    own heartbeats are dropped unread. Measured by tools/fuzz_daemon.py in mode "ban": a
+    flood banned at different moments by two daemons graylisted each in the other's eyes,
+    and their merge timed out with no live member. The library's own blacklist has the
+    same "ignore" semantics but is only reachable from the node's wiring; the gate is.
     """
 
     def __init__(
-        self, host: IHost, router: GossipSub, on_hostile: Callable[[str, str, str], None]
+        self,
+        host: IHost,
+        router: GossipSub,
+        on_hostile: Callable[[str, str, str], None],
+        gate: Gate | None = None,
     ) -> None:
         super().__init__(host, router)
         self.on_hostile = on_hostile
+        self.gate = gate
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         try:
@@ -257,6 +284,8 @@ class GuardedPubsub(Pubsub):
             self._handle_dead_peer(peer)
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if self.gate is not None and not self.gate.validate_announcement(msg_forwarder, msg):
+            return  # ignored, never rejected: no score charged to an honest forwarder
         try:
             await super().push_msg(msg_forwarder, msg)
         except Exception as e:  # e.g. a key that fails to deserialize in signature checks
@@ -314,7 +343,7 @@ def build_pubsub(
         min_mesh_diversity_ips=mesh_diversity_ips,
         score_params=score_params(ip_colocation_threshold),
     )
-    return GuardedPubsub(host, router, on_hostile or _ignore), router
+    return GuardedPubsub(host, router, on_hostile or _ignore, _GATES.get(host)), router
 
 
 def _ignore(peer: str, reason: str, detail: str) -> None:
@@ -328,12 +357,62 @@ REDUNDANT_ERROR_LOGGERS = (
 )
 
 
+# py-libp2p logs a WARNING or an ERROR for each hostile input at dozens of call sites (an
+# identify push it cannot parse, a pubsub RPC over its size limit, a signed record that
+# does not verify, a peer it cannot flush messages to), with or without the peer's ID:
+# tools/fuzz_daemon.py measured 1,314 such lines from one attacker in 25 s, 58 per second.
+# fflnode promises a bounded log per offending peer (fflnode.p2p.peerlog), so the
+# library's lines are limited per call site: its first line, then at most one per window
+# saying how many were held back meanwhile. Call sites are a few hundred lines of
+# library code, so the table is small and bounded whatever a peer sends.
+LIBRARY_LOG_WINDOW_S = 60.0
+
+
+class LibraryLogLimit(logging.Filter):
+    """A handler filter: py-libp2p records at WARNING and above pass at most once per
+    call site (logger, file, line) per `window_s`; the first to pass after a window
+    names how many were held back. Every other record passes untouched."""
+
+    def __init__(
+        self,
+        window_s: float = LIBRARY_LOG_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self._sites: dict[tuple[str, str, int], list[float]] = {}  # site -> [last, held]
+        self.held = 0  # records held back in all (for tests)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("libp2p"):
+            return True
+        site = (record.name, record.pathname, record.lineno)
+        now = self.clock()
+        entry = self._sites.get(site)
+        if entry is not None and now - entry[0] < self.window_s:
+            entry[1] += 1
+            self.held += 1
+            return False
+        held = int(entry[1]) if entry is not None else 0
+        self._sites[site] = [now, 0]
+        if held:
+            record.msg = f"{record.msg} ({held} similar lines held back)"
+        return True
+
+
 def route_libp2p_logging(level: int) -> None:
     """Send py-libp2p's own records through the node's handlers, at `level` or above.
 
     The library logs routine events (every stream opened or reset) at INFO: those are
-    shown only when the node runs at debug; its warnings and errors always pass.
+    shown only when the node runs at debug; its warnings and errors always pass, at most
+    one per call site a minute (LibraryLogLimit, added to the root logger's handlers:
+    call this after installing them).
     """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, LibraryLogLimit) for f in handler.filters):
+            handler.addFilter(LibraryLogLimit())
     lib_level = level if level <= logging.DEBUG else max(level, logging.WARNING)
     lib = logging.getLogger("libp2p")
     lib.setLevel(lib_level)

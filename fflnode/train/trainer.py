@@ -1,4 +1,4 @@
-"""The local trainer: inner steps on local data and the outer step on the flat vector.
+"""The local trainer: a task's model, inner steps on local data, the outer step on the flat vector.
 
 One round: remember theta_start, take H inner optimizer steps on local batches; the node
 mixes with its neighbours (fflnode.exchange) and hands back theta_mix; `outer_step`
@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fflnode.train.data import Split, digits_splits, node_train_split
-from fflnode.train.model import build_model
+from fflnode.errors import ConfigError
+from fflnode.train.task import (
+    LoadedTask,
+    as_metrics,
+    build_model,
+    federated_buffers,
+    federated_parameters,
+)
 
-# Test-set evaluation batch: 128 sequences of 64 steps keep the SSD's activations
-# ~12 MB (all 360 at once added ~50 MB of peak RSS).
-EVAL_BATCH = 128
 # The centralized baseline's Adam learning rate: the best of 1e-3..2e-2 for both models
 # (the SSD diverges from 1e-2; tools/bench_ssd_digits.py uses it too).
 CENTRAL_LR = 3e-3
@@ -41,11 +46,8 @@ CENTRAL_LR = 3e-3
 
 @dataclass(frozen=True)
 class TrainSettings:
-    model: str
-    width: int
     seed: int
     local_steps: int
-    batch_size: int
     inner_lr: float
     outer_lr: float
     outer_momentum: float
@@ -132,13 +134,61 @@ class OuterOptimizer:
         self.v = state.get("outer.v")
 
 
+class BatchStream:
+    """A task's training batches, endless: when an epoch ends the task is asked again.
+
+    `position` counts batches taken; a restarted node resumes by replaying to it (the
+    task's data is deterministic in its arguments, fflnode.train.task)."""
+
+    def __init__(self, make: Callable[[], Iterable[Any]]) -> None:
+        self.make = make
+        self.position = 0
+        self._it: Iterator[Any] = iter(make())
+        self._fresh = True  # the current epoch has given nothing yet
+
+    def __next__(self) -> Any:
+        for _ in range(2):  # an epoch that ends, then a fresh one; two empty ones: no data
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self._fresh:
+                    break
+                self._it, self._fresh = iter(self.make()), True
+                continue
+            self._fresh = False
+            self.position += 1
+            return batch
+        raise ConfigError("the task's train_data gave no batch at all")
+
+    def skip_to(self, position: int) -> None:
+        """Replay from the start to `position` batches taken."""
+        self._it, self._fresh, self.position = iter(self.make()), True, 0
+        while self.position < position:
+            next(self)
+
+
 class LocalTrainer:
-    def __init__(self, settings: TrainSettings, data: Split, sample_seed: int) -> None:
+    """A task's model trained locally, with the run's inner and outer optimizers.
+
+    The federated state is the task's trainable float32 parameters as one flat vector in
+    canonical order (fflnode.train.task.federated_parameters), plus float persistent
+    buffers, which the final merge averages but rounds do not exchange."""
+
+    def __init__(
+        self,
+        loaded: LoadedTask,
+        model: nn.Module,
+        settings: TrainSettings,
+        batches: BatchStream,
+    ) -> None:
+        self.loaded = loaded
+        self.task = loaded.task
         self.s = settings
-        self.data = data
-        self.model: nn.Module = build_model(settings.model, settings.seed, settings.width)
-        self.params = [p for _, p in sorted(self.model.named_parameters(), key=_name_key)]
-        self.names = [n for n, _ in sorted(self.model.named_parameters(), key=_name_key)]
+        self.model = model
+        named = federated_parameters(model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.buffers = federated_buffers(model)
         if settings.inner_optimizer == "adam":
             self.inner: torch.optim.Optimizer = torch.optim.Adam(self.params, lr=settings.inner_lr)
         else:
@@ -150,10 +200,14 @@ class LocalTrainer:
             settings.lr_schedule,
             settings.total_rounds,
         )
-        self.gen = torch.Generator().manual_seed(sample_seed)  # local batches only
+        self.batches = batches
         self.steps_taken = 0
 
-    # -- flat vector (canonical order: parameters sorted by name) --
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # -- flat vector (canonical order: federated parameters sorted by name) --
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
 
@@ -176,13 +230,24 @@ class LocalTrainer:
         self.outer.t = outer_step
 
     def sampler_state(self) -> torch.Tensor:
-        return self.gen.get_state()
+        return torch.tensor([self.batches.position], dtype=torch.int64)
 
     def load_sampler_state(self, state: torch.Tensor) -> None:
-        self.gen.set_state(state)
+        self.batches.skip_to(int(state.reshape(-1)[0]))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+        """What the final merge averages: the federated parameters and float buffers."""
+        out = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+        out.update({n: b.detach().clone() for n, b in self.buffers})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load merged tensors (by name) into the model."""
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params, strict=True):
+                p.copy_(tensors[n].view_as(p))
+            for n, b in self.buffers:
+                b.copy_(tensors[n].view_as(b))
 
     # -- one round --
     def inner_steps(self, steps: int | None = None) -> float:
@@ -191,12 +256,11 @@ class LocalTrainer:
         total = 0.0
         n = steps if steps is not None else self.s.local_steps
         for _ in range(n):
-            idx = torch.randint(0, len(self.data), (self.s.batch_size,), generator=self.gen)
-            loss = nn.functional.cross_entropy(self.model(self.data.x[idx]), self.data.y[idx])
+            loss = self.task.loss(self.model, next(self.batches))  # type: ignore[union-attr]
             self.inner.zero_grad(set_to_none=True)
             loss.backward()
             self.inner.step()
-            total += loss.item()
+            total += float(loss.detach())
             self.steps_taken += 1
         return total / max(n, 1)
 
@@ -204,33 +268,18 @@ class LocalTrainer:
         """Apply the outer optimizer to the pseudo-gradient g = theta_start - theta_mix."""
         self.load_flat(self.outer.step(theta_start, g))
 
-    @torch.no_grad()
-    def accuracy(self, split: Split) -> float:
-        return evaluate(self.model, split)
-
-
-def _name_key(item: tuple[str, object]) -> bytes:
-    return item[0].encode("utf-8")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split) -> float:
-    model.eval()
-    correct = 0
-    for lo in range(0, len(split), EVAL_BATCH):
-        logits = model(split.x[lo : lo + EVAL_BATCH])
-        correct += int((logits.argmax(1) == split.y[lo : lo + EVAL_BATCH]).sum())
-    return correct / max(len(split), 1)
+    def evaluate(self) -> dict[str, float]:
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model)  # type: ignore[union-attr]
+        self.model.train()
+        return as_metrics(metrics, f"task {self.loaded.spec!r}")
 
 
 def settings_from(cfg_train: object, seed: int, rounds: int = 0) -> TrainSettings:
     c = cfg_train
     return TrainSettings(
-        model=c.model,
-        width=c.width,
         seed=seed,
         local_steps=c.local_steps,
-        batch_size=c.batch_size,
         inner_lr=c.inner_lr,
         outer_lr=c.outer_lr,
         outer_momentum=c.outer_momentum,
@@ -241,28 +290,31 @@ def settings_from(cfg_train: object, seed: int, rounds: int = 0) -> TrainSetting
     )
 
 
-def node_trainer(settings: TrainSettings, part: int, parts: int, alpha: float) -> LocalTrainer:
-    data = node_train_split(part, parts, alpha, settings.seed)
-    # Batches differ per node: seed the sampler with the partition index too.
-    return LocalTrainer(settings, data, sample_seed=settings.seed * 1_000_003 + part)
+def node_trainer(
+    loaded: LoadedTask, settings: TrainSettings, partition: int, nodes: int
+) -> LocalTrainer:
+    """The trainer of partition `partition` of `nodes`: the model from the run seed and
+    this node's share of the task's data."""
+    model = build_model(loaded, settings.seed)
+    task = loaded.task
+    batches = BatchStream(lambda: task.train_data(partition, nodes, settings.seed))  # type: ignore[union-attr]
+    return LocalTrainer(loaded, model, settings, batches)
 
 
-def train_centralized(settings: TrainSettings, total_steps: int) -> tuple[float, nn.Module]:
-    """The baseline: the same model, batch size and learning rate on the union of all
-    node data (the whole train split) for `total_steps` Adam steps, the optimizer a
-    centralized trainer would use; returns (test accuracy, model)."""
-    train, test = digits_splits()
-    settings = dataclasses.replace(settings, inner_optimizer="adam", inner_lr=CENTRAL_LR)
-    trainer = LocalTrainer(settings, train, sample_seed=settings.seed)
+def train_centralized(
+    loaded: LoadedTask, settings: TrainSettings, total_steps: int
+) -> tuple[dict[str, float], nn.Module]:
+    """The baseline: the same model on the union of all node data (partition 0 of 1) for
+    `total_steps` Adam steps, the optimizer a centralized trainer would use, on the same
+    schedule as the federated outer optimizer; returns (metrics, model)."""
+    lr = float(getattr(loaded.task, "baseline_lr", CENTRAL_LR))  # a task may tune its own
+    settings = dataclasses.replace(settings, inner_optimizer="adam", inner_lr=lr)
+    trainer = node_trainer(loaded, settings, 0, 1)
     if settings.lr_schedule == "constant":
         trainer.inner_steps(total_steps)
-    else:  # the same schedule the federated outer optimizer follows, over all steps
+    else:
         for t in range(total_steps):
             for group in trainer.inner.param_groups:
-                group["lr"] = scheduled_lr(CENTRAL_LR, settings.lr_schedule, t, total_steps)
+                group["lr"] = scheduled_lr(lr, settings.lr_schedule, t, total_steps)
             trainer.inner_steps(1)
-    return trainer.accuracy(test), trainer.model
-
-
-def test_split() -> Split:
-    return digits_splits()[1]
+    return trainer.evaluate(), trainer.model

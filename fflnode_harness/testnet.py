@@ -53,12 +53,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=1, help="holo codec bits per coordinate")
     p.add_argument("--ratio", type=float, default=0.03, help="topk/sketch kept fraction")
     p.add_argument("--gamma", type=float, default=1.0, help="gossip consensus step (1.0)")
-    p.add_argument("--model", default="ssd", help="model name (ssd)")
     p.add_argument("--eval-every", type=int, default=30, help="rounds between evaluations")
-    p.add_argument("--task", default="digits", choices=["digits", "synthetic"])
-    p.add_argument("--synthetic-mb", type=float, default=64.0, help="synthetic model size")
+    p.add_argument(
+        "--task",
+        default="digits",
+        help="built-in task (digits, synthetic, text, mqar) or your own, "
+        "'path/to/file.py:attr' or 'module:attr' (docs/tasks.md)",
+    )
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the task ([task] table), e.g. alpha=5 (TOML value)",
+    )
+    p.add_argument("--synthetic-mb", type=float, help="synthetic task: model size (task mb)")
     p.add_argument("--shards", type=int, default=0, help="merge shards M (0 = nodes)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-split alpha")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralized run")
     p.add_argument(
         "--kill",
@@ -124,14 +134,12 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
             "degree": args.degree,
         },
         "train": {
-            "task": args.task,
-            "model": args.model,
+            "task": task_spec(args.task),
             "partition_index": i,
-            "alpha": args.alpha,
             "local_steps": args.local_steps,
-            "synthetic_mb": args.synthetic_mb,
             "eval_every": args.eval_every,
         },
+        "task": task_options(args),
         "exchange": {
             "codec": args.codec,
             "bits": args.bits,
@@ -148,6 +156,36 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
         section, _, name = key.partition(".")
         doc.setdefault(section, {})[name] = value
     return cfgmod.from_dict(doc, f"testnet node{i}")
+
+
+def task_spec(spec: str) -> str:
+    """A task spec as the nodes must see it: a file path made absolute (the node configs
+    live in other directories)."""
+    where, colon, attr = spec.rpartition(":")
+    if colon and where.endswith(".py"):
+        return f"{Path(where).resolve()}:{attr}"
+    return spec
+
+
+def task_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {k: v for k, v in parse_values(args.task_option, "--task-option").items()}
+    if args.synthetic_mb is not None:
+        options["mb"] = args.synthetic_mb
+    return options
+
+
+def parse_values(items: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; a value is read as TOML, else taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -248,7 +286,7 @@ class Testnet:
         try:
             with trio.move_on_after(self.args.deadline) as deadline:
                 async with trio.open_nursery() as nursery:
-                    if not self.args.no_baseline and self.args.task == "digits":
+                    if not self.args.no_baseline and self.args.task != "synthetic":
                         nursery.start_soon(self._baseline)
                     await self._launch(nursery, self.procs[0], [])
                     self.bootstrap = self._addrs(self.procs[0])[:1]
@@ -294,7 +332,7 @@ class Testnet:
                 if "STATUS" in fields and fields["STATUS"] != proc.status:
                     proc.status = fields["STATUS"]
                     # Every round reports; print the evaluated ones and phase changes.
-                    if not proc.status.startswith("round ") or " acc " in proc.status:
+                    if not proc.status.startswith("round ") or " | " in proc.status:
                         self.say(f"  {proc.name:>6}: {proc.status}")
                     if proc.status.startswith("round "):
                         proc.round = int(proc.status.split()[1].split("/")[0])
@@ -378,17 +416,21 @@ class Testnet:
     async def _baseline(self) -> None:
         import torch
 
+        from fflnode.train.task import load_task
         from fflnode.train.trainer import settings_from, train_centralized
 
         a = self.args
         steps = a.nodes * a.rounds * a.local_steps
-        # The nodes' own training settings: same model, batch and inner optimizer.
-        settings = settings_from(node_config(a, 0, self.out, []).train, a.seed, a.rounds)
+        # The nodes' own task and training settings: same model, data, schedule.
+        cfg = node_config(a, 0, self.out, [])
+        loaded = load_task(cfg.train.task, cfg.task, Path.cwd())
+        settings = settings_from(cfg.train, a.seed, a.rounds)
         t0 = time.perf_counter()
         torch.set_num_threads(1)  # one core for the baseline, like each node
-        acc, _ = await trio.to_thread.run_sync(train_centralized, settings, steps)
-        self.baseline = {"test_accuracy": acc, "steps": steps, "seconds": time.perf_counter() - t0}
-        self.say(f"  baseline: centralized accuracy {acc:.4f} after {steps} steps")
+        metrics, _ = await trio.to_thread.run_sync(train_centralized, loaded, settings, steps)
+        self.baseline = {"metrics": metrics, "steps": steps, "seconds": time.perf_counter() - t0}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.say(f"  baseline: centralized {shown} after {steps} steps")
 
     # ------------------------------------------------------------------ checking
     def _report(self, wall: float) -> dict[str, Any]:
@@ -412,7 +454,7 @@ class Testnet:
         ref = reference_merge(
             [p.data_dir / "premerge.safetensors" for p in members],
             [nodes[p.name] for p in members],
-            self.args.model,
+            node_config(self.args, 0, self.out, []),
         )
         # Why the merge's members left agreed peers out (fingerprint outliers), by peer.
         outliers: dict[str, str] = {}
@@ -439,7 +481,10 @@ class Testnet:
             "hashes_agree": bool(ref["hash"]) and all(h == ref["hash"] for h in hashes.values()),
             "files_equal_reference": all(files_equal.values()),
             "reference_hash": ref["hash"],
-            "merged_test_accuracy": ref["accuracy"],
+            "merged_metrics": ref["metrics"],
+            # max over the members of ||theta_i - theta_mean|| / ||theta_mean||, before
+            # the merge: 0 when the nodes were already identical (the merge changes nothing)
+            "consensus_distance": ref["consensus_distance"],
             "shards": merged[0]["shards"] if merged else None,
             "participants": participants,
             "excluded": [p.name for p in self.procs if p not in members],
@@ -466,9 +511,8 @@ class Testnet:
                     "topology",
                     "codec",
                     "bits",
-                    "model",
                     "task",
-                    "alpha",
+                    "task_option",
                     "shards",
                     "corrupt",
                     "corrupt_mode",
@@ -494,24 +538,25 @@ async def terminate_then_kill(process: trio.Process) -> None:
     await process.wait()
 
 
-def reference_merge(
-    premerge: list[Path], nodes: list[dict[str, Any]], model: str
-) -> dict[str, Any]:
+def reference_merge(premerge: list[Path], nodes: list[dict[str, Any]], cfg: Any) -> dict[str, Any]:
     """The canonical mean of the premerge files with plain torch, and its hash.
 
     Deliberately independent of fflnode's merge code: safetensors' loader, float64 sums
-    in ascending peer-ID-byte order, sha256 over (name, 0, little-endian bytes).
+    in ascending peer-ID-byte order, sha256 over (name, 0, little-endian bytes). Also the
+    consensus distance before the merge (max over members of ||theta_i - mean|| / ||mean||)
+    and the task's metrics on the mean.
     """
     import torch
     from libp2p.peer.id import ID
     from safetensors.torch import load_file
 
+    empty = {"hash": None, "tensors": None, "metrics": None, "consensus_distance": None}
     members = []
     if not premerge:
-        return {"hash": None, "tensors": None, "accuracy": None}
+        return empty
     for path, result in zip(premerge, nodes, strict=True):
         if not path.exists() or not result.get("peer_id"):
-            return {"hash": None, "tensors": None, "accuracy": None}
+            return empty
         members.append((ID.from_base58(result["peer_id"]).to_bytes(), load_file(str(path))))
     members.sort(key=lambda m: m[0])
     names = sorted(members[0][1], key=lambda n: n.encode("utf-8"))
@@ -524,25 +569,38 @@ def reference_merge(
         merged[name] = (acc / len(members)).to(torch.float32)
         h.update(name.encode("utf-8") + b"\x00")
         h.update(merged[name].contiguous().view(torch.uint8).numpy().tobytes())
+    norm = sum(float(merged[n].double().pow(2).sum()) for n in names) ** 0.5
+    distance = max(
+        sum(float((t[n].double() - merged[n].double()).pow(2).sum()) for n in names) ** 0.5
+        / (norm or 1.0)
+        for _, t in members
+    )
     return {
         "hash": h.hexdigest(),
         "tensors": merged,
-        "accuracy": _accuracy_of(merged, nodes, model),
+        "metrics": _metrics_of(merged, nodes, cfg),
+        "consensus_distance": distance,
     }
 
 
-def _accuracy_of(
-    tensors: dict[str, Any], nodes: list[dict[str, Any]], model_name: str
-) -> float | None:
-    """Test accuracy of the reference merged weights (digits task only)."""
-    if not any(r.get("test_accuracy_before_merge") is not None for r in nodes):
+def _metrics_of(tensors: dict[str, Any], nodes: list[dict[str, Any]], cfg: Any) -> dict | None:
+    """The task's metrics on the reference merged weights (training tasks only)."""
+    if not any(r.get("metrics_before_merge") for r in nodes):
         return None
-    from fflnode.train.model import build_model
-    from fflnode.train.trainer import evaluate, test_split
+    import torch
 
-    model = build_model(model_name, 0)
-    model.load_state_dict(tensors)
-    return evaluate(model, test_split())
+    from fflnode.train.task import build_model, load_task
+
+    loaded = load_task(cfg.train.task, cfg.task, Path.cwd())
+    model = build_model(loaded, cfg.run.seed)
+    with torch.no_grad():
+        for name, value in tensors.items():  # each federated tensor once (ties included)
+            try:
+                target = model.get_parameter(name)
+            except AttributeError:
+                target = model.get_buffer(name)
+            target.copy_(value.view_as(target))
+        return {k: float(v) for k, v in loaded.task.evaluate(model).items()}
 
 
 def merged_equals(path: Path, reference: dict[str, Any] | None) -> bool:
@@ -555,31 +613,66 @@ def merged_equals(path: Path, reference: dict[str, Any] | None) -> bool:
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in got)
 
 
+def primary_of(report: dict[str, Any]) -> str | None:
+    """The headline metric, as the nodes report it (the task's choice or its first)."""
+    for r in report["nodes"].values():
+        if r.get("primary_metric"):
+            return r["primary_metric"]
+    return None
+
+
+def ordered(metrics: dict[str, float], primary: str | None) -> list[tuple[str, float]]:
+    """The headline metric first, then the rest by name."""
+    return sorted(metrics.items(), key=lambda kv: (kv[0] != primary, kv[0]))
+
+
+def fmt_metric(name: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.4g}"
+
+
+def compare(name: str, merged: float, central: float) -> str:
+    from fflnode.train.task import higher_is_better
+
+    if "accuracy" in name:
+        return f"merged - centralized = {100 * (merged - central):+.1f} pts"
+    rel = (merged - central) / abs(central) if central else float("inf")
+    better = "better" if (merged > central) == higher_is_better(name) else "worse"
+    return f"merged {abs(100 * rel):.1f} % {better} than centralized"
+
+
 def print_summary(report: dict[str, Any]) -> None:
     c = report["config"]
+    primary = primary_of(report)
     print(SUMMARY_RULE)
     print(
         f"fflnode testnet: {c['nodes']} nodes, {c['rounds']} rounds x {c['local_steps']} "
         f"steps, {c['topology']} topology, codec {c['codec']}, task {c['task']}"
     )
     extras = [f"--set {kv}" for kv in c.get("set") or []]
+    extras += [f"--task-option {kv}" for kv in c.get("task_option") or []]
     if c.get("corrupt"):
         extras.insert(0, f"{c['corrupt']} corrupt node(s) ({c['corrupt_mode']})")
     if extras:
         print("  " + ", ".join(extras))
     print(SUMMARY_RULE)
+    print(f"{primary or 'metric'} before and after the merge, per node:")
     print(
-        f"{'node':<7}{'peer':<16}{'acc before':>11}{'acc merged':>11}"
-        f"{'sent MB':>10}{'recv MB':>10}{'rss MB':>8}{'exit':>6}"
+        f"{'node':<7}{'peer':<14}{'pre-merge':>12}{'merged':>12}{'distance':>10}"
+        f"{'sent MB':>9}{'recv MB':>9}{'rss MB':>7}{'exit':>5}"
     )
     for name, r in report["nodes"].items():
         peer = (r.get("peer_id") or "?")[-12:]
-        before = r.get("test_accuracy_before_merge")
-        merged = r.get("merged_test_accuracy")
+        before = (r.get("metrics_before_merge") or {}).get(primary or "")
+        after = (r.get("merged_metrics") or {}).get(primary or "")
+        dist = r.get("consensus_distance")
         print(
-            f"{name:<7}{peer:<16}{_pct(before):>11}{_pct(merged):>11}"
-            f"{r.get('bytes_sent', 0) / 1e6:>10.2f}{r.get('bytes_received', 0) / 1e6:>10.2f}"
-            f"{r.get('peak_rss_mb', 0):>8.0f}{str(r.get('exit_code')):>6}"
+            f"{name:<7}{peer:<14}{fmt_metric(primary or '', before):>12}"
+            f"{fmt_metric(primary or '', after):>12}"
+            f"{'-' if dist is None else f'{dist:.4f}':>10}"
+            f"{r.get('bytes_sent', 0) / 1e6:>9.2f}{r.get('bytes_received', 0) / 1e6:>9.2f}"
+            f"{r.get('peak_rss_mb', 0):>7.0f}{str(r.get('exit_code')):>5}"
         )
         if r.get("killed_in_merge"):
             print("       SIGKILLed during the final merge and left down")
@@ -599,72 +692,70 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"excluded from merge  {', '.join(m['excluded'])}")
     for name, why in (m.get("outliers") or {}).items():
         print(f"  {name}: {why}")
-    print(
-        f"merged accuracy      {_pct(m['merged_test_accuracy'])}  "
+    merge_line = (
         f"({len(m['participants'])} participants, {m['shards']} shards, "
         f"merge {m['seconds'] or 0:.1f} s"
         + (f", attempt {m['attempt'] + 1}" if m.get("attempt") else "")
         + ")"
     )
-    if report.get("centralized"):
-        cen = report["centralized"]
+    merged_metrics = m.get("merged_metrics") or {}
+    shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(merged_metrics, primary)) or "-"
+    print(f"merged               {shown}  {merge_line}")
+    if m.get("consensus_distance") is not None:
+        d = m["consensus_distance"]
+        note = "nodes were identical: the merge changed nothing" if d == 0 else "before the merge"
+        print(f"consensus distance   {d:.4g}  (max ||theta_i - mean|| / ||mean||; {note})")
+    cen = report.get("centralized")
+    if cen:
+        shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(cen["metrics"], primary))
         gap = ""
-        if m["merged_test_accuracy"] is not None:
-            diff = 100 * (m["merged_test_accuracy"] - cen["test_accuracy"])
-            gap = f"  (merged - centralized = {diff:+.1f} pts)"
-        print(f"centralized accuracy {_pct(cen['test_accuracy'])}  ({cen['steps']} steps){gap}")
+        if primary and primary in merged_metrics and primary in cen["metrics"]:
+            gap = f"  ({compare(primary, merged_metrics[primary], cen['metrics'][primary])})"
+        print(f"centralized          {shown}  ({cen['steps']} steps){gap}")
     total = sum(r.get("bytes_sent", 0) for r in report["nodes"].values())
     print(f"bytes moved          {total / 1e6:.2f} MB sent in total")
     verdict = "hashes agree" if m["hashes_agree"] else "HASHES DISAGREE"
     print(f"{verdict} with the reference {m['reference_hash']}")
     print(f"merged files equal the reference: {m['files_equal_reference']}")
     print(
-        f"wall time {report['wall_seconds']:.1f} s; report.json and accuracy.png in the output dir"
+        f"wall time {report['wall_seconds']:.1f} s; report.json and metrics.png in the output dir"
     )
     print(SUMMARY_RULE)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
 def plot(report: dict[str, Any], path: Path) -> None:
+    """One panel per metric: each node's evaluations by round, the merged and
+    centralized levels as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, r in report["nodes"].items():
-        rounds = [x for x in r.get("rounds") or [] if x.get("test_accuracy") is not None]
-        if rounds:
-            ax.plot(
-                [x["round"] + 1 for x in rounds],
-                [100 * x["test_accuracy"] for x in rounds],
-                marker=".",
-                linewidth=1,
-                label=name,
-            )
-    m = report["merge"]
-    if m.get("merged_test_accuracy") is not None:
-        ax.axhline(
-            100 * m["merged_test_accuracy"],
-            color="black",
-            linestyle="--",
-            label="merged (exact mean)",
-        )
-    if report.get("centralized"):
-        ax.axhline(
-            100 * report["centralized"]["test_accuracy"],
-            color="gray",
-            linestyle=":",
-            label="centralized",
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("fflnode testnet: sequential digits, per-node test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    names: list[str] = []
+    for r in report["nodes"].values():
+        for x in r.get("rounds") or []:
+            names += [k for k in x.get("metrics") or {} if k not in names]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), dpi=110)
+    axes = [axes] if len(names) == 1 else list(axes)
+    merged = report["merge"].get("merged_metrics") or {}
+    central = (report.get("centralized") or {}).get("metrics") or {}
+    for ax, metric in zip(axes, names, strict=True):
+        for node, r in report["nodes"].items():
+            pts = [(x["round"] + 1, x["metrics"][metric]) for x in r.get("rounds") or []
+                   if (x.get("metrics") or {}).get(metric) is not None]  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", linewidth=1, label=node)
+        if metric in merged:
+            ax.axhline(merged[metric], color="black", linestyle="--", label="merged (exact mean)")
+        if metric in central:
+            ax.axhline(central[metric], color="gray", linestyle=":", label="centralized")
+        ax.set_xlabel("round")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"fflnode testnet: task {report['config']['task']}, per-node metrics")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -685,7 +776,7 @@ def main(args: argparse.Namespace) -> int:
     report = trio.run(net.run)
     out = net.out
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    if not args.no_plot and args.task == "digits":
-        plot(report, out / "accuracy.png")
+    if not args.no_plot:
+        plot(report, out / "metrics.png")
     print_summary(report)
     return 0 if report["ok"] else 1

@@ -42,7 +42,7 @@ from typing import Any
 
 import trio
 
-from fflnode.testnet import terminate_then_kill
+from fflnode_harness.testnet import terminate_then_kill
 
 log = logging.getLogger(__name__)
 

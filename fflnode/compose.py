@@ -1,0 +1,128 @@
+"""The composition root: one place turns a validated config into the node's objects.
+
+Everything that can be checked without the network is checked here, before the event
+loop starts, so a bad setting stops the daemon at once with one line (exit 2): the task
+is imported and built (its options, its model's layout and dtypes), the codec and its
+parameters, the keys on disk (psk, run secret), the announce addresses, the Prism
+settings. fflnode.node then only runs the lifecycle with what this returns.
+
+Must never: import the harness (fflnode_harness: testnet, demos) unless the config asks
+for a resilience-testing adversary; touch the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fflnode.codecs import Codec, make_codec
+from fflnode.config import Config, read_psk, read_run_secret
+from fflnode.errors import ConfigError
+from fflnode.tensors import FlatLayout
+from fflnode.train.task import LoadedTask, load_task
+from fflnode.train.trainer import LocalTrainer, node_trainer, settings_from
+
+
+@dataclass
+class Composition:
+    """What a node is made of, built and checked before it starts."""
+
+    cfg: Config
+    task: LoadedTask
+    trainer: LocalTrainer | None  # None for a merge-only task
+    layout: FlatLayout  # what the final merge averages (the premerge file's tensors)
+    codec: Codec
+    psk: str | None
+    run_secret: bytes | None
+    adversary: Any | None  # fflnode_harness.adversary.Adversary, resilience tests only
+    store_options: dict[str, object]
+
+    def run_descriptor(self) -> dict[str, object]:
+        """What every participant must have identical (fflnode.admission), by group."""
+        cfg = self.cfg
+        t, e, m, r = cfg.train, cfg.exchange, cfg.merge, cfg.run
+        return {
+            "seed": r.seed,
+            "size": [r.nodes, r.rounds],
+            "topology": [r.topology, r.degree if r.topology == "random-regular" else 0],
+            "task": [t.task, cfg.task],
+            "layout": [[s.name, list(s.shape)] for s in self.layout.slots],
+            "recipe": [
+                t.local_steps,
+                t.inner_optimizer,
+                t.inner_lr,
+                t.outer_optimizer,
+                t.outer_lr,
+                t.outer_momentum,
+                t.lr_schedule,
+            ],
+            "exchange": [
+                e.codec,
+                e.bits,
+                e.holo_scale,
+                e.ratio,
+                e.gamma,
+                e.error_feedback,
+                e.robust,
+                e.trim,
+                e.chunk_elems,
+            ],
+            "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
+        }
+
+
+def codec_of(cfg: Config) -> Codec:
+    e = cfg.exchange
+    params: dict[str, Any] = {}
+    if e.codec == "holo":
+        params = {"bits": e.bits, "scale": e.holo_scale}
+    elif e.codec in ("topk", "sketch"):
+        params = {"ratio": e.ratio}
+    return make_codec(e.codec, **params)
+
+
+def compose(cfg: Config) -> Composition:
+    """Build and check everything the node needs; ConfigError names what is wrong."""
+    torch.set_num_threads(cfg.train.threads)
+    loaded = load_task(cfg.train.task, cfg.task, cfg.base_dir)
+    trainer: LocalTrainer | None = None
+    if loaded.trains:
+        settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
+        trainer = node_trainer(loaded, settings, cfg.train.partition_index, cfg.run.nodes)
+        layout = FlatLayout.of(trainer.state_tensors())
+    else:
+        if cfg.run.rounds:
+            raise ConfigError(
+                f"{cfg.source}: task {cfg.train.task!r} trains nothing (merge only): "
+                "set run.rounds = 0"
+            )
+        layout = FlatLayout.from_shapes(loaded.task.layout(cfg.run.seed))  # type: ignore[union-attr]
+    adversary = None
+    if cfg.adversary.mode != "none":  # resilience testing only: the harness's code
+        from fflnode_harness.adversary import Adversary
+
+        adversary = Adversary(cfg.adversary.mode, cfg.run.seed + cfg.train.partition_index)
+    return Composition(
+        cfg=cfg,
+        task=loaded,
+        trainer=trainer,
+        layout=layout,
+        codec=codec_of(cfg),
+        psk=read_psk(cfg),
+        run_secret=read_run_secret(cfg),
+        adversary=adversary,
+        store_options=store_options(cfg),
+    )
+
+
+def store_options(cfg: Config) -> dict[str, object]:
+    """Prism options from [prism]: the backend, and the queue depth the pool allows."""
+    from fflnode.prism.stream import depth_for_pool
+
+    p = cfg.prism
+    return {"backend": p.backend, "depth": depth_for_pool(p.pool_mb << 20)}
+
+
+__all__ = ["Composition", "codec_of", "compose", "store_options"]
