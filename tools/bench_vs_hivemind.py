@@ -61,7 +61,9 @@ import time
 from pathlib import Path
 
 NODES = 4
-RUN_SEED = 1  # data: fflnode's write_synthetic(seed, node) / hivemind's default_rng(seed, i)
+RUN_SEED = (
+    1  # data: fflnode's SyntheticTask.write_premerge(seed, node) / hivemind's default_rng(seed, i)
+)
 LAG_PERIOD_S = 0.05  # fflnode peers: how often the event loop's lateness is sampled
 SAMPLE_S = 0.05  # memory sampling period: 20 Hz catches a peak lasting a few transfers
 TRIAL_TIMEOUT_S = 900  # one trial; 256 MiB through the slowest path took ~60 s
@@ -189,20 +191,23 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
     from fflnode.config import MergeSection
     from fflnode.errors import leaf_error
     from fflnode.merge.protocol import MERGE_PROTOCOL, MergeSession
-    from fflnode.node import Node, synthetic_layout, write_synthetic
+    from fflnode.node import Node
     from fflnode.p2p.barrier import start_barrier
     from fflnode.p2p.bulk import Traffic
     from fflnode.p2p.fastpath import FastPath
     from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
     from fflnode.p2p.membership import Membership
+    from fflnode.tensors import FlatLayout
+    from fflnode.train.tasks.synthetic import SyntheticTask
 
     out = Path(a.out)
     logging.basicConfig(
         filename=out / "node.log", level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
     )
-    layout = synthetic_layout(a.mib * (1 << 20) / 1e6)  # exactly a.mib MiB
+    task = SyntheticTask(mb=a.mib * (1 << 20) / 1e6)  # exactly a.mib MiB
+    layout = FlatLayout.from_shapes(task.layout(RUN_SEED))
     premerge, merged = out / "premerge.safetensors", out / "merged.safetensors"
-    await trio.to_thread.run_sync(write_synthetic, premerge, layout, RUN_SEED, a.index)
+    await trio.to_thread.run_sync(task.write_premerge, premerge, RUN_SEED, a.index)
     key_pair = create_new_key_pair()
     host = build_host(key_pair)
     # every node on 127.0.0.1, as the testnet: no IP diversity to ask for
@@ -313,6 +318,8 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
             "hwm": _status_kb(os.getpid(), "VmHWM:") << 10,
             "traced_added": traced_peak - traced0,
             "attempt": outcome.attempt,
+            "agg_peak": outcome.aggregation_peak_bytes,
+            "agg_bound": 4 * layout.numel / len(outcome.members) + 2 * outcome.window_bytes,
             "max_lag_s": max_lag,
             "cpu_s": cpu_s,
             "fast": {
@@ -524,6 +531,8 @@ def fflnode_trial(a: argparse.Namespace, trial: Path, mib: int) -> dict:
         "fast": [r["fast"] for r in res],
         "owned": [len(r["owned"]) for r in res],
         "attempts": max(r["attempt"] for r in res) + 1,
+        "agg_peak": max(r["agg_peak"] for r in res),
+        "agg_bound": min(r["agg_bound"] for r in res),
         "max_lag_s": max(r["max_lag_s"] for r in res),
     }
 
@@ -631,6 +640,17 @@ def report(sizes: list[int], runs: dict, a: argparse.Namespace) -> None:
                 ph = {k: med(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
                 print(f"{mib} MiB " + " ".join(f"{k} {v:.2f}" for k, v in ph.items()), end="; ")
         print()
+    if "fflnode" in a.systems:
+        print()
+        for mib in sizes:
+            rs = [r for r in runs[("fflnode", mib)] if "agg_peak" in r]
+            if rs:
+                peak, bound = max(r["agg_peak"] for r in rs), min(r["agg_bound"] for r in rs)
+                print(
+                    f"{mib} MiB: fflnode aggregation memory, tracked peak over nodes and repeats "
+                    f"{_mib(peak)} MiB <= |theta|/N + 2 windows = {_mib(bound)} MiB: "
+                    f"{'yes' if peak <= bound else 'NO'}"
+                )
     if a.systems == ["fflnode", "hivemind"]:
         print()
         for mib in sizes:
@@ -708,7 +728,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"CPU {res['cpu_s']:.2f} s/peer, peak RSS {_mib(res['peak_rss'])} MiB, "
                         f"exact {res['exact']:.4f}"
                         + (f", {res['attempts']} attempts" if res.get("attempts", 1) > 1 else "")
-                        + (f", loop lag {res['max_lag_s']:.2f} s" if "max_lag_s" in res else ""),
+                        + (f", loop lag {res['max_lag_s']:.2f} s" if "max_lag_s" in res else "")
+                        + (
+                            f", aggregation peak {_mib(res['agg_peak'])} MiB"
+                            if "agg_peak" in res
+                            else ""
+                        ),
                         file=sys.stderr,
                         flush=True,
                     )

@@ -128,6 +128,11 @@ class MergeOutcome:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # agreed member -> why left out
     attempt: int = 0  # the attempt that completed (> 0: a member was lost mid-merge)
+    # The most aggregation memory held at once (MergeSession.gauge: owned results, float64
+    # accumulators, pieces received or read and not yet added or written), and the window
+    # it is bounded by: at most |theta|/N + 2 windows (module doc, Memory).
+    aggregation_peak_bytes: int = 0
+    window_bytes: int = 0
 
 
 class MergeRetry(MergeError):
@@ -247,6 +252,7 @@ class MergeSession:
         self.agreed_event = trio.Event()
         self.plan: list[Shard] = []
         self.results: dict[int, np.ndarray] = {}
+        self.gauge = bulk.Gauge()  # aggregation memory (MergeOutcome.aggregation_peak_bytes)
         self.result_ready: dict[int, trio.Event] = {}  # a whole owned shard reduced
         self.piece_ready: dict[int, list[trio.Event]] = {}  # owned shard -> per piece
         self.failed: dict[int, str] = {}
@@ -321,7 +327,9 @@ class MergeSession:
     def piece_elems_for(self, members: int) -> int:
         """Elements per piece on the wire with `members` merging: a reduce holds one piece
         per member and LIVE_PIECES float64 accumulators (2 pieces each) within a window of
-        merge.window x merge.piece_elems float32 values."""
+        merge.window x merge.piece_elems float32 values. Pieces never shrink below
+        MIN_TRANSFER_PIECE_BYTES, so that holds while a window has room for (members +
+        2 LIVE_PIECES) of them: at the defaults (8 MiB windows), up to 124 members."""
         window_bytes = self.window * self.piece_elems * 4
         per = window_bytes // (max(1, members) + 2 * LIVE_PIECES)
         nbytes = max(MIN_TRANSFER_PIECE_BYTES, min(TRANSFER_PIECE_BYTES, per))
@@ -393,6 +401,7 @@ class MergeSession:
             self.result_ready = {s.index: trio.Event() for s in self.plan}
             for s in owned:
                 self.results[s.index] = np.empty(s.numel, dtype=np.float32)
+                self.gauge.hold(self.results[s.index].nbytes)
                 n_pieces = len(s.pieces(self.transfer_elems))
                 self.piece_ready[s.index] = [trio.Event() for _ in range(n_pieces)]
             self.agreed = members
@@ -426,6 +435,8 @@ class MergeSession:
             phases,
             excluded,
             self.attempt,
+            self.gauge.peak,
+            self.window * self.piece_elems * 4,
         )
 
     async def _fingerprint(self) -> bytes:
@@ -608,7 +619,16 @@ class MergeSession:
                 return fastpath.as_stream(spare[0])
             if spare is not None:
                 await spare[0].aclose()
-            return fastpath.as_stream(await self.fastpath.open(peer))
+            try:
+                return fastpath.as_stream(await self.fastpath.open(peer))
+            except streams.STREAM_ERRORS as e:  # not FastPathError: a dishonest peer fails
+                # A peer with no fast path at all (neither TLS nor its fallback protocol,
+                # e.g. a node that runs without one): the merge's own libp2p protocol.
+                log.info(
+                    "merge: no fast path to %s (%s); using %s",
+                    short_peer(str(peer)), type(e).__name__, MERGE_PROTOCOL,
+                )  # fmt: skip
+                return await self.host.new_stream(peer, [MERGE_PROTOCOL])
 
         return bulk.Link(
             peer,
@@ -619,6 +639,7 @@ class MergeSession:
             expected_bytes=expected_bytes,
             wait_s=wait_s,
             depth=LINK_DEPTH,
+            gauge=self.gauge,
         )
 
     async def _run_link(self, link: bulk.Link, on_piece: bulk.OnPiece, what: str) -> None:
@@ -651,6 +672,7 @@ class MergeSession:
                 [(lo - s.lo, hi - s.lo) for lo, hi in s.pieces(p)],
                 len(members),  # contribute() below adds each in turn: nothing waits
                 out=self.results[s.index],
+                gauge=self.gauge,
             )
             for s in owned
         }
@@ -688,12 +710,17 @@ class MergeSession:
                 self.piece_ready[j][k].set()
                 done[g].set()
                 if reducer.complete:
+                    reducer.release()
                     self.result_ready[j].set()
             turn.unpark_all()
 
         async def read_own() -> None:
             for s, _, lo, hi in pieces:
-                await contribute(me, s.index, lo, await self._read_premerge(lo, hi))
+                self.gauge.hold(4 * (hi - lo))
+                try:
+                    await contribute(me, s.index, lo, await self._read_premerge(lo, hi))
+                finally:
+                    self.gauge.release(4 * (hi - lo))
 
         async def pull(m: bytes) -> None:
             async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
@@ -720,6 +747,8 @@ class MergeSession:
         except FflError as e:
             failure = e
         finally:
+            for reducer in reducers.values():
+                reducer.release()
             for j in reducers:  # wake every waiting request: it serves, or says "failed"
                 if not ok and not self.result_ready[j].is_set():
                     self.failed[j] = f"shard {j}: {failure or 'the merge attempt stopped'}"

@@ -19,10 +19,14 @@ member-minor) holds one or two accumulators at a time, never one for the whole s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fflnode.errors import MergeError
+
+if TYPE_CHECKING:  # the reducer is pure numpy: no trio or libp2p import at run time
+    from fflnode.p2p.bulk import Gauge
 
 
 class CanonicalReducer:
@@ -39,6 +43,7 @@ class CanonicalReducer:
         pieces: Sequence[tuple[int, int]],
         window: int,
         out: np.ndarray | None = None,
+        gauge: Gauge | None = None,
     ) -> None:
         if list(members) != sorted(set(members)) or not members:
             raise MergeError("reducer members must be non-empty, sorted ascending and unique")
@@ -61,6 +66,8 @@ class CanonicalReducer:
         # GB/s in this VM, DESIGN.md); reducing 16 MiB from 4 members in 1 MiB pieces took
         # 0.05-0.07 s with fresh ones, 0.03-0.04 reusing them.
         self._spare: list[np.ndarray] = []
+        self.gauge = gauge  # told of every accumulator allocated, and of `release`
+        self._allocated = 0  # bytes of accumulators allocated (live and spare)
         self.added = 0  # contributions added so far (buffered ones not counted)
 
     def add(self, peer: bytes, piece: int, values: np.ndarray) -> bool:
@@ -110,7 +117,19 @@ class CanonicalReducer:
             buf = self._spare.pop()
             if len(buf) >= n:
                 return buf[:n]
-        return np.empty(n, dtype=np.float64)
+        buf = np.empty(n, dtype=np.float64)
+        self._allocated += buf.nbytes
+        if self.gauge is not None:
+            self.gauge.hold(buf.nbytes)
+        return buf
+
+    def release(self) -> None:
+        """Drop the accumulators (live and spare): after `result`, or when giving up."""
+        self.acc.clear()
+        self._spare.clear()
+        if self.gauge is not None:
+            self.gauge.release(self._allocated)
+        self._allocated = 0
 
     def done(self, piece: int) -> bool:
         return self.next[piece] == len(self.members)

@@ -108,6 +108,22 @@ class Traffic:
         return sum(self.received.values())
 
 
+class Gauge:
+    """Bytes a node holds in named buffers now, and the most it held at once: the
+    merge's aggregation memory, measured where the buffers are taken and given back."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+    def release(self, nbytes: int) -> None:
+        self.now -= nbytes
+
+
 Resolved = tuple[str, Sequence[tuple[str, np.ndarray]], dict[str, float | int]]
 Resolver = Callable[[str, wire.Message], Awaitable[Resolved]]
 OnPiece = Callable[[Request, wire.BulkHeader, dict[str, np.ndarray]], Awaitable[None] | None]
@@ -209,8 +225,10 @@ class Link:
         expected_bytes: int,
         wait_s: float = 0.0,
         depth: int = DEFAULT_WINDOW,
+        gauge: Gauge | None = None,
     ) -> None:
         self.peer = peer
+        self.gauge = gauge  # counts each answer's body from its header until delivered
         self.depth = depth  # requests sent and not answered, at most
         self.protocol = protocol
         self.run_id = run
@@ -289,12 +307,18 @@ class Link:
             codec=req.codec,
         )  # fmt: skip
         progress.in_body = True
-        arrays = await streams.recv_bulk_body(stream, header)
-        progress.in_body = False
-        self.traffic.add_received(self.protocol, header.nbytes + wire.LENGTH_PREFIX.size)
-        async with lock:
-            await streams.send_message(stream, "ack", ok=True)
-        await _deliver(on_piece, req, header, arrays, self.peer, self.protocol)
+        if self.gauge is not None:
+            self.gauge.hold(header.nbytes)
+        try:
+            arrays = await streams.recv_bulk_body(stream, header)
+            progress.in_body = False
+            self.traffic.add_received(self.protocol, header.nbytes + wire.LENGTH_PREFIX.size)
+            async with lock:
+                await streams.send_message(stream, "ack", ok=True)
+            await _deliver(on_piece, req, header, arrays, self.peer, self.protocol)
+        finally:
+            if self.gauge is not None:
+                self.gauge.release(header.nbytes)
         if self.unanswered and self.unanswered[0] is req:  # after: a retry asks again
             self.unanswered.popleft()
             self._room.unpark()
