@@ -196,7 +196,7 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
     from fflnode.p2p.bulk import Traffic
     from fflnode.p2p.fastpath import FastPath
     from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
-    from fflnode.p2p.membership import Membership
+    from fflnode.p2p.membership import HEARTBEAT_S, Membership
     from fflnode.tensors import FlatLayout
     from fflnode.train.tasks.synthetic import SyntheticTask
 
@@ -235,6 +235,20 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
         if text.startswith("merge agreed"):
             cpu_at_agreement = tree_cpu_s(os.getpid())
 
+    async def keep_connected(boot) -> None:  # type: ignore[no-untyped-def]
+        """Redial peer 0 when the connection drops (py-libp2p cuts connections whose
+        pings go unanswered, as on a machine loaded far past its cores): membership
+        redials the others from heartbeats, but hears none with no connection at all."""
+        while True:
+            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+            if not host.get_network().connections.get(boot.peer_id):
+                with trio.move_on_after(HEARTBEAT_S):
+                    try:
+                        host.get_network().unblock_peer(boot.peer_id)
+                        await host.connect(boot)
+                    except Exception as e:  # libp2p raises assorted types; try again
+                        logging.getLogger("bench").info("redial peer 0: %r", e)
+
     listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
     async with running_host(host, listen), background_trio_service(pubsub):
         async with background_trio_service(router):
@@ -249,7 +263,9 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
                     await nursery.start(fast.serve)
                 _emit({"addr": f"{host.get_addrs()[0]}"})
                 if a.bootstrap:
-                    await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.bootstrap)))
+                    boot = info_from_p2p_addr(multiaddr.Multiaddr(a.bootstrap))
+                    await host.connect(boot)
+                    nursery.start_soon(keep_connected, boot)
                 members = await start_barrier(membership, a.nodes, START_TIMEOUT_S, nursery)
 
                 def session(attempt: int) -> MergeSession:
