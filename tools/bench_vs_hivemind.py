@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -461,7 +462,7 @@ def _spawn_peers(python: str, role: str, a: argparse.Namespace, trial: Path, mib
             if a.trace:
                 cmd.append("--trace")
             if a.profile and role == "fflnode-peer":  # py-spy's collapsed stacks, per node
-                spy = [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250"]
+                spy = [a.py_spy, "record", "-r", "250"]
                 cmd = [*spy, "-f", "raw", "-o", str(d / "profile.txt"), "--", *cmd]
             if i > 0:
                 cmd += ["--bootstrap", boot]
@@ -711,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--profile", action="store_true",
         help="fflnode: run each node under py-spy (pip install py-spy); implies --keep",
+    )  # fmt: skip
+    p.add_argument(
+        "--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+        help="the py-spy executable for --profile (default: on PATH, else beside python)",
     )  # fmt: skip
     a = p.parse_args(argv)
     a.keep = a.keep or a.profile
