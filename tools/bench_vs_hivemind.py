@@ -729,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no --hivemind-python: running fflnode only", file=sys.stderr)
         a.systems.remove("hivemind")
     runs: dict = {(s, m): [] for s in a.systems for m in sizes}
+    failed = {(s, m): 0 for s in a.systems for m in sizes}  # trials that did not complete
     base = Path(tempfile.mkdtemp(prefix="bench-vs-hivemind-", dir="."))
     try:
         for r in range(a.repeats):
@@ -739,10 +740,16 @@ def main(argv: list[str] | None = None) -> int:
                     run = fflnode_trial if system == "fflnode" else hivemind_trial
                     try:
                         res = run(a, trial, mib)
-                    except Exception:
+                    except Exception as e:  # counted and shown, not dropped silently
                         a.keep = True  # the failed trial's logs stay for a look
-                        print(f"trial failed; its files are in {trial}", file=sys.stderr)
-                        raise
+                        failed[(system, mib)] += 1
+                        print(
+                            f"repeat {r + 1}/{a.repeats} {mib} MiB {system}: FAILED "
+                            f"({str(e).strip().splitlines()[-1][:200]}); files in {trial}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        continue
                     runs[(system, mib)].append(res)
                     print(
                         f"repeat {r + 1}/{a.repeats} {mib} MiB {system}: {res['seconds']:.2f} s, "
@@ -761,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not a.keep:
                         subprocess.run(["rm", "-rf", str(trial)], check=True)
         report(sizes, runs, a)
+        for (system, mib), n in failed.items():
+            if n:
+                print(f"{mib} MiB {system}: {n} of {a.repeats} trials FAILED (not in the table)")
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         if not a.keep:
