@@ -25,8 +25,9 @@ verify (MergeOutcome.phase_seconds). fflnode's agreement phase (fingerprints, th
 view that must hold still AGREE_SETTLE_S = 2 s, then propose/lock/commit) is shown
 apart, as hivemind's matchmaking is not timed at all.
 
-Memory per peer: the peak, sampled every SAMPLE_S, of the summed RSS of all the peer's
-processes (fflnode: one; hivemind: main, DHT, averager, p2pd), and the same for PSS
+Memory per peer: the peak, sampled every SAMPLE_S (PSS: every PSS_EVERY samples), of
+the summed RSS of all the peer's processes (fflnode: one; hivemind: main, DHT, averager,
+p2pd), and the same for PSS
 (shared pages split between the processes sharing them: hivemind's averaged tensor is
 shared memory, which RSS counts in every process mapping it). "added" is the peak minus
 the sum just before the timed part.
@@ -66,7 +67,10 @@ RUN_SEED = (
     1  # data: fflnode's SyntheticTask.write_premerge(seed, node) / hivemind's default_rng(seed, i)
 )
 LAG_PERIOD_S = 0.05  # fflnode peers: how often the event loop's lateness is sampled
-SAMPLE_S = 0.05  # memory sampling period: 20 Hz catches a peak lasting a few transfers
+SAMPLE_S = 0.05  # RSS sampling period: 20 Hz catches a peak lasting a few transfers
+# PSS is sampled every PSS_EVERY RSS samples: the kernel walks every mapping to sum it,
+# and at 20 Hz py-spy put the sampler at 28 % of a merging node's samples (4 nodes, 64 MiB).
+PSS_EVERY = 10
 TRIAL_TIMEOUT_S = 900  # one trial; 256 MiB through the slowest path took ~60 s
 READY_TIMEOUT_S = 120  # a peer process importing torch on a loaded machine: ~5-20 s
 START_TIMEOUT_S = 120.0  # fflnode's start barrier
@@ -139,16 +143,18 @@ class TreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> tuple[int, int]:
+    def sample(self, pss: bool = True) -> tuple[int, int]:
         pids = _tree(self.pid)
         return (
             sum(_status_kb(p, "VmRSS:") for p in pids) << 10,
-            sum(_pss_kb(p) for p in pids) << 10,
+            sum(_pss_kb(p) for p in pids) << 10 if pss else 0,
         )
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.wait(SAMPLE_S):
-            rss, pss = self.sample()
+            n += 1
+            rss, pss = self.sample(pss=n % PSS_EVERY == 0)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     def start(self) -> tuple[int, int]:
