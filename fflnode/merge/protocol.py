@@ -74,7 +74,7 @@ from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
 from fflnode.merge.reduce import CanonicalReducer
 from fflnode.p2p import bulk, fastpath, streams
-from fflnode.p2p.membership import HEARTBEAT_S, Membership
+from fflnode.p2p.membership import HEARTBEAT_S, MEMBER_TIMEOUT_S, Membership
 from fflnode.prism.store import MAX_IDLE_STREAMS, TensorStore, read_header
 from fflnode.prism.writer import AtomicSafetensorsWriter
 from fflnode.tensors import FlatLayout, ModelHasher, canonical_names
@@ -106,6 +106,11 @@ SPARE_MAX_AGE_S = bulk.SERVE_IDLE_TIMEOUT_S * 3 / 4
 SPARE_REFRESH_S = bulk.SERVE_IDLE_TIMEOUT_S / 3
 SPARE_RETRY_S = HEARTBEAT_S  # after a failed open: a fresh connection settles in a beat
 HASH_READ_BYTES = 4 << 20  # per pread when hashing the merged file (page cache)
+# A member without a hash yet, suspected while we wait for it, is given up on (the
+# attempt fails, the next leaves it out) once suspected this long without a break. At
+# once, 2 of 4 bench nodes (load 20-30 on 2 cores) abandoned merges the other 2 verified
+# with their hashes, then waited alone for an attempt nobody else joined.
+VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
@@ -843,10 +848,18 @@ class MergeSession:
     # ------------------------------------------------------------------ 5. verify
     async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
         others = [p for p in members if p != self.me]
+        lost_since: dict[ID, float] = {}  # members without a hash, suspected since when
 
         def have_all() -> bool:
-            done = all(p in self.hashes for p in others)
-            return done or bool(self._lost(others)) or self.newer_attempt > self.attempt
+            if all(p in self.hashes for p in others) or self.newer_attempt > self.attempt:
+                return True
+            now, lost = trio.current_time(), set(self._lost(others)) - set(self.hashes)
+            for p in list(lost_since):
+                if p not in lost:
+                    del lost_since[p]  # back: its hash may still come
+            for p in lost:
+                lost_since.setdefault(p, now)
+            return any(now - t >= VERIFY_LOST_GRACE_S for t in lost_since.values())
 
         async def publish() -> None:
             while True:  # now, then every heartbeat: late joiners need our hash too
