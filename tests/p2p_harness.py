@@ -10,6 +10,7 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
@@ -26,6 +27,7 @@ class Peer:
     host: IHost
     membership: Membership
     traffic: Traffic
+    key_pair: KeyPair | None = None  # the host's identity (a FastPath needs it)
 
     @property
     def id(self) -> ID:
@@ -38,7 +40,8 @@ async def peers(n: int, run_id: str = "test-run") -> AsyncIterator[list[Peer]]:
     async with AsyncExitStack() as stack:
         out: list[Peer] = []
         for _ in range(n):
-            host = build_host(create_new_key_pair())
+            key_pair = create_new_key_pair()
+            host = build_host(key_pair)
             pubsub, router = build_pubsub(host, n)
             listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
             await stack.enter_async_context(running_host(host, listen))
@@ -47,7 +50,7 @@ async def peers(n: int, run_id: str = "test-run") -> AsyncIterator[list[Peer]]:
             stack.push_async_callback(close_host, host)  # first to run on exit
             await pubsub.wait_until_ready()
             traffic = Traffic()
-            out.append(Peer(host, Membership(host, pubsub, run_id, traffic), traffic))
+            out.append(Peer(host, Membership(host, pubsub, run_id, traffic), traffic, key_pair))
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         for p in out:

@@ -19,25 +19,44 @@ Theory of operation.
    newer attempt joins it, and the new agreement leaves the lost member out, so its
    shards get new owners.
 2. Plan. Every participant computes the same plan (fflnode.merge.plan): M shards of the
-   flat vector, owners by rendezvous hashing over the agreed members.
-3. Reduce-scatter. An owner pulls its shard from every member in canonical order
-   (ascending peer-ID bytes), piece by piece, a bounded window ahead, and adds into a
-   float64 accumulator (fflnode.merge.reduce). It holds O(|theta|/M) plus the window,
-   never the model. A member that cannot deliver fails the shard loudly.
-4. All-gather. Every node pulls each merged shard from its owner and writes it at its
+   flat vector (merge.shards, or one per agreed member), no member owning more than
+   ceil(M / N), owners anchored on the run's members so survivors keep theirs.
+3. Reduce-scatter, streamed. An owner walks the pieces of its shards in order and asks
+   every member for each piece in canonical order (ascending peer-ID bytes), itself
+   included (its own premerge file). Requests go out on one pipelined link per member
+   (fflnode.p2p.bulk.Link), each granted only while the reduce window has room, so the
+   pieces requested or held never exceed it; a piece's float64 accumulator lives only
+   from its first contribution to its last (fflnode.merge.reduce), and at most
+   LIVE_PIECES pieces are in progress. A reduced piece goes into the owner's result
+   buffer (its shards, |theta|/N with M = N) and its merged file at once, and peers may
+   fetch it from then on. A member that cannot deliver fails the merge loudly.
+4. All-gather, overlapped with 3. Every node pulls the pieces of every other shard from
+   its owner, round robin over owners, within its gather window, and writes each at its
    place in merged.safetensors (atomic: temp file, fsync, rename).
 5. Verify. Each node hashes its merged file, announces the hash with the digest of the
    member list, and waits for every member's. Any difference is a MergeError.
 
+Transport. With a FastPath (fflnode.p2p.fastpath) a link is an authenticated TLS 1.3
+channel beside libp2p (586 MB/s against 208 for one py-libp2p stream, tools/bench_bulk.py),
+or a libp2p stream where a peer has no fast path; without one, a libp2p stream on
+MERGE_PROTOCOL. The bulk protocol (get, bulk, ack) is the same on all three.
+
+Memory. Aggregation holds the results of the owned shards (|theta|/N), one reduce
+window (granted pieces plus LIVE_PIECES float64 accumulators) and one gather window
+(granted pieces): a window is merge.window x merge.piece_elems float32 values. Serving
+holds one piece per inbound link while it is sent, plus Prism's slot pools.
+
 Premerge pieces are read from the node's premerge file through Prism (io_uring into a
-bounded slot pool), so serving costs one piece of memory per open request, whatever the
-model size; the merged file is hashed through it the same way.
+bounded slot pool). The merged file, just written and so in the page cache, is hashed
+back in a worker thread (`hash_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,11 +73,11 @@ from fflnode.errors import FflError, MergeError, short_peer
 from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
 from fflnode.merge.reduce import CanonicalReducer
-from fflnode.p2p import bulk
-from fflnode.p2p.membership import HEARTBEAT_S, Membership
-from fflnode.prism.store import TensorStore
+from fflnode.p2p import bulk, fastpath, streams
+from fflnode.p2p.membership import HEARTBEAT_S, MEMBER_TIMEOUT_S, Membership
+from fflnode.prism.store import MAX_IDLE_STREAMS, TensorStore, read_header
 from fflnode.prism.writer import AtomicSafetensorsWriter
-from fflnode.tensors import FlatLayout, ModelHasher
+from fflnode.tensors import FlatLayout, ModelHasher, canonical_names
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +86,31 @@ MERGE_PROTOCOL = "/fflnode/merge/1.0.0"
 # on a loaded machine should not sink a merge, a dead member should sink it quickly.
 PULL_ATTEMPTS = 3
 PULL_RETRY_DELAY_S = 1.0
-# Shards reduced or gathered at once by one node: 2 overlaps one transfer's latency
-# with another's, and bounds memory at 2 shard accumulators.
-SHARD_PARALLELISM = 2
+# Largest piece on the wire (bytes), at most merge.piece_elems: the unit of a request and
+# of one reduction step. A link holds one piece at a time, so a reduce holds about one
+# per member plus LIVE_PIECES float64 accumulators: pieces shrink with more members to
+# keep that within a window (`piece_elems_for`), down to MIN_TRANSFER_PIECE_BYTES.
+TRANSFER_PIECE_BYTES = 1 << 20
+MIN_TRANSFER_PIECE_BYTES = 64 << 10  # ~0.1 ms of TLS per piece against ~50 us of framing
+# Pieces whose float64 accumulator may be live at once while reducing: the piece whose
+# last contributions are arriving and the next one, whose first already may.
+LIVE_PIECES = 2
+# Requests outstanding on one link: the peer has the next ones in hand while it sends a
+# piece, so a busy peer never waits a round trip for work. With one (what a shared
+# window of 4 pieces gave each member), 64 MiB over 4 loaded nodes took 5-7 s to reduce.
+LINK_DEPTH = 8
+# A channel opened ahead is used only this fresh: its server closes a channel that has
+# carried no request for bulk.SERVE_IDLE_TIMEOUT_S, and using one it just closed would
+# cost a failed attempt and a retry. Until the agreement, spares are replaced this often.
+SPARE_MAX_AGE_S = bulk.SERVE_IDLE_TIMEOUT_S * 3 / 4
+SPARE_REFRESH_S = bulk.SERVE_IDLE_TIMEOUT_S / 3
+SPARE_RETRY_S = HEARTBEAT_S  # after a failed open: a fresh connection settles in a beat
+HASH_READ_BYTES = 4 << 20  # per pread when hashing the merged file (page cache)
+# A member without a hash yet, suspected while we wait for it, is given up on (the
+# attempt fails, the next leaves it out) once suspected this long without a break. At
+# once, 2 of 4 bench nodes (load 20-30 on 2 cores) abandoned merges the other 2 verified
+# with their hashes, then waited alone for an attempt nobody else joined.
+VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
@@ -92,6 +133,11 @@ class MergeOutcome:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # agreed member -> why left out
     attempt: int = 0  # the attempt that completed (> 0: a member was lost mid-merge)
+    # The most aggregation memory held at once (MergeSession.gauge: owned results, float64
+    # accumulators, pieces received or read and not yet added or written), and the window
+    # it is bounded by: at most |theta|/N + 2 windows (module doc, Memory).
+    aggregation_peak_bytes: int = 0
+    window_bytes: int = 0
 
 
 class MergeRetry(MergeError):
@@ -112,6 +158,35 @@ class MergeMismatch(MergeError):
 
 class MergeExcluded(MergeError):
     """This node's weights are an outlier by the rule every member applies."""
+
+
+def hash_file(path: Path) -> str:
+    """The model hash (fflnode.tensors.ModelHasher) of a safetensors file's tensors.
+
+    The merged file was written moments ago, so this reads the page cache: plain preads
+    into one reused buffer, sha256 and pread both releasing the GIL, so a worker thread
+    hashes beside the event loop (still serving peers). Through Prism, on the event
+    loop, the same hash cost 8-12 % of a merging node's CPU in py-spy, a third of it
+    building a stream's slot pool for this one file.
+    """
+    header = read_header(path)
+    hasher = ModelHasher()
+    buf = bytearray(HASH_READ_BYTES)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for name in canonical_names(header.tensors):
+            info = header.tensors[name]
+            hasher.begin_tensor(name)
+            pos = info.start
+            while pos < info.stop:
+                n = os.preadv(fd, [memoryview(buf)[: min(len(buf), info.stop - pos)]], pos)
+                if n <= 0:
+                    raise MergeError(f"{path}: ends inside tensor {name!r}")
+                hasher.update(memoryview(buf)[:n])
+                pos += n
+    finally:
+        os.close(fd)
+    return hasher.hexdigest()
 
 
 def members_digest(members: list[ID]) -> str:
@@ -143,7 +218,10 @@ class MergeSession:
         exclude_outliers: bool = True,
         attempt: int = 0,
         on_phase: Callable[[str], None] | None = None,
+        fastpath: fastpath.FastPath | None = None,
     ) -> None:
+        """`fastpath`: the node's FastPath, whose handler hands inbound channels to
+        `handle_channel`; None moves everything over libp2p streams (MERGE_PROTOCOL)."""
         self.host = host
         self.membership = membership
         self.run_id = run_id
@@ -154,6 +232,10 @@ class MergeSession:
         self.quorum = quorum or len(run_members) // 2 + 1  # 0: a majority of the run
         self.window = window
         self.piece_elems = piece_elems
+        self.fastpath = fastpath
+        # (peer, purpose) -> a channel opened ahead (`_preopen`), and when
+        self._spares: dict[tuple[ID, str], tuple[fastpath.Channel, float]] = {}
+        self.transfer_elems = self.piece_elems_for(len(run_members))  # set again on agreeing
         self.timeout_s = timeout_s
         self.traffic = traffic
         self.store_options = dict(store_options or {})
@@ -166,12 +248,18 @@ class MergeSession:
         self.fingerprints: dict[ID, bytes | None] = {}
         self.me = host.get_id()
         self.premerge: TensorStore | None = None
+        # Concurrent premerge reads (serving every peer, and our own share): no more than
+        # the store keeps streams open between reads, or each read past them builds and
+        # drops a Prism stream and its slot pool (py-spy: SlotPool.__init__ in the merge).
+        self._readers = trio.CapacityLimiter(MAX_IDLE_STREAMS)
         self.premerge_ready = trio.Event()
         self.agreed: list[ID] | None = None
         self.agreed_event = trio.Event()
         self.plan: list[Shard] = []
         self.results: dict[int, np.ndarray] = {}
-        self.result_ready: dict[int, trio.Event] = {}
+        self.gauge = bulk.Gauge()  # aggregation memory (MergeOutcome.aggregation_peak_bytes)
+        self.result_ready: dict[int, trio.Event] = {}  # a whole owned shard reduced
+        self.piece_ready: dict[int, list[trio.Event]] = {}  # owned shard -> per piece
         self.failed: dict[int, str] = {}
         self.agreement = Agreement(
             str(self.me),
@@ -205,6 +293,12 @@ class MergeSession:
     async def handle(self, stream: INetStream) -> None:
         await bulk.serve(stream, MERGE_PROTOCOL, self.run_id, self._resolve, self.traffic)
 
+    async def handle_channel(self, peer_id: ID, channel: fastpath.Channel) -> None:
+        """Serve a channel the node's FastPath accepted (fast, or its libp2p fallback)."""
+        await bulk.serve(
+            fastpath.as_stream(channel), MERGE_PROTOCOL, self.run_id, self._resolve, self.traffic
+        )
+
     async def _resolve(self, peer: str, msg: wire.Message) -> bulk.Resolved:
         if peer not in self._run_member_names:  # before waiting: outsiders wait for nothing
             raise bulk.Unavailable("not-member", "requester is not a member of this run")
@@ -227,13 +321,41 @@ class MergeSession:
             if shard.owner != self.me.to_bytes():
                 raise bulk.Unavailable("not-owner", f"shard {j} is owned elsewhere")
             with trio.move_on_after(self.timeout_s):
-                await self.result_ready[j].wait()
-            if j in self.failed or j not in self.results:
+                await self._reduced(j, lo, hi)
+            if j in self.failed or not self._is_reduced(j, lo, hi):
                 raise bulk.Unavailable("failed", self.failed.get(j, f"shard {j} not reduced"))
             values = self.results[j][lo - shard.lo : hi - shard.lo]
         else:
             raise bulk.Unavailable("bad-request", f"{MERGE_PROTOCOL} does not serve {msg['what']}")
         return "none", [("values", values)], {}
+
+    def piece_elems_for(self, members: int) -> int:
+        """Elements per piece on the wire with `members` merging: a reduce holds one piece
+        per member and LIVE_PIECES float64 accumulators (2 pieces each) within a window of
+        merge.window x merge.piece_elems float32 values. Pieces never shrink below
+        MIN_TRANSFER_PIECE_BYTES, so that holds while a window has room for (members +
+        2 LIVE_PIECES) of them: at the defaults (8 MiB windows), up to 124 members."""
+        window_bytes = self.window * self.piece_elems * 4
+        per = window_bytes // (max(1, members) + 2 * LIVE_PIECES)
+        nbytes = max(MIN_TRANSFER_PIECE_BYTES, min(TRANSFER_PIECE_BYTES, per))
+        return max(1, min(self.piece_elems, nbytes // 4))
+
+    def _pieces_of(self, j: int, lo: int, hi: int) -> list[trio.Event]:
+        """Readiness of the pieces of owned shard j that [lo, hi) overlaps."""
+        events = self.piece_ready.get(j)
+        if events is None:
+            return [self.result_ready[j]]
+        base, p = self.plan[j].lo, self.transfer_elems
+        return events[(lo - base) // p : (hi - 1 - base) // p + 1]
+
+    async def _reduced(self, j: int, lo: int, hi: int) -> None:
+        if not self.result_ready[j].is_set():
+            for event in self._pieces_of(j, lo, hi):
+                await event.wait()
+
+    def _is_reduced(self, j: int, lo: int, hi: int) -> bool:
+        ready = self.result_ready[j].is_set() or all(e.is_set() for e in self._pieces_of(j, lo, hi))
+        return ready and j in self.results
 
     # ------------------------------------------------------------------ the merge
     async def run(self, premerge_path: Path, out_path: Path) -> MergeOutcome:
@@ -243,9 +365,18 @@ class MergeSession:
         if not self.premerge.is_flat_float32() or self.premerge.numel != self.layout.numel:
             raise MergeError(f"{premerge_path}: not the run's canonical float32 flat checkpoint")
         self.premerge_ready.set()
-        self.fingerprint = await self._fingerprint()
-        with trio.move_on_after(self.timeout_s) as deadline:
-            outcome = await self._run_phases(t0, phases, out_path)
+        try:
+            async with trio.open_nursery() as opener:
+                if self.fastpath is not None:
+                    opener.start_soon(self._preopen)
+                self.fingerprint = await self._fingerprint()
+                with trio.move_on_after(self.timeout_s) as deadline:
+                    outcome = await self._run_phases(t0, phases, out_path)
+                opener.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # what went wrong, not the nurseries around it
+            raise bulk.first_error(group) from None
+        finally:
+            await self._close_spares()
         if deadline.cancelled_caught:
             stage = "agree on members" if self.agreed is None else "complete"
             raise MergeTimeout(
@@ -265,11 +396,21 @@ class MergeSession:
             phases["agree"] = time.perf_counter() - t0
             digest = members_digest(members)
             member_bytes = canonical_members([p.to_bytes() for p in members])
-            self.plan = plan(self.run_id, self.layout.numel, self._m(members), member_bytes)
+            anchor = [p.to_bytes() for p in self.run_members]
+            self.plan = await trio.to_thread.run_sync(
+                lambda: plan(self.run_id, self.layout.numel, self._m(members), member_bytes, anchor)
+            )
+            me = self.me.to_bytes()
+            owned = [s for s in self.plan if s.owner == me]
+            self.transfer_elems = self.piece_elems_for(len(members))
             self.result_ready = {s.index: trio.Event() for s in self.plan}
+            for s in owned:
+                self.results[s.index] = np.empty(s.numel, dtype=np.float32)
+                self.gauge.hold(self.results[s.index].nbytes)
+                n_pieces = len(s.pieces(self.transfer_elems))
+                self.piece_ready[s.index] = [trio.Event() for _ in range(n_pieces)]
             self.agreed = members
             self.agreed_event.set()
-            owned = [s for s in self.plan if s.owner == self.me.to_bytes()]
             self.on_phase(f"merge agreed: {len(members)} members, attempt {self.attempt}")
             log.info(
                 "merge: %d members agreed, %d shards, this node owns %s",
@@ -278,18 +419,17 @@ class MergeSession:
                 [s.index for s in owned],
             )
             t1 = time.perf_counter()
-            await self._bounded(owned, lambda s: self._reduce(s, member_bytes))
-            phases["reduce_scatter"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
             with AtomicSafetensorsWriter.for_flat(
                 out_path, self.layout, {"fflnode.run": self.run_id, "fflnode.digest": digest}
             ) as writer:
-                await self._bounded(self.plan, lambda s: self._gather(s, writer))
+                reduced_at = await self._transfer(owned, member_bytes, writer)
                 await trio.to_thread.run_sync(writer.commit)
-            phases["all_gather"] = time.perf_counter() - t2
+            t2 = time.perf_counter()
+            phases["reduce_scatter"] = reduced_at - t1
+            phases["all_gather"] = t2 - reduced_at
             my_hash = await self._hash_file(out_path)
             await self._verify(members, my_hash, digest)
-            phases["verify"] = time.perf_counter() - t2 - phases["all_gather"]
+            phases["verify"] = time.perf_counter() - t2
             announcer.cancel_scope.cancel()
         return MergeOutcome(
             my_hash,
@@ -300,6 +440,8 @@ class MergeSession:
             phases,
             excluded,
             self.attempt,
+            self.gauge.peak,
+            self.window * self.piece_elems * 4,
         )
 
     async def _fingerprint(self) -> bytes:
@@ -327,6 +469,58 @@ class MergeSession:
             )
         return kept, verdict.excluded
 
+    async def _preopen(self) -> None:
+        """Until the members agree, keep fresh channels open for the transfers: two to
+        every run member in the merge (its heartbeat says so, or it proposed). That time
+        is mostly idle here (fingerprints, AGREE_SETTLE_S), while each open costs a TLS
+        context, handshake and certificate checks: py-spy put opening at the start of the
+        transfers at 13 % of a node's merge CPU. It also needs the libp2p connection,
+        which a loaded machine's missed pings may have cut by the time transfers start.
+        A link takes its spare (`_link`) or opens its own; spares left over are closed."""
+        due: dict[tuple[ID, str], float] = {}  # (peer, purpose) -> when to open again
+
+        async def open_spare(key: tuple[ID, str]) -> None:
+            ok = await self._open_spare(*key)
+            due[key] = trio.current_time() + (SPARE_REFRESH_S if ok else SPARE_RETRY_S)
+
+        async with trio.open_nursery() as nursery:
+            while self.agreed is None:
+                heard, now = set(self.agreement.proposals), trio.current_time()
+                for peer in self.membership.alive():
+                    view = self.membership.peers.get(peer)
+                    in_merge = str(peer) in heard or (view is not None and view.phase == "merge")
+                    if peer not in self.run_members or not in_merge:
+                        continue
+                    for purpose in ("premerge", "merged"):
+                        key = (peer, purpose)
+                        if now >= due.get(key, -math.inf):
+                            due[key] = math.inf  # while opening
+                            nursery.start_soon(open_spare, key)
+                with trio.move_on_after(HEARTBEAT_S):
+                    await self.membership.wait_changed()
+
+    async def _open_spare(self, peer: ID, purpose: str) -> bool:
+        assert self.fastpath is not None
+        try:
+            with trio.fail_after(streams.RPC_SLACK_S):
+                channel = await self.fastpath.open(peer, fallback=False)
+        except (FflError, trio.TooSlowError, *streams.STREAM_ERRORS) as e:
+            # No libp2p stream as a spare: the link opens its own, fast if it can by then.
+            log.debug("merge: no spare channel to %s: %s", short_peer(str(peer)), e)
+            return False  # an older spare, if any, stays
+        old = self._spares.pop((peer, purpose), None)
+        self._spares[(peer, purpose)] = (channel, trio.current_time())
+        if old is not None:
+            with trio.CancelScope(shield=True):
+                await old[0].aclose()
+        return True
+
+    async def _close_spares(self) -> None:
+        spares, self._spares = list(self._spares.values()), {}
+        with trio.CancelScope(shield=True):
+            for channel, _ in spares:
+                await channel.aclose()
+
     def close(self) -> None:
         """Release the premerge file once no member can need it (after wait_all_done)."""
         if self.premerge is not None:
@@ -335,20 +529,13 @@ class MergeSession:
     async def _read_premerge(self, lo: int, hi: int) -> np.ndarray:
         assert self.premerge is not None
         out = np.empty(hi - lo, dtype=np.float32)
-        await self.premerge.read_into(lo, hi, out)
+        async with self._readers:
+            await self.premerge.read_into(lo, hi, out)
         return out
 
     async def _hash_file(self, path: Path) -> str:
-        """The model hash of a file, streamed through Prism chunk by chunk."""
-        hasher = ModelHasher()
-        async with TensorStore.open(path, **self.store_options) as store:  # type: ignore[arg-type]
-            for name in store.names():
-                hasher.begin_tensor(name)
-                async with store.tensor_chunks(name) as chunks:
-                    async for chunk in chunks:
-                        with chunk:
-                            hasher.update(chunk.data)  # ~1 ms per 1 MiB slot
-        return hasher.hexdigest()
+        """The model hash of the merged file, read back in a worker thread."""
+        return await trio.to_thread.run_sync(hash_file, path)
 
     async def wait_all_done(self, members: list[str]) -> bool:
         """After verifying: wait (bounded) until every member reports phase 'done'."""
@@ -358,17 +545,6 @@ class MergeSession:
             return all(self.membership.peers[p].phase == "done" for p in others)
 
         return await self.membership.wait_until(all_done, DONE_GRACE_S)
-
-    async def _bounded(self, shards: list[Shard], fn) -> None:  # type: ignore[no-untyped-def]
-        limiter = trio.CapacityLimiter(SHARD_PARALLELISM)
-
-        async def one(s: Shard) -> None:
-            async with limiter:
-                await fn(s)
-
-        async with trio.open_nursery() as nursery:
-            for s in shards:
-                nursery.start_soon(one, s)
 
     # ------------------------------------------------------------------ 1. agreement
     async def _agree(self, announcer: trio.Nursery) -> list[ID]:
@@ -418,22 +594,214 @@ class MergeSession:
             attempt=self.attempt,
         )
 
-    # ------------------------------------------------------------------ 3. reduce
-    async def _reduce(self, shard: Shard, members: list[bytes]) -> None:
-        pieces = shard.pieces(self.piece_elems)
-        reducer = CanonicalReducer(
-            members, [(lo - shard.lo, hi - shard.lo) for lo, hi in pieces], self.window
-        )
-        try:
-            for member in members:
-                await self._pull_member(shard, member, pieces, reducer)
-            self.results[shard.index] = await trio.to_thread.run_sync(reducer.result)
-        except FflError as e:
-            self.failed[shard.index] = f"shard {shard.index}: {e}"
-            raise MergeError(f"shard {shard.index} reduction failed: {e}") from e
-        finally:
-            self.result_ready[shard.index].set()
+    # ------------------------------------------------------------------ 3 and 4. transfer
+    async def _transfer(
+        self, owned: list[Shard], members: list[bytes], writer: AtomicSafetensorsWriter
+    ) -> float:
+        """Reduce the owned shards and gather the others at once; returns when (perf
+        counter) the owned shards were reduced."""
+        reduced_at = time.perf_counter()
 
+        async def reduce() -> None:
+            nonlocal reduced_at
+            await self._reduce_scatter(owned, members, writer)
+            reduced_at = time.perf_counter()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reduce)
+                nursery.start_soon(self._all_gather, writer)
+        except BaseExceptionGroup as group:
+            raise bulk.first_error(group) from None
+        return reduced_at
+
+    def _link(self, peer: ID, expected_bytes: int, wait_s: float, purpose: str = "") -> bulk.Link:
+        async def open_stream() -> INetStream | fastpath.ChannelStream:
+            if self.fastpath is None:
+                return await self.host.new_stream(peer, [MERGE_PROTOCOL])
+            spare = self._spares.pop((peer, purpose), None)  # once: a retry opens anew
+            if spare is not None and trio.current_time() - spare[1] < SPARE_MAX_AGE_S:
+                return fastpath.as_stream(spare[0])
+            if spare is not None:
+                await spare[0].aclose()
+            try:
+                return fastpath.as_stream(await self.fastpath.open(peer))
+            except streams.STREAM_ERRORS as e:  # not FastPathError: a dishonest peer fails
+                # A peer with no fast path at all (neither TLS nor its fallback protocol,
+                # e.g. a node that runs without one): the merge's own libp2p protocol.
+                log.info(
+                    "merge: no fast path to %s (%s); using %s",
+                    short_peer(str(peer)), type(e).__name__, MERGE_PROTOCOL,
+                )  # fmt: skip
+                return await self.host.new_stream(peer, [MERGE_PROTOCOL])
+
+        return bulk.Link(
+            peer,
+            MERGE_PROTOCOL,
+            self.run_id,
+            self.traffic,
+            open_stream,  # type: ignore[arg-type]
+            expected_bytes=expected_bytes,
+            wait_s=wait_s,
+            depth=LINK_DEPTH,
+            gauge=self.gauge,
+        )
+
+    async def _run_link(self, link: bulk.Link, on_piece: bulk.OnPiece, what: str) -> None:
+        """Run `link` to the end, retrying a failed attempt (a transient stream reset on
+        a loaded machine should not sink a merge, a dead member should sink it quickly)."""
+        for attempt in range(1, PULL_ATTEMPTS + 1):
+            try:
+                await link.run(on_piece)
+                return
+            except FflError as e:
+                if attempt == PULL_ATTEMPTS:
+                    raise MergeError(f"{what} after {PULL_ATTEMPTS} attempts: {e}") from e
+                log.warning("merge: %s (%s); retrying", what, e)
+                await trio.sleep(PULL_RETRY_DELAY_S)  # back-off before a retry
+
+    @staticmethod
+    def _values(shard: Shard, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        if set(arrays) != {"values"}:
+            raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not 'values'")
+        return arrays["values"]
+
+    async def _reduce_scatter(
+        self, owned: list[Shard], members: list[bytes], writer: AtomicSafetensorsWriter
+    ) -> None:
+        """Stream every piece of the owned shards through their reducers (module doc, 3)."""
+        me, p = self.me.to_bytes(), self.transfer_elems
+        reducers = {
+            s.index: CanonicalReducer(
+                members,
+                [(lo - s.lo, hi - s.lo) for lo, hi in s.pieces(p)],
+                len(members),  # contribute() below adds each in turn: nothing waits
+                out=self.results[s.index],
+                gauge=self.gauge,
+            )
+            for s in owned
+        }
+        by_index = {s.index: s for s in owned}
+        position = {m: i for i, m in enumerate(members)}
+        pieces = [(s, k, lo, hi) for s in owned for k, (lo, hi) in enumerate(s.pieces(p))]
+        done = [trio.Event() for _ in pieces]
+        number = {(s.index, lo): g for g, (s, _, lo, _) in enumerate(pieces)}
+        turn = trio.lowlevel.ParkingLot()  # woken at every contribution added
+        mine = sum(s.numel for s in owned)
+        links = {
+            m: self._link(ID(m), 4 * mine, self.timeout_s / 2, "premerge")
+            for m in members
+            if m != me
+        }
+        for s, _, lo, hi in pieces:
+            for link in links.values():
+                link.submit(bulk.Request(self.attempt, "premerge", s.index, lo, hi))
+        for link in links.values():
+            link.finish()
+
+        async def contribute(member: bytes, j: int, lo: int, values: np.ndarray) -> None:
+            """Add `member`'s piece once it is its turn (it holds the piece meanwhile, and
+            its link reads nothing more); a first contribution also waits until at most
+            LIVE_PIECES pieces are in progress."""
+            g, i = number[(j, lo)], position[member]
+            _, k, _, hi = pieces[g]
+            shard, reducer = by_index[j], reducers[j]
+            while reducer.next[k] != i or (
+                i == 0 and g >= LIVE_PIECES and not done[g - LIVE_PIECES].is_set()
+            ):
+                await turn.park()
+            if reducer.add(member, k, values):
+                writer.write_flat(lo, reducer.out[lo - shard.lo : hi - shard.lo])
+                self.piece_ready[j][k].set()
+                done[g].set()
+                if reducer.complete:
+                    reducer.release()
+                    self.result_ready[j].set()
+            turn.unpark_all()
+
+        async def read_own() -> None:
+            for s, _, lo, hi in pieces:
+                self.gauge.hold(4 * (hi - lo))
+                try:
+                    await contribute(me, s.index, lo, await self._read_premerge(lo, hi))
+                finally:
+                    self.gauge.release(4 * (hi - lo))
+
+        async def pull(m: bytes) -> None:
+            async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+                await contribute(m, req.index, req.lo, self._values(by_index[req.index], arrays))
+
+            what = f"member {short_peer(str(ID(m)))} did not deliver its premerge pieces"
+            await self._run_link(links[m], on_piece, what)
+
+        failure: FflError | None = None
+        ok = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_own)
+                for m in links:
+                    nursery.start_soon(pull, m)
+            for reducer in reducers.values():
+                reducer.result()  # raises unless every member gave every piece
+            ok = True
+        except BaseExceptionGroup as group:
+            error = bulk.first_error(group)
+            if not isinstance(error, FflError):
+                raise error from None  # a cancellation, or a bug: as it came
+            failure = error
+        except FflError as e:
+            failure = e
+        finally:
+            for reducer in reducers.values():
+                reducer.release()
+            for j in reducers:  # wake every waiting request: it serves, or says "failed"
+                if not ok and not self.result_ready[j].is_set():
+                    self.failed[j] = f"shard {j}: {failure or 'the merge attempt stopped'}"
+                self.result_ready[j].set()
+                for event in self.piece_ready[j]:
+                    event.set()
+        if failure is not None:
+            raise MergeError(f"reducing shards {sorted(reducers)} failed: {failure}") from failure
+
+    async def _all_gather(self, writer: AtomicSafetensorsWriter) -> None:
+        """Pull every piece of the shards others own from their owners (module doc, 4)."""
+        me, p = self.me.to_bytes(), self.transfer_elems
+        others = [s for s in self.plan if s.owner != me]
+        by_index = {s.index: s for s in others}
+        links: dict[bytes, bulk.Link] = {}
+        for s in others:
+            if s.owner not in links:
+                nbytes = 4 * sum(x.numel for x in others if x.owner == s.owner)
+                links[s.owner] = self._link(ID(s.owner), nbytes, self.timeout_s, "merged")
+            for lo, hi in s.pieces(p):
+                links[s.owner].submit(bulk.Request(self.attempt, "merged", s.index, lo, hi))
+        for link in links.values():
+            link.finish()
+
+        async def pull(o: bytes) -> None:
+            def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+                writer.write_flat(req.lo, self._merged_values(by_index[req.index], req, arrays))
+
+            what = f"owner {short_peer(str(ID(o)))} did not deliver its merged pieces"
+            await self._run_link(links[o], on_piece, what)
+
+        async with trio.open_nursery() as nursery:
+            for o in links:
+                nursery.start_soon(pull, o)
+
+    @staticmethod
+    def _merged_values(shard: Shard, req: bulk.Request, arrays: dict) -> np.ndarray:
+        values = arrays.get("values")
+        if set(arrays) != {"values"} or values.dtype != np.float32:
+            raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not float32 values")
+        if values.shape != (req.hi - req.lo,):
+            raise MergeError(
+                f"shard {shard.index}: piece of shape {list(values.shape)} for [{req.lo}, {req.hi})"
+            )
+        return values
+
+    # One shard from one member, or from its owner, on a link of its own: the same links,
+    # checks and retries as above, for callers that handle a shard at a time.
     async def _pull_member(
         self,
         shard: Shard,
@@ -446,95 +814,52 @@ class MergeSession:
             for k, (lo, hi) in enumerate(pieces):
                 reducer.add(member, k, await self._read_premerge(lo, hi))
             return
-        requests = [
-            bulk.Request(self.attempt, "premerge", shard.index, lo, hi) for lo, hi in pieces
-        ]
+        peer = ID(member)
+        link = self._link(peer, 4 * shard.numel, self.timeout_s / 2)
+        for lo, hi in pieces:
+            link.submit(bulk.Request(self.attempt, "premerge", shard.index, lo, hi))
+        link.finish()
 
         def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            if set(arrays) != {"values"}:
-                raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not 'values'")
-            reducer.add(member, piece_of[req.lo], arrays["values"])
+            reducer.add(member, piece_of[req.lo], self._values(shard, arrays))
 
-        peer = ID(member)
-        for attempt in range(1, PULL_ATTEMPTS + 1):
-            done = [k for k, n in enumerate(reducer.next) if n > reducer.position[member]]
-            todo = [r for r in requests if piece_of[r.lo] not in done]
-            try:
-                await bulk.pull(
-                    self.host,
-                    peer,
-                    MERGE_PROTOCOL,
-                    self.run_id,
-                    todo,
-                    on_piece,
-                    self.traffic,
-                    window=self.window,
-                    wait_s=self.timeout_s / 2,
-                    expected_bytes=4 * shard.numel,
-                )
-                return
-            except FflError as e:
-                if attempt == PULL_ATTEMPTS:
-                    raise MergeError(
-                        f"member {short_peer(str(peer))} did not deliver shard {shard.index} "
-                        f"after {PULL_ATTEMPTS} attempts: {e}"
-                    ) from e
-                log.warning(
-                    "merge: pulling shard %d from %s failed (%s); retrying",
-                    shard.index,
-                    short_peer(str(peer)),
-                    e,
-                )
-                await trio.sleep(PULL_RETRY_DELAY_S)  # back-off before a retry
+        what = f"member {short_peer(str(peer))} did not deliver shard {shard.index}"
+        await self._run_link(link, on_piece, what)
 
-    # ------------------------------------------------------------------ 4. gather
     async def _gather(self, shard: Shard, writer: AtomicSafetensorsWriter) -> None:
         if shard.owner == self.me.to_bytes():
             await self.result_ready[shard.index].wait()
             if shard.index in self.failed:
                 raise MergeError(self.failed[shard.index])
-            await trio.to_thread.run_sync(writer.write_flat, shard.lo, self.results[shard.index])
+            writer.write_flat(shard.lo, self.results[shard.index])
             return
-        requests = [
-            bulk.Request(self.attempt, "merged", shard.index, lo, hi)
-            for lo, hi in shard.pieces(self.piece_elems)
-        ]
-
-        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            values = arrays.get("values")
-            if set(arrays) != {"values"} or values.dtype != np.float32:
-                raise MergeError(f"shard {shard.index}: parts {sorted(arrays)}, not float32 values")
-            if values.shape != (req.hi - req.lo,):
-                raise MergeError(
-                    f"shard {shard.index}: piece of shape {list(values.shape)} "
-                    f"for [{req.lo}, {req.hi})"
-                )
-            await trio.to_thread.run_sync(writer.write_flat, req.lo, values)
-
         owner = ID(shard.owner)
-        try:
-            await bulk.pull(
-                self.host,
-                owner,
-                MERGE_PROTOCOL,
-                self.run_id,
-                requests,
-                on_piece,
-                self.traffic,
-                window=self.window,
-                wait_s=self.timeout_s,
-                expected_bytes=4 * shard.numel,
-            )
-        except FflError as e:
-            raise MergeError(f"shard {shard.index} from owner {short_peer(str(owner))}: {e}") from e
+        link = self._link(owner, 4 * shard.numel, self.timeout_s)
+        for lo, hi in shard.pieces(self.transfer_elems):
+            link.submit(bulk.Request(self.attempt, "merged", shard.index, lo, hi))
+        link.finish()
+
+        def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            writer.write_flat(req.lo, self._merged_values(shard, req, arrays))
+
+        what = f"shard {shard.index} from owner {short_peer(str(owner))}"
+        await self._run_link(link, on_piece, what)
 
     # ------------------------------------------------------------------ 5. verify
     async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
         others = [p for p in members if p != self.me]
+        lost_since: dict[ID, float] = {}  # members without a hash, suspected since when
 
         def have_all() -> bool:
-            done = all(p in self.hashes for p in others)
-            return done or bool(self._lost(others)) or self.newer_attempt > self.attempt
+            if all(p in self.hashes for p in others) or self.newer_attempt > self.attempt:
+                return True
+            now, lost = trio.current_time(), set(self._lost(others)) - set(self.hashes)
+            for p in list(lost_since):
+                if p not in lost:
+                    del lost_since[p]  # back: its hash may still come
+            for p in lost:
+                lost_since.setdefault(p, now)
+            return any(now - t >= VERIFY_LOST_GRACE_S for t in lost_since.values())
 
         async def publish() -> None:
             while True:  # now, then every heartbeat: late joiners need our hash too

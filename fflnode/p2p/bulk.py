@@ -13,6 +13,8 @@ stream; nothing is ever resumed after a failed or cancelled read.
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -106,6 +108,22 @@ class Traffic:
         return sum(self.received.values())
 
 
+class Gauge:
+    """Bytes a node holds in named buffers now, and the most it held at once: the
+    merge's aggregation memory, measured where the buffers are taken and given back."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def hold(self, nbytes: int) -> None:
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+    def release(self, nbytes: int) -> None:
+        self.now -= nbytes
+
+
 Resolved = tuple[str, Sequence[tuple[str, np.ndarray]], dict[str, float | int]]
 Resolver = Callable[[str, wire.Message], Awaitable[Resolved]]
 OnPiece = Callable[[Request, wire.BulkHeader, dict[str, np.ndarray]], Awaitable[None] | None]
@@ -159,35 +177,208 @@ async def pull(
                 if sent < len(requests):
                     await _send_get(stream, run, requests[sent])
                     sent += 1
-                try:
-                    result = on_piece(req, header, arrays)
-                    if result is not None:
-                        await result
-                except (FflError, trio.Cancelled):
-                    raise
-                except Exception as e:  # what a consumer did not anticipate in peer data
-                    raise WireError(
-                        str(peer), "unexpected", f"{protocol} piece: {type(e).__name__}"
-                    ) from e
+                await _deliver(on_piece, req, header, arrays, peer, protocol)
             ok = True
     except trio.TooSlowError:
-        if in_body:  # it began a body and did not finish it: a staller, not a slow peer
-            stalled = WireError(str(peer), "stalled", f"{protocol}: a body began, then stopped")
-            traffic.reject(stalled.reason, stalled.peer)
-            raise stalled from None
-        raise PeerUnavailable(
-            f"{short_peer(str(peer))}: {protocol} did not complete within {deadline:.0f} s"
-        ) from None
+        raise _timed_out(peer, protocol, deadline, _Progress(in_body), traffic) from None
     except WireError as e:
         traffic.reject(e.reason, e.peer)
         raise
     except streams.STREAM_ERRORS as e:
-        raise PeerUnavailable(
-            f"{short_peer(str(peer))}: {protocol} failed: {type(e).__name__} {bounded(str(e), 120)}"
-        ) from None
+        raise _gone(peer, protocol, e) from None
     finally:
         if stream is not None:
             await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+
+
+OpenStream = Callable[[], Awaitable[INetStream]]
+
+
+class Link:
+    """Requests to one peer, submitted over time, pipelined on one stream; each verified
+    answer goes to `on_piece` in request order.
+
+    `submit` queues a request, `finish` says no more will come, and `run` (one attempt)
+    opens a stream with `open_stream`, sends queued requests while fewer than `depth` are
+    unanswered, reads the answers as they come, and returns once every request of a
+    finished link is answered. A sender task writes requests while this task reads
+    answers, so the peer always has the next requests in hand. `on_piece` may wait (the
+    merge holds a piece until it is that member's turn): the link reads nothing more
+    meanwhile, so a link holds one answer at a time and the peer waits in TCP's flow
+    control, whatever `depth` is.
+
+    Errors are those of `pull` (PeerUnavailable, WireError counted in `traffic`), and
+    any FflError of `on_piece`. A failed attempt resets its stream; calling `run` again
+    re-sends, on a fresh stream, the requests that were not answered (requests are
+    idempotent reads). `expected_bytes` and `wait_s` size each attempt's deadline as in
+    `pull`.
+    """
+
+    def __init__(
+        self,
+        peer: ID,
+        protocol: str,
+        run: str,
+        traffic: Traffic,
+        open_stream: OpenStream,
+        *,
+        expected_bytes: int,
+        wait_s: float = 0.0,
+        depth: int = DEFAULT_WINDOW,
+        gauge: Gauge | None = None,
+    ) -> None:
+        self.peer = peer
+        self.gauge = gauge  # counts each answer's body from its header until delivered
+        self.depth = depth  # requests sent and not answered, at most
+        self.protocol = protocol
+        self.run_id = run
+        self.traffic = traffic
+        self.open_stream = open_stream
+        self.expected_bytes = expected_bytes
+        self.wait_s = wait_s
+        self._queued, self._source = trio.open_memory_channel[Request](math.inf)
+        self.unanswered: deque[Request] = deque()  # taken from the queue, not answered
+        self._room = trio.lowlevel.ParkingLot()  # the sender waits here for depth
+
+    def submit(self, req: Request) -> None:
+        self._queued.send_nowait(req)
+
+    def finish(self) -> None:
+        """No more requests: `run` returns once the submitted ones are answered."""
+        self._queued.close()
+
+    async def run(self, on_piece: OnPiece) -> None:
+        """One attempt (see the class)."""
+        peer = self.peer
+        deadline = streams.deadline_s(max(self.expected_bytes, 1), self.wait_s)
+        stream: INetStream | None = None
+        ok = False
+        progress = _Progress()
+        try:
+            with trio.fail_after(deadline):
+                stream = await self.open_stream()
+                lock = trio.Lock()  # the sender's gets and the reader's acks
+                sent_in, sent_out = trio.open_memory_channel[Request](math.inf)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._send_all, stream, lock, sent_in)
+                        async for req in sent_out:
+                            await self._answer(stream, lock, req, on_piece, progress)
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
+            ok = True
+        except trio.TooSlowError:
+            raise _timed_out(peer, self.protocol, deadline, progress, self.traffic) from None
+        except WireError as e:
+            self.traffic.reject(e.reason, e.peer)
+            raise
+        except streams.STREAM_ERRORS as e:
+            raise _gone(peer, self.protocol, e) from None
+        finally:
+            if stream is not None:
+                await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+
+    async def _send_all(
+        self, stream: INetStream, lock: trio.Lock, sent: trio.MemorySendChannel[Request]
+    ) -> None:
+        async with sent:
+            for req in list(self.unanswered):  # a retry: what the last attempt left
+                async with lock:
+                    await _send_get(stream, self.run_id, req)
+                sent.send_nowait(req)
+            async for req in self._source:
+                while len(self.unanswered) >= self.depth:
+                    await self._room.park()
+                self.unanswered.append(req)  # before sending: a failed send retries it
+                async with lock:
+                    await _send_get(stream, self.run_id, req)
+                sent.send_nowait(req)
+
+    async def _answer(
+        self,
+        stream: INetStream,
+        lock: trio.Lock,
+        req: Request,
+        on_piece: OnPiece,
+        progress: _Progress,
+    ) -> None:
+        header = await streams.recv_bulk_header(
+            stream, run=self.run_id, round=req.round, what=req.what, index=req.index,
+            codec=req.codec,
+        )  # fmt: skip
+        progress.in_body = True
+        if self.gauge is not None:
+            self.gauge.hold(header.nbytes)
+        try:
+            arrays = await streams.recv_bulk_body(stream, header)
+            progress.in_body = False
+            self.traffic.add_received(self.protocol, header.nbytes + wire.LENGTH_PREFIX.size)
+            async with lock:
+                await streams.send_message(stream, "ack", ok=True)
+            await _deliver(on_piece, req, header, arrays, self.peer, self.protocol)
+        finally:
+            if self.gauge is not None:
+                self.gauge.release(header.nbytes)
+        if self.unanswered and self.unanswered[0] is req:  # after: a retry asks again
+            self.unanswered.popleft()
+            self._room.unpark()
+
+
+@dataclass
+class _Progress:
+    in_body: bool = False  # a body began and has not finished
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that ended a nursery's tasks: the first leaf that is not a cancellation
+    (the others were cancelled because of it), else the first cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+
+
+def _timed_out(
+    peer: ID, protocol: str, deadline: float, progress: _Progress, traffic: Traffic
+) -> FflError:
+    if progress.in_body:  # it began a body and did not finish it: a staller, not slow
+        stalled = WireError(str(peer), "stalled", f"{protocol}: a body began, then stopped")
+        traffic.reject(stalled.reason, stalled.peer)
+        return stalled
+    return PeerUnavailable(
+        f"{short_peer(str(peer))}: {protocol} did not complete within {deadline:.0f} s"
+    )
+
+
+def _gone(peer: ID, protocol: str, e: BaseException) -> PeerUnavailable:
+    return PeerUnavailable(
+        f"{short_peer(str(peer))}: {protocol} failed: {type(e).__name__} {bounded(str(e), 120)}"
+    )
+
+
+async def _deliver(
+    on_piece: OnPiece,
+    req: Request,
+    header: wire.BulkHeader,
+    arrays: dict[str, np.ndarray],
+    peer: ID,
+    protocol: str,
+) -> None:
+    try:
+        result = on_piece(req, header, arrays)
+        if result is not None:
+            await result
+    except (FflError, trio.Cancelled):
+        raise
+    except Exception as e:  # what a consumer did not anticipate in peer data
+        raise WireError(str(peer), "unexpected", f"{protocol} piece: {type(e).__name__}") from e
 
 
 async def _send_get(stream: INetStream, run: str, req: Request) -> None:

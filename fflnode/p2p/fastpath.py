@@ -99,8 +99,8 @@ STATUS_OFFER, STATUS_REFUSED = 0, 1
 U16 = struct.Struct(">H")
 MAX_REASON_BYTES = 64
 MAX_REQUEST_BYTES = len(MAGIC) + U16.size + libp2p_tls.MAX_CERTIFICATE_BYTES
-MAX_REPLY_BYTES = len(MAGIC) + 1 + U16.size + TOKEN_BYTES + U16.size + (
-    libp2p_tls.MAX_CERTIFICATE_BYTES
+MAX_REPLY_BYTES = (
+    len(MAGIC) + 1 + U16.size + TOKEN_BYTES + U16.size + (libp2p_tls.MAX_CERTIFICATE_BYTES)
 )
 
 
@@ -285,6 +285,48 @@ class FastChannel(TlsStream):
 
 
 Channel = FastChannel | Libp2pChannel
+
+
+class ChannelStream:
+    """A fast channel with the surface fflnode.p2p.streams and bulk use on a libp2p
+    stream (read, write, close = half-close, reset = abort), so the bulk protocol runs
+    unchanged over either; `peer_id` (and `peer_name`, its base58) is the peer the
+    channel authenticated, and
+    `read_into` lets streams.read_exactly decrypt straight into a body's buffer.
+
+    `authenticated_integrity`: TLS 1.3 authenticates every record (AEAD), in order, and
+    TlsStream refuses a transport EOF without close_notify, so a body read here is the
+    bytes the peer's TLS sent, whole: streams skips the redundant blake2b."""
+
+    authenticated_integrity = True
+
+    def __init__(self, channel: FastChannel) -> None:
+        self.channel = channel
+        self.peer_id = channel.peer_id
+        self.peer_name = str(channel.peer_id)
+
+    async def read(self, n: int = -1) -> bytes | bytearray:
+        return await self.channel.receive_some(n if n > 0 else None)
+
+    async def read_into(self, view: memoryview) -> int:
+        return await self.channel.receive_into(view)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await self.channel.send_all(data)
+
+    async def close(self) -> None:
+        await self.channel.send_eof()
+
+    async def reset(self) -> None:
+        await self.channel.aclose()
+
+
+def as_stream(channel: Channel) -> INetStream | ChannelStream:
+    """What fflnode.p2p.streams reads and writes for `channel`: its libp2p stream when
+    it fell back, else the fast channel behind ChannelStream."""
+    return channel.stream if isinstance(channel, Libp2pChannel) else ChannelStream(channel)
+
+
 Handler = Callable[[ID, Channel], Awaitable[None]]
 OnReject = Callable[[str, str], None]
 
@@ -392,7 +434,11 @@ class FastPath:
             channel = await self._open_fast(peer_id)
         except _SetupFailed as e:
             self.stats.count(self.stats.fallbacks, e.reason)
-            if e.reason not in ("refused", "remembered"):
+            # Remembered: failures that cost a timeout per open (an unreachable port, a
+            # TLS endpoint that does not finish). Not a refusal ("busy": passes in
+            # seconds) nor a failed libp2p offer stream ("no-offer": a round trip, and
+            # seen transiently on fresh connections, 4 nodes on a loaded machine).
+            if e.reason not in ("refused", "remembered", "no-offer"):
                 if len(self._failed_until) >= MAX_REMEMBERED_FAILURES:
                     self._failed_until.clear()
                 self._failed_until[peer_id] = trio.current_time() + RETRY_FAST_AFTER_S
@@ -443,9 +489,7 @@ class FastPath:
             ok = True
             return channel
         except trio.TooSlowError:
-            raise _SetupFailed(
-                "timeout", f"TLS setup took over {CONNECT_TIMEOUT_S:g} s"
-            ) from None
+            raise _SetupFailed("timeout", f"TLS setup took over {CONNECT_TIMEOUT_S:g} s") from None
         except (ssl.SSLError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             # The server refuses a token or certificate by closing: it saw a problem, we
             # did not, so this is a setup failure, not proof of a dishonest peer.
@@ -496,7 +540,12 @@ class FastPath:
         liar: FastPathError | None = None
         try:
             with trio.fail_after(OFFER_TIMEOUT_S):
-                cert = decode_request(await read_to_eof(stream, peer, MAX_REQUEST_BYTES), peer)
+                request = await read_to_eof(stream, peer, MAX_REQUEST_BYTES)
+                if not request:  # it hung up before asking: a client cancelled, or a
+                    # stream py-libp2p lost while negotiating; nothing to answer or count
+                    log.debug("fast-path request from %s: empty", short_peer(peer))
+                    return
+                cert = decode_request(request, peer)
                 try:
                     check_certificate(cert, peer_id)
                 except FastPathError as e:
@@ -615,9 +664,7 @@ class FastPath:
         match = self._take(cert, token)
         if match is None:
             self.stats.count(self.stats.refused, "token")
-            log.warning(
-                "fast-path connection from %s: unknown, expired or reused token", address
-            )
+            log.warning("fast-path connection from %s: unknown, expired or reused token", address)
             return None
         _check_session(channel, match.cert, str(match.peer))
         channel.peer_id = match.peer
@@ -697,6 +744,7 @@ def _address(tcp: trio.SocketStream) -> str:
 __all__ = [
     "ACCEPT",
     "Channel",
+    "ChannelStream",
     "FALLBACK_PROTOCOL",
     "FastChannel",
     "FastPath",
@@ -705,4 +753,5 @@ __all__ = [
     "OFFER_PROTOCOL",
     "Offer",
     "Stats",
+    "as_stream",
 ]
