@@ -778,6 +778,7 @@ task = "digits"
 partition_index = {h.index}
 eval_every = {max(1, rounds)}
 checkpoint_every = 50
+{LOSSY_RECIPE if codec != "none" else ""}
 
 [exchange]
 codec = {json.dumps(codec)}
@@ -2748,6 +2749,9 @@ def judge(
 
 # ----------------------------------------------------------------------------- campaign
 MODES = ("outsider", "insider", "ban")
+# A lossy codec trains only with a non-adaptive outer step (fflnode.config refuses it
+# with outer Adam): the DiLoCo outer optimizer, in the daemons' [train] table.
+LOSSY_RECIPE = 'outer_optimizer = "sgd"\nouter_lr = 0.7\nouter_momentum = 0.9\n'
 # sketch is refused at config load (it does not train), so no daemon runs it.
 CODECS = ("none", "holo", "topk")
 

@@ -84,6 +84,8 @@ def test_to_toml_round_trips(tmp_path: Path):
         ('codec = "holo"\nerror_feedback = "off"', ["holo", "error feedback", "auto"]),
         ('codec = "holo"\nscheme = "reduce-scatter"', ["reduce-scatter", "codec 'none'"]),
         ('robust = "mad-mean"\nscheme = "reduce-scatter"', ["reduce-scatter", "robust"]),
+        ('codec = "holo"', ["outer_optimizer 'adam'", "does not train", "DiLoCo", "local_steps"]),
+        ('codec = "topk"', ["outer_optimizer 'adam'", "DiLoCo"]),
     ],
 )
 def test_recipes_known_to_fail_are_refused_with_what_to_use(tmp_path, exchange, words):

@@ -316,6 +316,7 @@ def test_two_node_testnet_trains_out_of_core_and_merges_exactly(tmp_path: Path) 
             "testnet", "--nodes", "2", "--rounds", "2", "--local-steps", "2", "--task", "text",
             *(a for o in options for a in ("--task-option", o)),
             "--set", 'train.inner_optimizer="adam"', "--set", "train.memory_budget_mb=40",
+            "--set", 'train.outer_optimizer="sgd"', "--set", "train.outer_lr=0.7",
             "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot",
             "--eval-every", "2", "--out", str(out),
         ),

@@ -50,3 +50,17 @@ def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
     assert sorted(peer_ids) == sorted(merge["participants"])
     assert (out / "metrics.png").stat().st_size > 1000
     assert report["wall_seconds"] > 0
+
+
+def test_a_lossy_codec_on_the_default_recipe_is_refused_naming_the_one_that_works(tmp_path):
+    """`fflnode testnet --codec holo` on the default recipe (outer Adam, one local step)
+    ended 37 points under centralized: the run is refused before any node starts."""
+    proc = subprocess.run(
+        fflnode_cmd("testnet", "--codec", "holo", "--out", str(tmp_path / "net")),
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    for words in ("holo", "outer_optimizer 'adam'", "DiLoCo", 'outer_optimizer = "sgd"'):
+        assert words in line, line
+    assert not (tmp_path / "net" / "node0" / "node.log").exists()  # nothing was started
