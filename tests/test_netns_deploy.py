@@ -1,4 +1,4 @@
-"""docs/deploy.md, followed to the letter: three hosts from the shipped config.
+"""README.md, "Deploy across hosts", followed to the letter: three hosts from the shipped config.
 
 Each "host" is a Linux network namespace on one bridge (198.51.100.10-12). Its config is
 configs/node.toml with only the keys the doc's table names changed, and the run is
@@ -36,7 +36,7 @@ if not AVAILABLE and os.environ.get("FFLNODE_REQUIRE_NETNS") == "1":
     raise RuntimeError(f"FFLNODE_REQUIRE_NETNS=1 but {WHY_NOT}")
 needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces: {WHY_NOT}")
 
-DOC = REPO / "docs" / "deploy.md"
+DOC = REPO / "README.md"  # its "Deploy across hosts" section
 TEMPLATE = REPO / "configs" / "node.toml"
 HOSTS = 3
 ROUNDS = 4  # the shipped 600 would take hours; the doc says to choose it
