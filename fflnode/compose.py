@@ -64,7 +64,6 @@ class Composition:
                 e.holo_scale,
                 e.ratio,
                 e.gamma,
-                e.error_feedback,
                 e.robust,
                 e.trim,
                 e.chunk_elems,

@@ -94,11 +94,10 @@ class ExchangeSection:
     # Consensus step of the gossip mix (sparse topologies, fflnode.exchange): 1.0 averages
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
     gamma: float = 1.0
-    # Add what the codec lost last round to this round's Delta (complete topology; the
-    # gossip's public copies carry their residual anyway). "auto": on for the lossy
-    # codecs (holo, topk), off for none. A lossy codec with it "off" is refused: holo
-    # without it ended 11 points under centralized on digits (docs/benchmarks.md).
-    error_feedback: Literal["auto", "on", "off"] = "auto"
+    # Lossy codecs (holo, topk) always add what the codec lost last round to this round's
+    # Delta (error feedback; the gossip's public copies carry their residual anyway):
+    # without it holo ended 11 points under centralized on digits (docs/benchmarks.md).
+    # There is no key to turn it off, and the exact codec has nothing to feed back.
     # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
     # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
     # coordinate; "mad-mean" averages the values within 5 MADs of each coordinate's
@@ -406,12 +405,6 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
             f"{source}: exchange.codec 'sketch' does not train: a dense pseudo-gradient has "
             "no heavy hitters for it to recover (merged 10 % on digits, docs/benchmarks.md); "
             "use codec 'holo' with bits = 1 for the same bandwidth"
-        )
-    if e.codec != "none" and e.error_feedback == "off":
-        raise ConfigError(
-            f"{source}: exchange.codec {e.codec!r} without error feedback loses what each "
-            "round's encoding drops (holo: 11 points under centralized on digits); set "
-            "exchange.error_feedback = \"auto\""
         )
     if cfg.exchange.scheme == "reduce-scatter" and (
         cfg.exchange.codec != "none" or cfg.exchange.robust != "none"

@@ -468,7 +468,7 @@ class Node:
                 run.run_id,
                 run.seed,
                 self.comp.codec,
-                error_feedback=e.codec != "none" and e.error_feedback != "off",
+                error_feedback=e.codec != "none",  # lossy codecs always feed back
                 me=me,
                 robust=e.robust,
                 trim=e.trim,
