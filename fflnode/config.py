@@ -240,6 +240,7 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 
 
+MAX_SHOWN_CHARS = 200  # of a bad address quoted in an error: enough to spot the typo
 PSK_HEX_CHARS = 64  # a libp2p psk is 32 bytes
 MAX_PSK_FILE_BYTES = 4096  # a key file is one line; anything larger is the wrong file
 
@@ -250,6 +251,23 @@ def _is_peer_id(v: str) -> bool:
         return multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") == v
     except Exception:  # multiaddr raises assorted types on bad input
         return False
+
+
+def _is_multiaddr(v: str) -> bool:
+    try:
+        multiaddr.Multiaddr(v)
+    except Exception:  # multiaddr raises assorted types on bad input
+        return False
+    return True
+
+
+def _is_p2p_multiaddr(v: str) -> bool:
+    """A dialable address ending in /p2p/<peer id> (what node.bootstrap needs)."""
+    try:
+        peer = multiaddr.Multiaddr(v).value_for_protocol("p2p")
+    except Exception:  # multiaddr raises assorted types on bad input
+        return False
+    return bool(peer) and _is_peer_id(peer) and not v.startswith("/p2p/")
 
 
 def _read_private_file(path: Path, where: str) -> str:
@@ -420,6 +438,20 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         )
     if not cfg.node.listen:
         raise ConfigError(f"{source}: node.listen must name at least one address")
+    # Checked here, not at first use: a typo stops the daemon before it joins anything.
+    for i, addr in enumerate(cfg.node.listen):
+        if not _is_multiaddr(addr):
+            raise ConfigError(
+                f"{source}: node.listen[{i}] must be a multiaddr such as "
+                f"/ip4/0.0.0.0/tcp/4001, got {addr[:MAX_SHOWN_CHARS]!r}"
+            )
+    for i, addr in enumerate(cfg.node.bootstrap):
+        if not _is_p2p_multiaddr(addr):
+            raise ConfigError(
+                f"{source}: node.bootstrap[{i}] must be a multiaddr ending in /p2p/<peer id>,"
+                f" such as /ip4/192.0.2.10/tcp/4001/p2p/12D3KooW..., got "
+                f"{addr[:MAX_SHOWN_CHARS]!r}"
+            )
     try:
         validate_announce(cfg.node.announce)
     except ConfigError as e:
