@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import multiaddr
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
 
 from fflnode.admission import parse_secret
 from fflnode.errors import ConfigError
@@ -240,16 +242,31 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 
 
+MULTIHASH_IDENTITY, MULTIHASH_SHA256, SHA256_BYTES = 0x00, 0x12, 32  # peer ID multihashes
 MAX_SHOWN_CHARS = 200  # of a bad address quoted in an error: enough to spot the typo
 PSK_HEX_CHARS = 64  # a libp2p psk is 32 bytes
 MAX_PSK_FILE_BYTES = 4096  # a key file is one line; anything larger is the wrong file
 
 
 def _is_peer_id(v: str) -> bool:
-    """A base58 libp2p peer ID (what `fflnode` logs and node.json hold), canonical form."""
+    """A base58 libp2p peer ID (what `fflnode` logs and node.json hold), canonical form: a
+    multihash, identity (12D3KooW..., an inlined public key) or sha2-256 (Qm...). The
+    multiaddr codec alone accepts any base58 text, "12D3KooWnope" included."""
     try:
-        return multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") == v
-    except Exception:  # multiaddr raises assorted types on bad input
+        if multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") != v:
+            return False
+        raw = ID.from_base58(v).to_bytes()
+    except Exception:  # multiaddr and base58 decoding raise assorted types on bad input
+        return False
+    if len(raw) < 2 or raw[1] != len(raw) - 2:  # code, length (< 128: one varint byte)
+        return False
+    if raw[0] == MULTIHASH_SHA256:
+        return raw[1] == SHA256_BYTES
+    if raw[0] != MULTIHASH_IDENTITY:
+        return False
+    try:  # an inlined key: it must be one, and name this very ID
+        return ID.from_pubkey(deserialize_public_key(raw[2:])).to_bytes() == raw
+    except Exception:  # the key's protobuf and deserializers raise assorted types
         return False
 
 
