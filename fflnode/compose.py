@@ -67,9 +67,19 @@ class Composition:
                 e.robust,
                 e.trim,
                 e.chunk_elems,
+                reduce_scatters(cfg),  # two nodes on different schemes cannot meet
             ],
             "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
         }
+
+
+def reduce_scatters(cfg: Config) -> bool:
+    """Whether a complete graph's rounds reduce-scatter exact Deltas (fflnode.exchange_
+    sharded) rather than all-gather them: exchange.scheme with "auto" resolved."""
+    e = cfg.exchange
+    return e.scheme == "reduce-scatter" or (
+        e.scheme == "auto" and e.codec == "none" and e.robust == "none"
+    )
 
 
 def codec_of(cfg: Config) -> Codec:
