@@ -388,6 +388,22 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     assert complete.pieces(0, 5000) == [(0, 5000)]  # the default is 1 Mi elements
 
 
+def test_exchange_scheme_is_part_of_the_run_digest(tmp_path: Path):
+    """Reduce-scatter and all-gather rounds cannot meet: a peer on the other scheme is
+    refused at the barrier, naming the exchange group; "auto" that resolves the same is
+    admitted."""
+    stranger = random_ids(1)[0].to_bytes()
+
+    def refusal(ours: dict[str, Any], theirs: dict[str, Any]) -> Any:
+        a = Admission(compose(load(tmp_path / "a", exchange=ours)).run_descriptor(), None)
+        b = Admission(compose(load(tmp_path / "b", exchange=theirs)).run_descriptor(), None)
+        claim = b.heartbeat_fields(stranger)
+        return a.check(stranger, claim["admit"], claim.get("proof"))
+
+    assert refusal({"scheme": "auto"}, {"scheme": "all-gather"}).field == "exchange"
+    assert refusal({"scheme": "auto"}, {"scheme": "reduce-scatter"}) is None
+
+
 async def test_round_timeout_s_bounds_how_long_a_round_waits_for_a_peer(tmp_path: Path):
     async with peers(2) as ps:
         members = [p.id for p in ps]
@@ -994,7 +1010,10 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
     "exchange.gamma": ("test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",),
     "exchange.robust": ("test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",),
     "exchange.trim": ("test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",),
-    "exchange.scheme": ("test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",),
+    "exchange.scheme": (
+        "test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",
+        "test_exchange_scheme_is_part_of_the_run_digest",
+    ),
     "exchange.chunk_elems": (
         "test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange",
     ),
