@@ -75,16 +75,25 @@ class Composition:
                 e.holo_scale,
                 e.ratio,
                 e.gamma,
-                e.error_feedback,
                 e.robust,
                 e.trim,
                 e.chunk_elems,
+                reduce_scatters(cfg),  # two nodes on different schemes cannot meet
             ],
             "merge": [m.shards, m.quorum, m.piece_elems, m.exclude_outliers],
             "states": [] if self.states is None else [
                 self.states.epochs, self.states.codec, self.states.bits, self.states.quorum
             ],
         }  # fmt: skip
+
+
+def reduce_scatters(cfg: Config) -> bool:
+    """Whether a complete graph's rounds reduce-scatter exact Deltas (fflnode.exchange_
+    sharded) rather than all-gather them: exchange.scheme with "auto" resolved."""
+    e = cfg.exchange
+    return e.scheme == "reduce-scatter" or (
+        e.scheme == "auto" and e.codec == "none" and e.robust == "none"
+    )
 
 
 def codec_of(cfg: Config) -> Codec:

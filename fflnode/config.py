@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import multiaddr
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
 
 from fflnode.admission import parse_secret
 from fflnode.errors import ConfigError
@@ -101,11 +103,10 @@ class ExchangeSection:
     # Consensus step of the gossip mix (sparse topologies, fflnode.exchange): 1.0 averages
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
     gamma: float = 1.0
-    # Add what the codec lost last round to this round's Delta (complete topology; the
-    # gossip's public copies carry their residual anyway). "auto": on for the lossy
-    # codecs (holo, topk), off for none. A lossy codec with it "off" is refused: holo
-    # without it ended 11 points under centralized on digits (docs/benchmarks.md).
-    error_feedback: Literal["auto", "on", "off"] = "auto"
+    # Lossy codecs (holo, topk) always add what the codec lost last round to this round's
+    # Delta (error feedback; the gossip's public copies carry their residual anyway):
+    # without it holo ended 11 points under centralized on digits (docs/benchmarks.md).
+    # There is no key to turn it off, and the exact codec has nothing to feed back.
     # Byzantine-robust mixing of the complete graph's Deltas (fflnode.robust): "none" is
     # the exact mean; "trimmed-mean" drops the `trim` largest and smallest values of each
     # coordinate; "mad-mean" averages the values within 5 MADs of each coordinate's
@@ -280,16 +281,49 @@ CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 
 
+MULTIHASH_IDENTITY, MULTIHASH_SHA256, SHA256_BYTES = 0x00, 0x12, 32  # peer ID multihashes
+MAX_SHOWN_CHARS = 200  # of a bad address quoted in an error: enough to spot the typo
 PSK_HEX_CHARS = 64  # a libp2p psk is 32 bytes
 MAX_PSK_FILE_BYTES = 4096  # a key file is one line; anything larger is the wrong file
 
 
 def _is_peer_id(v: str) -> bool:
-    """A base58 libp2p peer ID (what `fflnode` logs and node.json hold), canonical form."""
+    """A base58 libp2p peer ID (what `fflnode` logs and node.json hold), canonical form: a
+    multihash, identity (12D3KooW..., an inlined public key) or sha2-256 (Qm...). The
+    multiaddr codec alone accepts any base58 text, "12D3KooWnope" included."""
     try:
-        return multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") == v
+        if multiaddr.Multiaddr(f"/p2p/{v}").value_for_protocol("p2p") != v:
+            return False
+        raw = ID.from_base58(v).to_bytes()
+    except Exception:  # multiaddr and base58 decoding raise assorted types on bad input
+        return False
+    if len(raw) < 2 or raw[1] != len(raw) - 2:  # code, length (< 128: one varint byte)
+        return False
+    if raw[0] == MULTIHASH_SHA256:
+        return raw[1] == SHA256_BYTES
+    if raw[0] != MULTIHASH_IDENTITY:
+        return False
+    try:  # an inlined key: it must be one, and name this very ID
+        return ID.from_pubkey(deserialize_public_key(raw[2:])).to_bytes() == raw
+    except Exception:  # the key's protobuf and deserializers raise assorted types
+        return False
+
+
+def _is_multiaddr(v: str) -> bool:
+    try:
+        multiaddr.Multiaddr(v)
     except Exception:  # multiaddr raises assorted types on bad input
         return False
+    return True
+
+
+def _is_p2p_multiaddr(v: str) -> bool:
+    """A dialable address ending in /p2p/<peer id> (what node.bootstrap needs)."""
+    try:
+        peer = multiaddr.Multiaddr(v).value_for_protocol("p2p")
+    except Exception:  # multiaddr raises assorted types on bad input
+        return False
+    return bool(peer) and _is_peer_id(peer) and not v.startswith("/p2p/")
 
 
 def _read_private_file(path: Path, where: str) -> str:
@@ -446,12 +480,6 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
             "no heavy hitters for it to recover (merged 10 % on digits, docs/benchmarks.md); "
             "use codec 'holo' with bits = 1 for the same bandwidth"
         )
-    if e.codec != "none" and e.error_feedback == "off":
-        raise ConfigError(
-            f"{source}: exchange.codec {e.codec!r} without error feedback loses what each "
-            "round's encoding drops (holo: 11 points under centralized on digits); set "
-            'exchange.error_feedback = "auto"'
-        )
     if cfg.exchange.scheme == "reduce-scatter" and (
         cfg.exchange.codec != "none" or cfg.exchange.robust != "none"
     ):
@@ -479,6 +507,20 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         )
     if not cfg.node.listen:
         raise ConfigError(f"{source}: node.listen must name at least one address")
+    # Checked here, not at first use: a typo stops the daemon before it joins anything.
+    for i, addr in enumerate(cfg.node.listen):
+        if not _is_multiaddr(addr):
+            raise ConfigError(
+                f"{source}: node.listen[{i}] must be a multiaddr such as "
+                f"/ip4/0.0.0.0/tcp/4001, got {addr[:MAX_SHOWN_CHARS]!r}"
+            )
+    for i, addr in enumerate(cfg.node.bootstrap):
+        if not _is_p2p_multiaddr(addr):
+            raise ConfigError(
+                f"{source}: node.bootstrap[{i}] must be a multiaddr ending in /p2p/<peer id>,"
+                f" such as /ip4/192.0.2.10/tcp/4001/p2p/12D3KooW..., got "
+                f"{addr[:MAX_SHOWN_CHARS]!r}"
+            )
     try:
         validate_announce(cfg.node.announce)
     except ConfigError as e:

@@ -34,7 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from fflnode import checkpoint, metrics
 from fflnode.admission import Admission
-from fflnode.compose import Composition
+from fflnode.compose import Composition, reduce_scatters
 from fflnode.config import split_host_port
 from fflnode.errors import ConfigError, MergeError, leaf_error, short_peer
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, RoundExchange
@@ -477,9 +477,7 @@ class Node:
             traffic=self.traffic,
             liveness=membership,
         )
-        sharded = e.scheme == "reduce-scatter" or (
-            e.scheme == "auto" and e.codec == "none" and e.robust == "none"
-        )
+        sharded = reduce_scatters(self.cfg)
         complete = len(peers) == len(members) - 1
         if complete and sharded:  # everyone, exact: reduce-scatter then all-gather
             return ShardedAveraging(
@@ -496,7 +494,7 @@ class Node:
                 run.run_id,
                 run.seed,
                 self.comp.codec,
-                error_feedback=e.codec != "none" and e.error_feedback != "off",
+                error_feedback=e.codec != "none",  # lossy codecs always feed back
                 me=me,
                 robust=e.robust,
                 trim=e.trim,

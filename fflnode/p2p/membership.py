@@ -373,10 +373,24 @@ class Membership:
                 if late and peer not in self.suspects and peer not in pinging:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
-                lost = view.addrs and not self._connected(peer) and peer not in self._dialing
-                if lost and now >= self._next_dial.get(peer, (0.0, 0.0))[0]:
+                if view.addrs and self._redial_due(peer, now):
+                    # Heartbeats travel over pubsub: a peer we hung up on (a suspect), or
+                    # lost in a partition, and that hung up on us, is never heard again
+                    # unless one side dials. Redial it at its last addresses, at most once
+                    # per DIAL_BACKOFF_S period, past py-libp2p's 60 s negative cache of
+                    # failed peers.
+                    self.host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
                     nursery.start_soon(self._dial, peer, list(view.addrs))
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
+    def _redial_due(self, peer: ID, now: float) -> bool:
+        """Not connected to `peer`, not dialling it, and its dial backoff has passed."""
+        not_before = self._next_dial.get(peer, (0.0, 0.0))[0]
+        return (
+            now >= not_before
+            and peer not in self._dialing
+            and not self.host.get_network().connections.get(peer)
+        )
 
     def _forget_a_suspect(self) -> bool:
         """Make room in a full peer book: drop the longest-silent suspect, if any."""
