@@ -83,6 +83,10 @@ def toml_of(doc: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A lossy codec is accepted only with a non-adaptive outer step (fflnode.config).
+DILOCO_OUTER = {"outer_optimizer": "sgd", "outer_lr": 0.7, "outer_momentum": 0.9}
+
+
 def load(where: Path, **sections: dict[str, Any]) -> config.Config:
     """BASE with `sections` laid over it, written to where/node.toml and loaded."""
     doc = {name: dict(table) for name, table in BASE.items()}
@@ -324,7 +328,8 @@ def test_codec_bits_scale_and_ratio_set_what_goes_on_the_wire(tmp_path: Path):
 
     def codec(**exchange: Any):
         name = "-".join(f"{k}{v}" for k, v in exchange.items())
-        return compose(load(tmp_path / name, exchange=exchange)).codec
+        train = DILOCO_OUTER if exchange.get("codec", "none") != "none" else {}
+        return compose(load(tmp_path / name, exchange=exchange, train=train)).codec
 
     assert compose(load(tmp_path / "none")).codec.name == "none"
     one = codec(codec="holo", bits=1).encode(x, ctx)
@@ -371,7 +376,7 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     # scheme: the exact codec all-gathered instead of reduce-scattered
     assert type(built(4, exchange={"scheme": "all-gather"})) is Averaging
     # a lossy codec all-gathers its compressed Deltas and feeds back what it lost
-    holo = built(4, exchange={"codec": "holo"})
+    holo = built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
     assert type(holo) is Averaging and holo.codec.name == "holo"
     assert holo.residual is not None and complete.residual is None
     # robust and trim: the round's mix of five Deltas, one of them huge
@@ -503,14 +508,14 @@ async def test_merge_and_prism_settings_shape_a_three_node_merge(
     """Shards, pieces, window, quorum, exclude_outliers off and the Prism backend and
     pool of a real merge of three nodes, one of them a sign-flipping outlier."""
     monkeypatch.delenv("FFLNODE_PRISM_BACKEND", raising=False)
-    pulls: list[tuple[int, list[bulk.Request]]] = []
-    real_pull = bulk.pull
+    requests: list[bulk.Request] = []
+    real_submit = bulk.Link.submit
 
-    async def recording_pull(*args: Any, window: int = bulk.DEFAULT_WINDOW, **kw: Any) -> None:
-        pulls.append((window, list(args[4])))
-        await real_pull(*args, window=window, **kw)
+    def recording_submit(self: bulk.Link, req: bulk.Request) -> None:
+        requests.append(req)
+        real_submit(self, req)
 
-    monkeypatch.setattr(bulk, "pull", recording_pull)
+    monkeypatch.setattr(bulk.Link, "submit", recording_submit)
     merge = {"shards": 5, "window": 3, "piece_elems": 1024, "quorum": 3,
              "exclude_outliers": False}  # fmt: skip
     m = await merge_three(tmp_path, merge, {"backend": "threads", "pool_mb": 5})
@@ -520,12 +525,13 @@ async def test_merge_and_prism_settings_shape_a_three_node_merge(
         assert len(outcome.members) == 3
         assert all(torch.equal(m.merged[pid][k], expected[k]) for k in expected)
     assert sorted(j for o in m.outcomes.values() for j in o.owned) == list(range(5))
-    merge_pulls = [
-        (w, reqs) for w, reqs in pulls if reqs and reqs[0].what in ("premerge", "merged")
-    ]
-    assert merge_pulls and {w for w, _ in merge_pulls} == {3}  # merge.window
-    sizes = [r.hi - r.lo for _, reqs in merge_pulls for r in reqs]
-    assert max(sizes) == 1024  # merge.piece_elems
+    # merge.window x merge.piece_elems float32 values: the window the merge sizes its
+    # pieces and its aggregation memory by (the bound itself: tests/test_merge_p2p.py),
+    # and no piece over piece_elems
+    for outcome in m.outcomes.values():
+        assert outcome.window_bytes == 3 * 1024 * 4
+    sizes = [r.hi - r.lo for r in requests if r.what in ("premerge", "merged")]
+    assert sizes and max(sizes) <= 1024  # merge.piece_elems
     assert m.quorums == [3, 3, 3]  # merge.quorum (its effect: the next test)
     for stats in m.stores:
         assert stats["backend"] == "threads" and stats["depth"] == 3  # pool_mb 5: 3 + 2 slots
@@ -830,6 +836,13 @@ def test_every_key_refuses_a_value_of_the_wrong_type_naming_itself(tmp_path: Pat
 
 # One out-of-range value per range check in fflnode.config.CHECKS.
 OUT_OF_RANGE: dict[str, Any] = {
+    "train.memory_budget_mb": -1,
+    "train.micro_batch": -1,
+    "states.epochs": 0,
+    "states.bits": 9,
+    "states.batch": 0,
+    "states.quorum": -1,
+    "states.timeout_s": 0,
     "node.metrics": "localhost",
     "run.nodes": 0,
     "run.rounds": -1,
@@ -941,10 +954,69 @@ def test_task_options_are_checked_by_the_task_when_it_is_built(tmp_path: Path):
         compose(load(tmp_path / "b", task={"no_such_option": 1}))
 
 
+# ------------------------------------------------------------ [states]
+def test_states_federate_epochs_codec_bits_batch_quorum_timeout_s_plan_the_state_phase(
+    tmp_path: Path,
+):
+    from fflnode.ssm.state_codec import HoloStateCodec, RawCodec, make_state_codec
+
+    mqar = {"train": {"task": "mqar"}, "task": {"contexts": 16}}
+    settings = {"epochs": 2, "codec": "none", "bits": 4, "batch": 5, "quorum": 2,
+                "timeout_s": 33.0}  # fmt: skip
+    plan = compose(load(tmp_path / "a", **mqar, states=settings)).states
+    assert plan is not None
+    assert (plan.epochs, plan.codec, plan.bits, plan.batch, plan.quorum, plan.timeout_s) == (
+        2, "none", 4, 5, 2, 33.0,
+    )  # fmt: skip
+    assert isinstance(make_state_codec(plan.codec, plan.bits, plan.seed), RawCodec)
+    holo = compose(load(tmp_path / "b", **mqar, states={"bits": 2})).states
+    codec = make_state_codec(holo.codec, holo.bits, holo.seed)
+    assert isinstance(codec, HoloStateCodec) and codec.bits == 2
+    # federate: "auto" plans a phase for a task with states, none for one without; "off"
+    # never; "on" refuses a task without the capability at load
+    assert compose(load(tmp_path / "c", **mqar, states={"federate": "off"})).states is None
+    assert compose(load(tmp_path / "d")).states is None  # digits: no state capability
+    with pytest.raises(ConfigError, match="states.federate 'on'"):
+        compose(load(tmp_path / "e", states={"federate": "on"}))
+
+
+# ------------------------------------------------------------ [train] out of core
+def test_memory_budget_mb_and_micro_batch_choose_and_shape_the_trainer(tmp_path: Path):
+    from fflnode.train.outofcore import OutOfCoreTrainer
+    from fflnode.train.trainer import LocalTrainer
+
+    def trainer(budget: int, micro_batch: int = 0) -> Any:
+        where = tmp_path / f"b{budget}-{micro_batch}"
+        return compose(load(
+            where, run={"nodes": 1},
+            train={"task": "text", "inner_optimizer": "adam", "memory_budget_mb": budget,
+                   "micro_batch": micro_batch},
+            task={"seq_len": 32, "batch_size": 4, "d_model": 256, "n_layers": 8, "d_state": 8},
+        )).trainer  # fmt: skip
+
+    assert isinstance(trainer(0), LocalTrainer)  # no budget: in memory
+    assert isinstance(trainer(4096), LocalTrainer)  # the model fits
+    streamed = trainer(64, micro_batch=2)  # 87 MB in memory over 64 MiB: out of core
+    try:
+        assert isinstance(streamed, OutOfCoreTrainer)
+        assert streamed.memory_budget == 64 << 20
+        assert streamed._micro_batches(4) == [(0, 2), (2, 4)]
+    finally:
+        streamed.close()
+
+
 # ------------------------------------------------------------ every key has its test
 # Every key of the schema and of configs/node.toml -> the tests that change it and
 # observe its effect. Refusals at load are covered for every key by the tests above.
+STATES_TEST = "test_states_federate_epochs_codec_bits_batch_quorum_timeout_s_plan_the_state_phase"
+BUDGET_TEST = "test_memory_budget_mb_and_micro_batch_choose_and_shape_the_trainer"
 KEY_TESTS: dict[str, tuple[str, ...]] = {
+    **{
+        f"states.{k}": (STATES_TEST,)
+        for k in ("federate", "epochs", "codec", "bits", "batch", "quorum", "timeout_s")
+    },
+    "train.memory_budget_mb": (BUDGET_TEST,),
+    "train.micro_batch": (BUDGET_TEST,),
     "node.data_dir": ("test_a_one_node_run_follows_rounds_eval_checkpoints_announce_and_data_dir",),
     "node.listen": ("test_a_lone_node_listens_where_told_and_gives_up_after_start_timeout_s",),
     "node.bootstrap": (
