@@ -895,6 +895,10 @@ async def test_stream_handler_survives_hostile_bytes_with_state_unchanged(
             failures.add(inp, "stream left open")
         delta = added(target.traffic.rejected, counts)
         reasons = p.along + ([p.reason] if p.reason else [])
+        if name == "ping" and p.reason == "truncated":
+            # A ping that ends early is a pinger that gave up on a slow node (load), not
+            # an offence: a 16-node testnet starting on 2 cores counted dozens against honest peers.
+            reasons = p.along
         want = {r: reasons.count(r) for r in reasons}
         if delta != want:
             failures.add(inp, f"rejections {delta}, the codec says {want}")

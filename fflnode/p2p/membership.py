@@ -66,15 +66,18 @@ PING_PROTOCOL = "/fflnode/ping/1.0.0"
 # A heartbeat this late gets its sender pinged: 2.5 missed beats, more than pubsub's
 # jitter on a busy machine, well before MEMBER_TIMEOUT_S declares it dead anyway.
 OVERDUE_S = 2.5
-# A live peer answers a ping in milliseconds; 2 s covers a loaded 2-core machine.
-PING_TIMEOUT_S = 2.0
+# A live peer answers a ping in milliseconds when idle; 16 daemons on this 2-core
+# machine answered in 2-4 s while starting up, and a 2 s deadline made them suspect
+# each other in a cascade (each suspect is hung up on, so its own pings fail too) and
+# never agree to start. A dead process fails a ping at once (connection refused).
+PING_TIMEOUT_S = 4.0
 # Identities the peer book holds: a run has at most wire.MAX_MEMBERS nodes, and new
 # identities cost an attacker nothing, so the book is capped; when full a newcomer gets
 # in only by displacing the longest-silent suspect.
 MAX_PEERS = wire.MAX_MEMBERS
-# Declared dead after this long without a heartbeat: 5 missed beats, which rides out
-# a loaded 2-core machine pausing a node for a couple of seconds.
-MEMBER_TIMEOUT_S = 5.0
+# Declared dead after this long without a heartbeat or a pong: an overdue peer is
+# pinged at OVERDUE_S and may answer up to PING_TIMEOUT_S later; its pong refreshes it.
+MEMBER_TIMEOUT_S = OVERDUE_S + PING_TIMEOUT_S + HEARTBEAT_S
 # Address-book entries of peers learnt from heartbeats live this long in the peerstore.
 ADDR_TTL_S = 600
 DIAL_TIMEOUT_S = 10.0
@@ -359,7 +362,11 @@ class Membership:
 
         async def check(peer: ID) -> None:
             try:
-                if not await self.ping(peer):
+                if await self.ping(peer):
+                    view = self.peers.get(peer)
+                    if view is not None:  # it answered: alive, whatever pubsub delays
+                        view.last_seen = max(view.last_seen, trio.current_time())
+                else:
                     self.suspect(peer, "missed heartbeats and did not answer a ping")
                     with trio.move_on_after(PING_TIMEOUT_S):
                         await self.host.disconnect(peer)
@@ -431,7 +438,8 @@ class Membership:
                 await streams.send_message(stream, "pong", run=self.run_id, nonce=msg["nonce"])
                 ok = True
         except WireError as e:
-            self.traffic.reject_error(e, "ping")
+            if e.reason != "truncated":  # a pinger that gave up on us: load, not an offence
+                self.traffic.reject_error(e, "ping")
         except (trio.TooSlowError, *streams.STREAM_ERRORS):
             pass  # a late ping is load, not an offence: the pinger just suspects us
         except Exception as e:  # nothing a peer sends may take the node down (issue 10)
