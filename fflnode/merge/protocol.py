@@ -68,7 +68,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from fflnode import wire
-from fflnode.agreement import Agreement, Decision
+from fflnode.agreement import LOCK, Agreement, Decision
 from fflnode.errors import FflError, MergeError, short_peer
 from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
@@ -114,6 +114,12 @@ VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
+# A member that heartbeats but announces nothing in a merge attempt for this long is
+# left out of our proposal: an alive member that never proposes (the daemon fuzzer's
+# insider did exactly that) would otherwise hold every honest node until
+# merge.timeout_s. Honest members enter the merge within a round or two of each other;
+# a later one is left out (MergeExcluded) and the others merge.
+SILENT_MEMBER_GRACE_S = 30.0
 # A member lost mid-merge costs one attempt; three survive two losses in a row, and a
 # run that keeps losing members that fast has a bigger problem than the merge.
 MERGE_ATTEMPTS = 3
@@ -551,12 +557,30 @@ class MergeSession:
         by_str = {str(p): p for p in self.run_members}
         announced: tuple[tuple[str, ...], str] | None = None
         last_sent = -float("inf")
+        lost_since: dict[str, float] = {}  # members of our lock not seen alive, since when
+        entered = trio.current_time()
         while True:
             if self.newer_attempt > self.attempt:
                 raise MergeRetry(self.newer_attempt)
             now = trio.current_time()
             alive = [str(p) for p in self.membership.alive() if p in self.run_members]
+            if now - entered >= SILENT_MEMBER_GRACE_S:  # heartbeating, yet not merging
+                heard = set(self.agreement.proposals)
+                alive = [p for p in alive if p in heard]
             decision = self.agreement.decide(alive, now)
+            if decision.stage == LOCK:
+                # A lock completes only when every member of it locks too: one that died
+                # or left (a member that announced a lock listing us, then went, as the
+                # daemon fuzzer's insider did) would hold us until merge.timeout_s. Give
+                # the attempt up instead; the next one agrees among the living.
+                gone = {m for m in decision.members if m != str(self.me) and m not in alive}
+                lost_since = {m: lost_since.get(m, now) for m in gone}
+                if any(now - t >= VERIFY_LOST_GRACE_S for t in lost_since.values()):
+                    names = ", ".join(short_peer(m) for m in sorted(lost_since))
+                    raise MergeError(
+                        f"merge attempt {self.attempt}: locked on members with {names}, "
+                        f"not seen alive for {VERIFY_LOST_GRACE_S:g} s"
+                    )
             if decision.excluded:
                 raise MergeError(
                     f"merge attempt {self.attempt}: {len(decision.members)} members agreed "
@@ -564,6 +588,11 @@ class MergeSession:
                 )
             # Announce a change at once, an unchanged one once per heartbeat: every
             # announcement wakes every peer's loop, so answering each one would echo.
+            if (decision.members, decision.stage) != announced:
+                log.info(
+                    "merge attempt %d: %s %s", self.attempt, decision.stage,
+                    ", ".join(short_peer(m) for m in decision.members),
+                )  # fmt: skip
             if (decision.members, decision.stage) != announced or now - last_sent >= HEARTBEAT_S:
                 await self._announce(decision)
                 announced, last_sent = (decision.members, decision.stage), now
