@@ -137,8 +137,24 @@ def compose(cfg: Config) -> Composition:
         run_secret=read_run_secret(cfg),
         adversary=adversary,
         store_options=store_options(cfg),
-        states=plan_states(cfg, loaded, None if trainer is None else trainer.model),
+        states=states_of(cfg, loaded, trainer),
     )
+
+
+def states_of(
+    cfg: Config, loaded: LoadedTask, trainer: LocalTrainer | OutOfCoreTrainer | None
+) -> StatesPlan | None:
+    """The state phase, or None. Folding states runs the whole model in memory, which an
+    out-of-core node does not hold: "auto" leaves the phase out there, "on" is refused."""
+    if isinstance(trainer, OutOfCoreTrainer):
+        if cfg.states.federate == "on":
+            raise ConfigError(
+                f"{cfg.source}: states.federate 'on' needs the model in memory, and "
+                f"train.memory_budget_mb = {cfg.train.memory_budget_mb} streams it out of "
+                "core; raise the budget or set states.federate = \"off\""
+            )
+        return None
+    return plan_states(cfg, loaded, None if trainer is None else trainer.model)
 
 
 def make_trainer(

@@ -317,6 +317,8 @@ def test_two_node_testnet_trains_out_of_core_and_merges_exactly(tmp_path: Path) 
             *(a for o in options for a in ("--task-option", o)),
             "--set", 'train.inner_optimizer="adam"', "--set", "train.memory_budget_mb=40",
             "--set", 'train.outer_optimizer="sgd"', "--set", "train.outer_lr=0.7",
+            # folding SSM states needs the model in memory: an out-of-core node has none
+            "--set", 'states.federate="off"',
             "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot",
             "--eval-every", "2", "--out", str(out),
         ),
@@ -393,3 +395,21 @@ def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> Non
             assert diff <= 1e-5, (name, float(diff))
     finally:
         ooc.close()
+
+
+def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_path: Path) -> None:
+    """Folding SSM states runs the whole model in memory, which an out-of-core node does
+    not hold: "on" is refused at load, "auto" (the default) leaves the phase out."""
+    from fflnode import config
+    from fflnode.compose import compose
+
+    p = tmp_path / "node.toml"
+    p.write_text(NODE_TOML.format(budget=64, d_model=256) + '[states]\nfederate = "on"\n')
+    with pytest.raises(ConfigError, match="needs the model in memory"):
+        compose(config.load(p))
+    (tmp_path / "auto").mkdir()
+    comp = compose(node_config(tmp_path / "auto", 64, d_model=256))
+    try:
+        assert comp.states is None
+    finally:
+        comp.trainer.close()
