@@ -76,7 +76,7 @@ from fflnode.train.task import (
     federated_parameters,
     slice_rows,
 )
-from fflnode.train.trainer import BatchStream, OuterOptimizer, TrainSettings
+from fflnode.train.trainer import BatchStream, OuterOptimizer, RoundState, TrainSettings
 
 # Per-parameter tensors each inner optimizer keeps in the block file: the weights, and
 # Adam's first and second moments.
@@ -203,7 +203,7 @@ class BlockIO:
             self._thread.join()
 
 
-class OutOfCoreTrainer:
+class OutOfCoreTrainer(RoundState):
     """LocalTrainer's interface, with the model's stages streamed from a block file.
 
     `sample_batch` (one of the task's batches), when given, checks the budget at once.
@@ -629,21 +629,6 @@ class OutOfCoreTrainer:
                 self.arenas[0]["w"][pos : pos + n].copy_(flat[off : off + n])
                 pos += n
             self._blockio.run(self._write_stage, k, 0, ("w",))
-
-    def state_vectors(self) -> list[torch.Tensor]:
-        return [self.flat(), *(t for t in (self.outer.m, self.outer.v) if t is not None)]
-
-    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
-        self.load_flat(vectors[0])
-        moments = list(vectors[1:]) + [None, None]
-        self.outer.m, self.outer.v = (None if t is None else t.clone() for t in moments[:2])
-        self.outer.t = outer_step
-
-    def sampler_state(self) -> torch.Tensor:
-        return torch.tensor([self.batches.position], dtype=torch.int64)
-
-    def load_sampler_state(self, state: torch.Tensor) -> None:
-        self.batches.skip_to(int(state.reshape(-1)[0]))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         flat = self.flat()

@@ -167,7 +167,38 @@ class BatchStream:
             next(self)
 
 
-class LocalTrainer:
+class RoundState:
+    """What a resync and a checkpoint read of any trainer, from its `flat`/`load_flat`,
+    outer optimizer and batch stream (LocalTrainer, and the out-of-core trainer)."""
+
+    outer: OuterOptimizer
+    batches: BatchStream
+
+    def flat(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def state_vectors(self) -> list[torch.Tensor]:
+        """The whole training state as flat vectors: weights, then the outer optimizer's
+        moments that exist (what a resyncing node adopts, fflnode.exchange)."""
+        return [self.flat(), *(t for t in (self.outer.m, self.outer.v) if t is not None)]
+
+    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
+        self.load_flat(vectors[0])
+        moments = list(vectors[1:]) + [None, None]
+        self.outer.m, self.outer.v = (None if t is None else t.clone() for t in moments[:2])
+        self.outer.t = outer_step
+
+    def sampler_state(self) -> torch.Tensor:
+        return torch.tensor([self.batches.position], dtype=torch.int64)
+
+    def load_sampler_state(self, state: torch.Tensor) -> None:
+        self.batches.skip_to(int(state.reshape(-1)[0]))
+
+
+class LocalTrainer(RoundState):
     """A task's model trained locally, with the run's inner and outer optimizers.
 
     The federated state is the task's trainable float32 parameters as one flat vector in
@@ -217,23 +248,6 @@ class LocalTrainer:
             for p in self.params:
                 p.copy_(flat[pos : pos + p.numel()].view_as(p))
                 pos += p.numel()
-
-    def state_vectors(self) -> list[torch.Tensor]:
-        """The whole training state as flat vectors: weights, then the outer optimizer's
-        moments that exist (what a resyncing node adopts, fflnode.exchange)."""
-        return [self.flat(), *(t for t in (self.outer.m, self.outer.v) if t is not None)]
-
-    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
-        self.load_flat(vectors[0])
-        moments = list(vectors[1:]) + [None, None]
-        self.outer.m, self.outer.v = (None if t is None else t.clone() for t in moments[:2])
-        self.outer.t = outer_step
-
-    def sampler_state(self) -> torch.Tensor:
-        return torch.tensor([self.batches.position], dtype=torch.int64)
-
-    def load_sampler_state(self, state: torch.Tensor) -> None:
-        self.batches.skip_to(int(state.reshape(-1)[0]))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What the final merge averages: the federated parameters and float buffers."""
