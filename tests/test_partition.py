@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from fflnode.p2p import membership as membership_module
+from fflnode.p2p.membership import HEARTBEAT_S, OVERDUE_S
 from fflnode.rounds import QuorumLost, RoundRunner
 from tests.p2p_harness import peers
 
@@ -29,6 +31,55 @@ async def test_peers_that_gave_up_on_each_other_reconnect_from_their_last_heartb
             while not (a.membership.is_alive(b.id) and b.membership.is_alive(a.id)):
                 await a.membership.wait_changed()
         assert not a.membership.suspects and not b.membership.suspects
+
+
+async def test_a_slow_peer_that_missed_a_ping_is_suspected_but_keeps_its_connection():
+    """Load, not death: a ping that timed out makes a suspect, and the suspect's next
+    heartbeat brings it back over the same connection. Hanging up at once made every
+    such peer redial, which loaded 16 daemons on 2 cores into a cascade of suspicion."""
+    async with peers(2) as (a, b):
+        conn = a.host.get_network().connections[b.id]
+        pinged = trio.Event()
+
+        async def timed_out(peer):  # what a ping to a peer stuck behind load returns
+            pinged.set()
+            return False
+
+        a.membership.ping = timed_out
+        a.membership.peers[b.id].last_seen -= OVERDUE_S + HEARTBEAT_S  # its beat is late
+        with trio.fail_after(RECONNECT_S):
+            while b.id not in a.membership.suspects:
+                await a.membership.wait_changed()
+            assert pinged.is_set() and not a.membership.is_alive(b.id)
+            while not a.membership.is_alive(b.id):
+                await a.membership.wait_changed()
+        assert a.host.get_network().connections.get(b.id) == conn, "the suspect was hung up on"
+
+
+async def test_a_suspect_that_stays_silent_is_hung_up_on(monkeypatch):
+    """A frozen peer (here: one whose heartbeats we no longer hear and whose pings
+    fail) is disconnected SUSPECT_HANGUP_S after it became a suspect."""
+    monkeypatch.setattr(membership_module, "SUSPECT_HANGUP_S", 0.5)
+    async with peers(2) as (a, b):
+
+        async def timed_out(peer):
+            return False
+
+        hung_up = trio.Event()
+        disconnect = a.host.disconnect
+
+        async def recorded(peer):
+            if peer == b.id:
+                hung_up.set()
+            await disconnect(peer)
+
+        a.host.disconnect = recorded
+        a.membership.ping = timed_out
+        a.membership._heartbeat = lambda sender, msg, nursery: None  # b's beats go unheard
+        a.membership.peers[b.id].last_seen -= OVERDUE_S + HEARTBEAT_S
+        with trio.fail_after(RECONNECT_S):
+            await hung_up.wait()
+        assert b.id in a.membership.suspects
 
 
 class Members:

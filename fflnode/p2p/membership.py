@@ -25,8 +25,8 @@ messages only: py-libp2p drops payloads >= 1 MiB silently (DESIGN.md).
 Frozen peers. py-libp2p never notices a peer that stopped (SIGSTOP): its TCP connection
 stays open and a read from it waits forever. A peer whose heartbeat is overdue is pinged
 over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
-not alive, disconnected (which fails every stream open to it at once), until a fresh
-heartbeat proves it back.
+not alive until a fresh heartbeat proves it back, and disconnected (which fails every
+stream open to it at once) if it stays silent SUSPECT_HANGUP_S longer.
 
 Partitions. Heartbeats travel only over connections, so two nodes that each gave up on
 the other (a cable pulled for longer than OVERDUE_S + PING_TIMEOUT_S, a host that
@@ -78,6 +78,15 @@ MAX_PEERS = wire.MAX_MEMBERS
 # Declared dead after this long without a heartbeat or a pong: an overdue peer is
 # pinged at OVERDUE_S and may answer up to PING_TIMEOUT_S later; its pong refreshes it.
 MEMBER_TIMEOUT_S = OVERDUE_S + PING_TIMEOUT_S + HEARTBEAT_S
+# A suspect is hung up on only if it stays silent this much longer. Being a suspect
+# already takes it out of `alive()` (no agreement, exchange or merge waits on it); the
+# hang-up only protects pubsub from writing to a peer that stopped reading. A slow but
+# live peer (16 daemons starting on 2 cores) sends a heartbeat within a few seconds and
+# is back with its connection intact; hanging up at once made each such peer redial
+# (a Noise handshake and a new mesh, ~0.25 s of CPU per connection in py-libp2p), which
+# loaded the machine further and made the next pings fail: 16 nodes never started.
+# A frozen peer fills no buffer in this time: it is sent a heartbeat a second.
+SUSPECT_HANGUP_S = 15.0
 # Address-book entries of peers learnt from heartbeats live this long in the peerstore.
 ADDR_TTL_S = 600
 DIAL_TIMEOUT_S = 10.0
@@ -368,8 +377,12 @@ class Membership:
                         view.last_seen = max(view.last_seen, trio.current_time())
                 else:
                     self.suspect(peer, "missed heartbeats and did not answer a ping")
-                    with trio.move_on_after(PING_TIMEOUT_S):
-                        await self.host.disconnect(peer)
+                    back = await self.wait_until(
+                        lambda: peer not in self.suspects, SUSPECT_HANGUP_S
+                    )
+                    if not back:
+                        with trio.move_on_after(PING_TIMEOUT_S):
+                            await self.host.disconnect(peer)
             finally:
                 pinging.discard(peer)
 
