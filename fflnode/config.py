@@ -51,6 +51,13 @@ class NodeSection:
     )
     # Prometheus endpoint "HOST:PORT" (port 0 picks one, written to node.json); "" = off.
     metrics: str = ""
+    # The merge's bulk bytes over a TLS 1.3 channel beside libp2p, offered and bound to
+    # peer IDs over libp2p (fflnode.p2p.fastpath): 2.3x one py-libp2p stream's
+    # throughput here. Its listener binds the first listen address's IP at
+    # fast_path_port (0: any free port; fix it when a firewall must let it through).
+    # A peer without it, or unreachable on it, gets libp2p streams instead.
+    fast_path: bool = True
+    fast_path_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ class Config:
 # Range checks: (dotted key, predicate, what the value must be).
 CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("node.metrics", lambda v: v == "" or _is_host_port(v), "empty or HOST:PORT"),
+    ("node.fast_path_port", lambda v: 0 <= v <= 65535, "between 0 and 65535"),
     ("run.nodes", lambda v: 1 <= v <= 1024, "between 1 and 1024"),
     ("run.rounds", lambda v: 0 <= v <= 100_000, "between 0 and 100000"),
     ("run.degree", lambda v: v >= 1, "at least 1"),

@@ -53,6 +53,7 @@ from fflnode.merge.protocol import (
 from fflnode.p2p import identity, streams
 from fflnode.p2p.barrier import start_barrier
 from fflnode.p2p.bulk import Traffic
+from fflnode.p2p.fastpath import Channel, FastPath
 from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
@@ -101,6 +102,8 @@ class NodeReport:
     catch_up_jumps: list[tuple[int, int]] = field(default_factory=list)
     mixing_with: list[str] = field(default_factory=list)  # the peers whose updates we mix
     states: dict[str, Any] | None = None  # the state phase (fflnode.states_phase)
+    # node.fast_path: channels opened and accepted over TLS, and why libp2p was used
+    fast_path: dict[str, Any] | None = None
 
 
 def peak_rss_mb() -> float:
@@ -111,6 +114,18 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def fast_path_host(listen: list[multiaddr.Multiaddr]) -> str:
+    """The IP node.fast_path's listener binds: the first listen address's (peers reach
+    us there; a wildcard listen binds every interface)."""
+    for addr in listen:
+        for proto in ("ip4", "ip6"):
+            try:
+                return str(addr.value_for_protocol(proto))
+            except Exception:  # multiaddr raises assorted types for an absent protocol
+                continue
+    raise ConfigError("node.fast_path needs an /ip4/ or /ip6/ address in node.listen")
 
 
 def bootstrap_addresses(cfg: Any) -> list[str]:
@@ -133,6 +148,8 @@ class Node:
         self.peer_id: ID | None = None
         self.membership: Membership | None = None
         self.merge_state = "pending"  # pending | running | done | failed
+        self.fast: FastPath | None = None  # node.fast_path's channel service, once serving
+        self._merge: MergeSession | None = None  # the attempt inbound channels go to
         self.metrics_port: int | None = None
         self.adversary = comp.adversary  # resilience tests only: corrupted updates
         if self.adversary is not None:
@@ -195,6 +212,16 @@ class Node:
                 pubsub.set_topic_validator(membership.topic, membership.validate, False)
                 await nursery.start(self.gate.run)
                 await nursery.start(membership.run)
+                if cfg.node.fast_path:
+                    self.fast = FastPath(
+                        host,
+                        key_pair,
+                        self._on_channel,
+                        listen_host=fast_path_host(listen),
+                        port=cfg.node.fast_path_port,
+                        on_reject=lambda peer, reason: self.traffic.reject(reason, peer),
+                    )
+                    await nursery.start(self.fast.serve)
                 if cfg.node.metrics:
                     mhost, mport = split_host_port(cfg.node.metrics)
                     self.metrics_port = await nursery.start(
@@ -208,6 +235,9 @@ class Node:
                         "addrs": self.addrs,
                         "pid": os.getpid(),
                         "metrics": f"{mhost}:{self.metrics_port}" if cfg.node.metrics else "",
+                        "fast_path": (
+                            f"{self.fast.listen_host}:{self.fast.port}" if self.fast else ""
+                        ),
                     },
                 )
                 self.notifier.ready(f"listening on {', '.join(self.addrs)}")
@@ -285,6 +315,8 @@ class Node:
                     host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 self.merge_state = "done"
                 self._record_merge(report, outcome)
+                if self.fast is not None:
+                    report.fast_path = asdict(self.fast.stats)
                 membership.phase = "done"
                 await membership.beat_now()
                 self.notifier.status(f"merged {outcome.hash[:16]} with {len(outcome.members)}")
@@ -514,7 +546,7 @@ class Node:
         self, host: Any, membership: Membership, members: list[ID], layout: FlatLayout, attempt: int
     ) -> MergeSession:
         cfg = self.cfg
-        return MergeSession(
+        self._merge = MergeSession(
             host,
             membership,
             cfg.run.run_id,
@@ -531,7 +563,14 @@ class Node:
             store_options=self.comp.store_options,
             attempt=attempt,
             on_phase=self.notifier.status,
+            fastpath=self.fast,
         )
+        return self._merge
+
+    async def _on_channel(self, peer: ID, channel: Channel) -> None:
+        """node.fast_path's handler: a channel a peer opened is the current merge's."""
+        if self._merge is not None:
+            await self._merge.handle_channel(peer, channel)
 
     @staticmethod
     def _next_merge_attempt(merge: MergeSession, error: BaseException) -> int | None:

@@ -48,6 +48,7 @@ from fflnode.merge.protocol import MERGE_PROTOCOL, MergeExcluded, MergeTimeout
 from fflnode.node import MERGED_FILE, NODE_FILE, PREMERGE_FILE, RESULT_FILE, Node
 from fflnode.p2p import bulk, identity, streams
 from fflnode.p2p.barrier import StartRefused
+from fflnode.p2p.fastpath import FastPathError
 from fflnode.p2p.host import build_host, running_host
 from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.store import TensorStore
@@ -121,6 +122,15 @@ def exchange_for(comp: Composition, host: Any, members: list[ID], liveness: Any)
 def merge_session_for(node: Node, peer: Any, members: list[ID]) -> Any:
     """The merge session the daemon builds for this node (fflnode.node)."""
     return node._merge_session(peer.host, peer.membership, members, node.comp.layout, 0)
+
+
+def free_tcp_port() -> int:
+    """A port nothing listens on now (the kernel's pick for a socket closed at once)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def random_ids(n: int) -> list[ID]:
@@ -704,16 +714,18 @@ async def test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_se
     tmp_path: Path, one_thread: None
 ):
     """Node A: psk, run secret, an allowlist naming B, blacklist_after 2, public-only
-    dialling, a metrics endpoint, relaxed pubsub defences. Node B: the same keys and
-    A's address to bootstrap from. B gets in; outsiders do not; offences ban."""
+    dialling, a metrics endpoint, relaxed pubsub defences, its fast path on a fixed
+    port. Node B: the same keys, A's address to bootstrap from, no fast path. B gets
+    in; outsiders do not; offences ban."""
     psk = key_file(tmp_path / "swarm.key", PSK)
     secret = key_file(tmp_path / "run.secret", RUN_SECRET)
     b_id = ID.from_pubkey(identity.load_or_create(tmp_path / "b" / "data").public_key)
     run = {"nodes": 3, "start_timeout_s": 600}  # a third member never comes: they wait
     access = {"psk_file": psk, "run_secret_file": secret}
+    fast_port = free_tcp_port()
     a = Node(compose(load(
         tmp_path / "a", run=run,
-        node={"metrics": "127.0.0.1:0", "dial_scopes": ["public"]},
+        node={"metrics": "127.0.0.1:0", "dial_scopes": ["public"], "fast_path_port": fast_port},
         access={**access, "allow": [str(b_id)], "blacklist_after": 2},
         pubsub={"mesh_diversity_ips": 2, "ip_colocation_threshold": 7},
     )))  # fmt: skip
@@ -722,7 +734,7 @@ async def test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_se
         await run_until_listening(a, nursery, outcome)
         assert a.addrs and all(x.startswith("/ip4/127.0.0.1/tcp/") for x in a.addrs)
         b = Node(compose(load(tmp_path / "b", run=run, access=access,
-                              node={"bootstrap": a.addrs[:1]})))  # fmt: skip
+                              node={"bootstrap": a.addrs[:1], "fast_path": False})))  # fmt: skip
         await run_until_listening(b, nursery, outcome)
         ok = await a.membership.wait_until(
             lambda: b.peer_id in a.membership.alive(), MEET_TIMEOUT_S
@@ -736,6 +748,17 @@ async def test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_se
         scraped = metrics.parse(await metrics.fetch("127.0.0.1", a.metrics_port))
         assert scraped["fflnode_peers_alive"][0][1] == 1.0
         assert scraped["fflnode_rounds_planned"][0][1] == 3.0
+
+        # node.fast_path_port: A's TLS listener is where the key says, and node.json
+        # tells; node.fast_path false: B serves no fast path, so A gets no channel to it
+        assert node_json["fast_path"] == f"127.0.0.1:{fast_port}" and a.fast.port == fast_port
+        with trio.fail_after(REFUSAL_TIMEOUT_S):
+            await (await trio.open_tcp_stream("127.0.0.1", fast_port)).aclose()
+        b_json = json.loads((b.data_dir / NODE_FILE).read_text())
+        assert b.fast is None and b_json["fast_path"] == ""
+        with trio.fail_after(REFUSAL_TIMEOUT_S), pytest.raises(FastPathError) as no_offer:
+            await a.fast.open(b.peer_id, fallback=False)
+        assert no_offer.value.reason == "no-offer", no_offer.value
 
         # pubsub: the router's eclipse protection and the scorer's colocation threshold
         a_router, b_router = a.membership.pubsub.router, b.membership.pubsub.router
@@ -844,6 +867,7 @@ OUT_OF_RANGE: dict[str, Any] = {
     "states.quorum": -1,
     "states.timeout_s": 0,
     "node.metrics": "localhost",
+    "node.fast_path_port": 65536,
     "run.nodes": 0,
     "run.rounds": -1,
     "run.degree": 0,
@@ -1032,6 +1056,12 @@ KEY_TESTS: dict[str, tuple[str, ...]] = {
         "test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_settings",
     ),
     "node.metrics": (
+        "test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_settings",
+    ),
+    "node.fast_path": (
+        "test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_settings",
+    ),
+    "node.fast_path_port": (
         "test_two_nodes_meet_through_bootstrap_behind_their_access_and_reach_settings",
     ),
     "run.run_id": ("test_a_one_node_run_follows_rounds_eval_checkpoints_announce_and_data_dir",),

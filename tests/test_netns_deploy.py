@@ -201,7 +201,10 @@ def test_three_hosts_deployed_as_the_doc_says_merge_exactly(tmp_path: Path) -> N
     )
     assert ref["hash"] and all(r["merged_hash"] == ref["hash"] for r in results)
     assert all(merged_equals(d / "merged.safetensors", ref["tensors"]) for d in data)
+    for r in results:  # the merge's bytes took the second port the doc opens, 4002
+        assert r["fast_path"]["opened"] > 0 and not r["fast_path"]["fallbacks"], r["fast_path"]
     for i, log in enumerate(logs):  # each advertised its bridge address, never 0.0.0.0
         text = log.read_text()
         assert f"listening on /ip4/198.51.100.{10 + i}/tcp/4001/p2p/" in text
+        assert "fast path listening on 0.0.0.0:4002" in text
         assert "0.0.0.0" not in "".join(ln for ln in text.splitlines() if "advertis" in ln)

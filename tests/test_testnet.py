@@ -18,9 +18,13 @@ TESTNET_TIMEOUT_S = 300  # 3 nodes x 3 short rounds take ~30 s here; generous fo
 def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
     out = tmp_path / "net"
     proc = subprocess.run(
-        fflnode_cmd("testnet", "--nodes", "3", "--rounds", "3", "--local-steps", "5",
-                    "--out", str(out)),
-        cwd=REPO, capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
+        fflnode_cmd(
+            "testnet", "--nodes", "3", "--rounds", "3", "--local-steps", "5", "--out", str(out)
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TESTNET_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hashes agree with the reference" in proc.stdout
@@ -44,6 +48,9 @@ def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
         assert 0.0 <= node["metrics_before_merge"]["accuracy"] <= 1.0
         assert node["consensus_distance"] == 0.0
         assert node["bytes_sent"] > 0 and node["bytes_received"] > 0
+        # node.fast_path (on by default): the merge's pieces went over TLS channels
+        fast = node["fast_path"]
+        assert fast["opened"] > 0 and fast["accepted"] > 0 and not fast["refused"], fast
         assert len(node["rounds"]) == 3
         for f in ("premerge.safetensors", "merged.safetensors", "node.log", "node.toml"):
             assert (out / name / f).exists(), f
