@@ -436,7 +436,10 @@ class Testnet:
                 nursery.start_soon(self._baseline)
             # Only node 0's address: the others find each other through heartbeats.
             if self.bridge is None:  # its port is known once it listens: start it first
-                await self._launch(nursery, self.procs[0], [])
+                if not await self._launch(nursery, self.procs[0], []):
+                    self.say("  testnet: no node can start without node0's address; stopping")
+                    nursery.cancel_scope.cancel()
+                    return
                 self.bootstrap = self._addrs(self.procs[0])[:1]
                 later = self.procs[1:]
             else:  # known in advance, as in a deployment: all start together
@@ -468,7 +471,9 @@ class Testnet:
     def _addrs(self, proc: NodeProc) -> list[str]:
         return self._node_file(proc)["addrs"]
 
-    async def _launch(self, nursery: trio.Nursery, proc: NodeProc, bootstrap: list[str]) -> None:
+    async def _launch(self, nursery: trio.Nursery, proc: NodeProc, bootstrap: list[str]) -> bool:
+        """Start `proc`; True once it says READY, False (said in one line) if it has not
+        within NOTIFY_TIMEOUT_S. It keeps running either way: its report tells the rest."""
         cfg = node_config(self.args, proc.index, self.out, bootstrap)
         proc.data_dir.mkdir(parents=True, exist_ok=True)
         conf_path = proc.data_dir / "node.toml"
@@ -477,8 +482,14 @@ class Testnet:
         await sock.bind(proc.notify_path)
         nursery.start_soon(self._listen, proc, sock)
         nursery.start_soon(self._supervise, proc, conf_path)
-        with trio.fail_after(NOTIFY_TIMEOUT_S):
+        with trio.move_on_after(NOTIFY_TIMEOUT_S):
             await proc.ready.wait()
+            return True
+        self.say(
+            f"  {proc.name:>6}: not READY within {NOTIFY_TIMEOUT_S:.0f} s (a loaded machine, "
+            f"or a broken node: see {proc.data_dir / 'node.log'})"
+        )
+        return False
 
     async def _listen(self, proc: NodeProc, sock: trio.socket.SocketType) -> None:
         with sock:
@@ -1046,7 +1057,7 @@ def rejoin_summary(node: dict[str, Any]) -> str:
     return ", ".join(done) or "stayed in step (no catch-up, no state adopted)"
 
 
-def print_summary(report: dict[str, Any]) -> None:
+def print_summary(report: dict[str, Any], plotted: bool = True) -> None:
     c = report["config"]
     primary = primary_of(report)
     print(SUMMARY_RULE)
@@ -1136,9 +1147,8 @@ def print_summary(report: dict[str, Any]) -> None:
     verdict = "hashes agree" if m["hashes_agree"] else "HASHES DISAGREE"
     print(f"{verdict} with the reference {m['reference_hash']}")
     print(f"merged files equal the reference: {m['files_equal_reference']}")
-    print(
-        f"wall time {report['wall_seconds']:.1f} s; report.json and metrics.png in the output dir"
-    )
+    files = "report.json and metrics.png" if plotted else "report.json"
+    print(f"wall time {report['wall_seconds']:.1f} s; {files} in the output dir")
     print(SUMMARY_RULE)
 
 
@@ -1269,5 +1279,5 @@ def main(args: argparse.Namespace) -> int:
         return 128 + net.stopped_by
     if not args.no_plot:
         plot(report, out / "metrics.png")
-    print_summary(report)
+    print_summary(report, plotted=not args.no_plot)
     return 0 if report["ok"] else 1

@@ -71,3 +71,25 @@ def test_a_lossy_codec_on_the_default_recipe_is_refused_naming_the_one_that_work
     for words in ("holo", "outer_optimizer 'adam'", "DiLoCo", 'outer_optimizer = "sgd"'):
         assert words in line, line
     assert not (tmp_path / "net" / "node0" / "node.log").exists()  # nothing was started
+
+
+def test_a_node_not_ready_in_time_is_one_line_and_a_report_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """A node that has not said READY within NOTIFY_TIMEOUT_S (a machine loaded far past
+    its cores) is named in one line; without node0's address nothing can start, so the
+    testnet stops its nodes, writes its report and exits 1."""
+    from fflnode.cli import build_parser
+    from fflnode_harness import testnet
+
+    monkeypatch.setattr(testnet, "NOTIFY_TIMEOUT_S", 0.01)  # no daemon is READY that fast
+    out = tmp_path / "net"
+    args = build_parser().parse_args(
+        ["testnet", "--nodes", "2", "--rounds", "1", "--no-baseline", "--no-plot",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert testnet.main(args) == 1
+    said = capsys.readouterr().out
+    assert "node0: not READY within 0 s" in said and "Traceback" not in said, said
+    assert "metrics.png" not in said  # --no-plot: no plot is promised
+    assert json.loads((out / "report.json").read_text())["ok"] is False
