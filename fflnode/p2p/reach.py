@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 # Interface addresses change rarely (DHCP renewals, a VPN coming up); re-reading the
 # kernel's table every 30 s keeps heartbeats current without a syscall per heartbeat.
 INTERFACES_TTL_S = 30.0
+# host.get_addrs() runs for every pubsub RPC py-libp2p sends (it checks its signed peer
+# record against them) and every heartbeat. Recomputing them each time (socket names,
+# scopes, multiaddr parsing) was a fifth of an idle node's CPU with 16 nodes on 2
+# cores. They change when a listener binds (an empty answer is never kept), when the
+# interfaces change (INTERFACES_TTL_S) or with an observation (which clears the cache):
+# a second's staleness is harmless.
+ADVERTISED_TTL_S = 1.0
 
 
 class Interfaces:
@@ -64,6 +71,8 @@ class Advertiser:
         self.interfaces = interfaces or Interfaces()
         self.observed = addrs.ObservedAddrs()
         self.host: IHost | None = None
+        self._cached: list[multiaddr.Multiaddr] = []
+        self._at = -float("inf")  # time.monotonic() of _cached
 
     def bind(self, host: IHost) -> None:
         """Attach to `host`: read its bound listen addresses, and hear identify's
@@ -78,6 +87,7 @@ class Advertiser:
         def record_observation(conn: Any, observed: Any, local: Any) -> None:
             try:
                 self.observed.record(conn.muxed_conn.peer_id, observed)
+                self._at = -float("inf")
             except Exception as e:  # a peer's report must never break identify
                 log.debug("ignored an observed address: %s", type(e).__name__)
             record(conn, observed, local)
@@ -87,13 +97,17 @@ class Advertiser:
     def __call__(self, candidates: Iterable[multiaddr.Multiaddr] = ()) -> list[multiaddr.Multiaddr]:
         if self.host is None:
             return []
+        now = time.monotonic()
+        if self._cached and now - self._at < ADVERTISED_TTL_S:
+            return list(self._cached)
         try:
             listen = self.host.get_transport_addrs()
             chosen = addrs.advertised(self.announce, listen, self.interfaces(), self.observed)
         except addrs.AddressError as e:  # not listening yet (port 0), or a stale address
             log.debug("no advertised addresses yet: %s", e)
             return []
-        return [multiaddr.Multiaddr(a) for a in chosen]
+        self._cached, self._at = [multiaddr.Multiaddr(a) for a in chosen], now
+        return list(self._cached)
 
 
 class AddressGuard:
