@@ -190,6 +190,7 @@ def make_trainer(
         memory_budget=budget,
         micro_batch=t.micro_batch,
         backend=cfg.prism.backend,
+        chunk_elems=cfg.exchange.chunk_elems,  # the round passes go chunk by chunk
         sample_batch=next(iter(loaded.task.train_data(partition, nodes, settings.seed))),  # type: ignore[union-attr]
     )
 

@@ -53,9 +53,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,15 @@ from fflnode.train.trainer import BatchStream, OuterOptimizer, RoundState, Train
 # Adam's first and second moments.
 OPT_STATES = {"sgd": ("w",), "adam": ("w", "m", "v")}
 WEIGHTS_FILE = "outofcore-weights.blk"
+# The round's flat vectors kept in the weights file, one region per exchange chunk: the
+# weights the round started from, the outer optimizer's moments, the error-feedback
+# residual. The exchange's default chunk (config: exchange.chunk_elems).
+ROUND_KINDS = ("start", "m", "v", "res")
+DEFAULT_CHUNK_ELEMS = 1 << 20
+# Chunk-sized buffers a round pass holds at once (the outer step: g, theta_start, m, v,
+# the new theta, the float64 mean accumulator counted twice, a decoded estimate; the
+# encode pass holds fewer), beside one stage in each of arena 0 and 1's w.
+ROUND_CHUNK_BUFFERS = 8
 SPILL_FILE = "outofcore-activations.blk"
 # Queue depth of each block file: 4 x 1 MiB requests in flight. Prism's bench saturates
 # the NVMe at depth 8 (DESIGN.md); depth 4 keeps both files' pools to 2 x 10 MiB of the
@@ -224,6 +234,7 @@ class OutOfCoreTrainer(RoundState):
         micro_batch: int = 0,
         backend: str | None = "auto",
         sample_batch: Any = None,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ) -> None:
         self.loaded, self.task, self.s, self.batches = loaded, loaded.task, settings, batches
         self.model, self.chain = model, chain
@@ -253,6 +264,27 @@ class OutOfCoreTrainer(RoundState):
         self.stage_numel = [sum(p.numel() for p in ps) for ps in self.stage_params]
         self.largest = max(self.stage_numel)
         self.adam_steps = {id(p): 0 for p in self.params}
+        # The round's flat-vector passes read the stages in canonical (flat) order: each
+        # stage must be one contiguous range of the flat vector (the text LM's are).
+        self.stage_lo = [
+            min((self.flat_offset[id(p)] for p in ps), default=0) for ps in self.stage_params
+        ]
+        self.flat_stages = sorted(
+            (k for k, n in enumerate(self.stage_numel) if n), key=lambda k: self.stage_lo[k]
+        )
+        pos = 0
+        for k in self.flat_stages:
+            pos = self.stage_lo[k] + self.stage_numel[k] if self.stage_lo[k] == pos else -1
+        self.streams_rounds = pos == self.numel
+        self.spans = [
+            (a, min(a + chunk_elems, self.numel)) for a in range(0, self.numel, chunk_elems)
+        ]
+        self.chunk_elems = min(chunk_elems, self.numel)
+        # The outer optimizer's moments (on disk, chunk by chunk) and whether start.i
+        # holds the weights the current round started from.
+        self.moments: tuple[str, ...] = ()
+        self.start_valid = False
+        self.has_residual = False
         self.outer = OuterOptimizer(
             settings.outer_optimizer,
             settings.outer_lr,
@@ -290,6 +322,9 @@ class OutOfCoreTrainer(RoundState):
         regions = {
             f"{k}.{kind}": max(n, 1) for k, n in enumerate(self.stage_numel) for kind in self.kinds
         }
+        if self.streams_rounds:  # the round's vectors, one region per exchange chunk
+            for i, (lo, hi) in enumerate(self.spans):
+                regions.update({f"{kind}.{i}": hi - lo for kind in ROUND_KINDS})
         self._file = BlockFile(
             self.directory / WEIGHTS_FILE,
             regions,
@@ -621,6 +656,7 @@ class OutOfCoreTrainer(RoundState):
 
     def load_flat(self, flat: torch.Tensor) -> None:
         """Write the weights from a flat vector (optimizer state is kept)."""
+        self.start_valid = False
         for k, ps in enumerate(self.stage_params):
             pos = 0
             for p in ps:
@@ -654,6 +690,153 @@ class OutOfCoreTrainer(RoundState):
     def outer_step(self, theta_start: torch.Tensor, g: torch.Tensor) -> None:
         self.load_flat(self.outer.step(theta_start, g))
 
+    # -- the round's flat-vector passes (fflnode.rounds streams these) --
+    def _read_region(self, name: str, n: int) -> torch.Tensor:
+        out = torch.empty(n)
+        self._blockio.run(self._file.read_into, name, out)
+        self.io["read"] += FLOAT_BYTES * n
+        return out
+
+    def _write_region(self, name: str, data: torch.Tensor) -> None:
+        self._blockio.run(self._file.write_from, name, data.contiguous())
+        self.io["written"] += FLOAT_BYTES * data.numel()
+
+    def _stage_flat(self, k: int) -> torch.Tensor:
+        """Stage k's weights in canonical (flat) order, in arena 1 (arena 0 reads)."""
+        self._blockio.run(self._read_stage, k, 0, ("w",))
+        src, dst = self.arenas[0]["w"], self.arenas[1]["w"]
+        pos = 0
+        for p in self.stage_params[k]:
+            n = _numel(self.shapes[id(p)])
+            off = self.flat_offset[id(p)] - self.stage_lo[k]
+            dst[off : off + n].copy_(src[pos : pos + n])
+            pos += n
+        return dst[: self.stage_numel[k]]
+
+    def _write_stage_flat(self, k: int) -> None:
+        """Write stage k's weights from arena 1, in canonical order (as _stage_flat left them)."""
+        src, dst = self.arenas[1]["w"], self.arenas[0]["w"]
+        pos = 0
+        for p in self.stage_params[k]:
+            n = _numel(self.shapes[id(p)])
+            off = self.flat_offset[id(p)] - self.stage_lo[k]
+            dst[pos : pos + n].copy_(src[off : off + n])
+            pos += n
+        self._blockio.run(self._write_stage, k, 0, ("w",))
+
+    def _local_chunks(self) -> Iterator[torch.Tensor]:
+        """The current weights, chunk i of spans after chunk i: each stage read once."""
+        buf = torch.empty(self.chunk_elems)
+        order = iter(self.flat_stages)
+        cur, cur_lo, cur_hi = None, 0, 0
+        for lo, hi in self.spans:
+            out = buf[: hi - lo]
+            pos = lo
+            while pos < hi:
+                if cur is None or pos >= cur_hi:
+                    k = next(order)
+                    cur, cur_lo = self._stage_flat(k), self.stage_lo[k]
+                    cur_hi = cur_lo + self.stage_numel[k]
+                n = min(hi, cur_hi) - pos
+                out[pos - lo : pos - lo + n].copy_(cur[pos - cur_lo : pos - cur_lo + n])
+                pos += n
+            yield out
+
+    def _round_pass(self) -> _Held:
+        return _Held(self, ROUND_CHUNK_BUFFERS * self.chunk_elems * FLOAT_BYTES)
+
+    def begin_round(self) -> None:
+        """Make start.i hold the weights this round starts from (after a load, a resync or
+        the first round; the streamed outer step leaves them there otherwise)."""
+        if self.start_valid:
+            return
+        with self._round_pass():
+            for i, local in enumerate(self._local_chunks()):
+                self._write_region(f"start.{i}", local)
+        self.start_valid = True
+
+    def start_digest(self) -> int:
+        """state_digest(state_vectors(), outer.t), read chunk by chunk from disk."""
+        h = hashlib.sha256(self.outer.t.to_bytes(8, "big"))
+        with self._round_pass():
+            for kind in ("start", *self.moments):
+                for i, (lo, hi) in enumerate(self.spans):
+                    h.update(self._read_region(f"{kind}.{i}", hi - lo).numpy().tobytes())
+        return int.from_bytes(h.digest()[:8], "big") >> 1
+
+    def delta_chunks(self) -> Iterator[torch.Tensor]:
+        """Delta = theta_start - theta_local, chunk by chunk (spans order)."""
+        with self._round_pass():
+            for i, local in enumerate(self._local_chunks()):
+                start = self._read_region(f"start.{i}", local.numel())
+                yield start - local
+
+    def residual_store(self) -> _ResidualChunks:
+        """The exchange's error-feedback residual, kept in the res.i regions."""
+        return _ResidualChunks(self)
+
+    def outer_step_chunks(self, g_of: Callable[[int], torch.Tensor]) -> None:
+        """outer_step(theta_start, g) chunk by chunk, g_of(i) the pseudo-gradient's chunk i:
+        the new weights go to start.i (the next round's start) and to the stages, the
+        moments back to m.i, v.i; OuterOptimizer.apply, so the bits are outer_step's."""
+        opt = self.outer
+        lr = opt.lr
+        opt.t += 1
+        moments: tuple[str, ...] = self.moments
+        with self._round_pass():
+            order = iter(self.flat_stages)
+            k, k_lo, k_hi = -1, 0, 0
+            for i, (lo, hi) in enumerate(self.spans):
+                g = g_of(i)
+                start = self._read_region(f"start.{i}", hi - lo)
+                m = self._read_region(f"m.{i}", hi - lo) if "m" in self.moments else None
+                v = self._read_region(f"v.{i}", hi - lo) if "v" in self.moments else None
+                theta, m, v = opt.apply(start, g, m, v, lr, opt.t)
+                moments = tuple(n for n, t in (("m", m), ("v", v)) if t is not None)
+                for name, t in (("m", m), ("v", v)):
+                    if t is not None:
+                        self._write_region(f"{name}.{i}", t)
+                self._write_region(f"start.{i}", theta)
+                pos = lo
+                while pos < hi:  # into the stages' canonical buffer, flushed when full
+                    if pos >= k_hi:
+                        k = next(order)
+                        k_lo, k_hi = self.stage_lo[k], self.stage_lo[k] + self.stage_numel[k]
+                    n = min(hi, k_hi) - pos
+                    dst = self.arenas[1]["w"][pos - k_lo : pos - k_lo + n]
+                    dst.copy_(theta[pos - lo : pos - lo + n])
+                    pos += n
+                    if pos == k_hi:
+                        self._write_stage_flat(k)
+        self.moments = moments
+        self.start_valid = True
+
+    def state_vectors(self) -> list[torch.Tensor]:
+        """The whole state as flat vectors (|θ| each: checkpoints and resyncs only)."""
+        if self.outer.m is not None or not self.moments:  # the in-memory outer step's
+            return super().state_vectors()
+        return [self.flat(), *(self._read_vector(kind) for kind in self.moments)]
+
+    def _read_vector(self, kind: str) -> torch.Tensor:
+        out = torch.empty(self.numel)
+        for i, (lo, hi) in enumerate(self.spans):
+            self._blockio.run(self._file.read_into, f"{kind}.{i}", out[lo:hi])
+        return out
+
+    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
+        """Load a whole state (a checkpoint, a resync): weights to the stages, the outer
+        moments to m.i, v.i when the rounds stream (else in memory, as LocalTrainer)."""
+        if not self.streams_rounds:
+            super().load_state_vectors(vectors, outer_step)
+            return
+        self.load_flat(vectors[0])
+        self.moments = ("m", "v")[: len(vectors) - 1]
+        for kind, vec in zip(self.moments, vectors[1:], strict=False):
+            for i, (lo, hi) in enumerate(self.spans):
+                self._write_region(f"{kind}.{i}", vec[lo:hi])
+        self.outer.m = self.outer.v = None
+        self.outer.t = outer_step
+
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on a stand-in model that streams the stages."""
         streamed = _StreamedModel(self)
@@ -682,6 +865,39 @@ class OutOfCoreTrainer(RoundState):
                     self._blockio.run(f.aclose)
         finally:
             self._blockio.close()
+
+
+class _Held:
+    """Counts a round pass's chunk buffers in the trainer's held bytes while it runs."""
+
+    def __init__(self, trainer: OutOfCoreTrainer, nbytes: int) -> None:
+        self.trainer, self.nbytes = trainer, nbytes
+
+    def __enter__(self) -> None:
+        self.trainer._hold(self.nbytes)
+
+    def __exit__(self, *exc: object) -> None:
+        self.trainer._release(self.nbytes)
+
+
+class _ResidualChunks:
+    """fflnode.exchange.ResidualStore on the trainer's res.i regions."""
+
+    def __init__(self, trainer: OutOfCoreTrainer) -> None:
+        self.trainer = trainer
+
+    def get(self, i: int) -> torch.Tensor | None:
+        t = self.trainer
+        if not t.has_residual:
+            return None
+        lo, hi = t.spans[i]
+        return t._read_region(f"res.{i}", hi - lo)
+
+    def put(self, i: int, residual: torch.Tensor) -> None:
+        t = self.trainer
+        t._write_region(f"res.{i}", residual)
+        if i == len(t.spans) - 1:  # every chunk written: the next round adds them
+            t.has_residual = True
 
 
 class _StreamedModel(nn.Module):
