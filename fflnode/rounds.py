@@ -35,7 +35,14 @@ from libp2p.peer.id import ID
 
 from fflnode import checkpoint
 from fflnode.errors import FflError
-from fflnode.exchange import Averaging, Gossip, RoundExchange, StateSnapshot, state_digest
+from fflnode.exchange import (
+    Averaging,
+    Gossip,
+    RoundExchange,
+    RoundReport,
+    StateSnapshot,
+    state_digest,
+)
 from fflnode.p2p.membership import Membership
 from fflnode.sdnotify import Notifier
 from fflnode.train.trainer import LocalTrainer
@@ -111,6 +118,11 @@ class RoundRunner:
         self._written = trio.Event()
         self._written_round = -1
         self.checkpoints_written = 0
+        # An out-of-core trainer keeps its outer moments on disk only when its rounds
+        # stream; in a run that cannot stream them they stay in memory (and resume there).
+        self.streamed = trainer is not None and self._streams()
+        if trainer is not None:
+            trainer.streams_rounds = self.streamed
 
     # ------------------------------------------------------------------ resume
     def resume(self, ckpt: checkpoint.Checkpoint) -> None:
@@ -130,14 +142,15 @@ class RoundRunner:
     def _snapshot(self, r: int) -> checkpoint.Checkpoint:
         """A copy of the state after round r (the writer runs while training goes on)."""
         t = self.trainer
-        outer = {k: v.clone() for k, v in (("m", t.outer.m), ("v", t.outer.v)) if v is not None}
+        weights, *moments = t.state_vectors()
+        outer = {k: v.clone() for k, v in zip(("m", "v"), moments, strict=False)}
         state = {k: v.clone() for k, v in getattr(self.exchange, "state_dict", dict)().items()}
         return checkpoint.Checkpoint(
             self.run_id,
             r,
             [str(p) for p in self.members],
             t.outer.t,
-            t.flat(),
+            weights,
             outer,
             state,
             t.sampler_state(),
@@ -230,14 +243,51 @@ class RoundRunner:
             return ahead
         return r
 
+    def _streams(self) -> bool:
+        """Whether this round goes chunk by chunk from the trainer's disk (out of core,
+        the plain mean over the complete graph, all-gathered; no adversary)."""
+        return (
+            self.trainer.streams_rounds
+            and type(self.exchange) is Averaging
+            and self.exchange.robust == "none"
+            and self.adversary is None
+        )
+
+    async def _round_streamed(self, r: int) -> tuple[float, RoundReport, str | None]:
+        """An averaging round that holds no |θ|-sized vector: the start state, Delta, its
+        encoding's residual, the mean and the outer step go chunk by chunk through the
+        out-of-core trainer's block file (fflnode.train.outofcore), every pass in a
+        worker thread; the peers' encodings (b/32 of |θ| each) are what stays in RAM."""
+        trainer, exchange = self.trainer, self.exchange
+        assert isinstance(exchange, Averaging)
+        await trio.to_thread.run_sync(trainer.begin_round)
+        loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
+        start = await trio.to_thread.run_sync(trainer.start_digest)
+        residual = trainer.residual_store() if exchange.residual is not None else None
+        pub = await trio.to_thread.run_sync(
+            exchange.encode_chunks, r, trainer.delta_chunks(), start, residual
+        )
+        exchange.publish(r, pub)
+        mean_of, rep = await exchange.gather_streamed(r, trainer.numel)
+        resynced = None
+        if not rep.in_sync:
+            resynced = await self._resync(r, rep.kept_peers)
+        if resynced is None:  # in sync, or no majority state: apply our own mean
+            await trio.to_thread.run_sync(trainer.outer_step_chunks, mean_of)
+        exchange.record_unserved(r)
+        return loss, rep, resynced
+
     async def _round(self, r: int) -> RoundRecord:
         trainer = self.trainer
         t0 = time.perf_counter()
         self.membership.round = r
-        start_vectors = trainer.state_vectors()
+        if self.streamed:
+            loss, rep, resynced = await self._round_streamed(r)
+            return await self._finish_round(r, t0, loss, rep, resynced)
+        start_vectors = await trio.to_thread.run_sync(trainer.state_vectors)
         theta_start = start_vectors[0]
         loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
-        theta_local = trainer.flat()
+        theta_local = await trio.to_thread.run_sync(trainer.flat)
         resynced = None
         if isinstance(self.exchange, Averaging):
             start = await trio.to_thread.run_sync(state_digest, start_vectors, trainer.outer.t)
@@ -263,7 +313,7 @@ class RoundRunner:
             await trio.to_thread.run_sync(
                 trainer.outer_step, theta_start, theta_start - theta_local
             )
-            theta_half = trainer.flat()
+            theta_half = await trio.to_thread.run_sync(trainer.flat)
             public = theta_half
             if self.adversary is not None:
                 public = theta_start - self.adversary.corrupt(theta_start - theta_half)
@@ -271,7 +321,14 @@ class RoundRunner:
             self.exchange.publish(r, pub)
             theta_mix, rep = await self.exchange.gather(r, theta_half)
             await trio.to_thread.run_sync(trainer.load_flat, theta_mix)
-        self.exchange.record_state(r, StateSnapshot.of(trainer.state_vectors(), trainer.outer.t))
+        vectors = await trio.to_thread.run_sync(trainer.state_vectors)
+        self.exchange.record_state(r, StateSnapshot.of(vectors, trainer.outer.t))
+        return await self._finish_round(r, t0, loss, rep, resynced)
+
+    async def _finish_round(
+        self, r: int, t0: float, loss: float, rep: RoundReport, resynced: str | None
+    ) -> RoundRecord:
+        trainer = self.trainer
         scores = None
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
             scores = await trio.to_thread.run_sync(trainer.evaluate)
@@ -298,11 +355,13 @@ class RoundRunner:
     async def _resync(self, r: int, majority: list[ID]) -> str | None:
         """Adopt a majority peer's state after round r; the first that delivers it whole."""
         assert isinstance(self.exchange, Averaging)
-        numel = self.trainer.flat().numel()
+        numel = self.trainer.numel
         for peer in majority:
             snap = await self.exchange.fetch_state(peer, r, numel)
             if snap is not None:
-                self.trainer.load_state_vectors(snap.vectors, snap.step)
+                await trio.to_thread.run_sync(
+                    self.trainer.load_state_vectors, snap.vectors, snap.step
+                )
                 log.warning("round %d: out of sync; adopted the state of %s", r, peer)
                 return str(peer)
         log.warning(
