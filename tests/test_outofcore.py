@@ -57,7 +57,9 @@ def test_chain_with_a_shared_parameter_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------------- trainer
-def make_trainers(tmp_path: Path, inner: str, micro_batch: int = 0, resident: int = 1):
+def make_trainers(
+    tmp_path: Path, inner: str, micro_batch: int = 0, resident: int = 1, chunk_elems: int = 1 << 20
+):
     from fflnode.train.outofcore import (
         FLOAT_BYTES,
         OPT_STATES,
@@ -103,6 +105,7 @@ def make_trainers(tmp_path: Path, inner: str, micro_batch: int = 0, resident: in
         directory=tmp_path,
         memory_budget=budget,
         micro_batch=micro_batch,
+        chunk_elems=chunk_elems,
     )
     return memory, ooc
 
@@ -413,3 +416,98 @@ def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_pat
         assert comp.states is None
     finally:
         comp.trainer.close()
+
+
+# ----------------------------------------------------------------------------- rounds
+# Exchange chunks of the streamed-round test: 50020 parameters in 13 chunks, so chunks
+# straddle stage boundaries and stages straddle chunk boundaries.
+ROUND_CHUNK_ELEMS = 4096
+
+
+def averaging(chunk_elems: int, peer: object | None):
+    """A holo-coded, error-feedback Averaging exchange with no host: `peer`, when given,
+    is a member whose contribution the test hands over instead of the network."""
+    from libp2p.peer.id import ID
+
+    from fflnode.codecs import make_codec
+    from fflnode.exchange import Averaging
+    from fflnode.p2p.bulk import Traffic
+
+    return Averaging(
+        None,
+        "r1",
+        5,
+        make_codec("holo", bits=2, scale="mse"),
+        error_feedback=True,
+        me=ID(b"\x00\x04me!!"),
+        peers=[] if peer is None else [peer],
+        chunk_elems=chunk_elems,
+        round_timeout_s=1.0,
+        traffic=Traffic(),
+    )
+
+
+def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
+    """Three averaging rounds (3 inner Adam steps each, holo 2 bits with error feedback,
+    outer Adam, one peer's Delta mixed in): the out-of-core trainer's chunk-by-chunk
+    passes (start digest, Delta, encoding and residual, streamed mean, outer step) give
+    the in-memory round's start digests, encoded bytes, weights and outer moments,
+    bit for bit. Every operation is per element or per chunk, in the same order."""
+    import numpy as np
+    import trio
+    from libp2p.peer.id import ID
+
+    from fflnode.exchange import state_digest
+
+    peer = ID(b"\x00\x04peer")
+    memory, ooc = make_trainers(tmp_path, "adam", chunk_elems=ROUND_CHUNK_ELEMS)
+    try:
+        assert ooc.streams_rounds and len(ooc.spans) == 13
+        ex_m, ex_o = averaging(ROUND_CHUNK_ELEMS, peer), averaging(ROUND_CHUNK_ELEMS, peer)
+        g = torch.Generator().manual_seed(11)
+        for r in range(3):
+            # The peer: a Delta encoded by its own exchange, handed over decoded (pull_delta)
+            # or as its encodings (pull_encoded), with our start digest (in sync).
+            ex_p = averaging(ROUND_CHUNK_ELEMS, None)
+            peer_pub = ex_p.encode(r, 1e-3 * torch.randn(memory.numel, generator=g), 0)
+
+            start_vectors = memory.state_vectors()
+            memory.inner_steps()
+            digest = state_digest(start_vectors, memory.outer.t)
+            delta = start_vectors[0] - memory.flat()
+            pub_m = ex_m.encode(r, delta, digest)
+            ex_m.publish(r, pub_m)
+
+            async def pull_delta(p, rnd, numel, est=peer_pub.estimate, d=digest):
+                return est, d
+
+            ex_m.pull_delta = pull_delta  # type: ignore[method-assign]
+            mean, rep = trio.run(ex_m.gather, r)
+            assert rep.received == 1 and rep.in_sync
+            memory.outer_step(start_vectors[0], mean)
+
+            ooc.begin_round()
+            ooc.inner_steps()
+            assert ooc.start_digest() == digest, r
+            pub_o = ex_o.encode_chunks(r, ooc.delta_chunks(), digest, ooc.residual_store())
+            ex_o.publish(r, pub_o)
+
+            async def pull_encoded(p, rnd, numel, chunks=peer_pub.chunks, d=digest):
+                return chunks, d
+
+            ex_o.pull_encoded = pull_encoded  # type: ignore[method-assign]
+            mean_of, rep_o = trio.run(ex_o.gather_streamed, r, ooc.numel)
+            assert rep_o.received == 1 and rep_o.in_sync
+            assert len(pub_m.chunks) == len(pub_o.chunks) == 13
+            for a, b in zip(pub_m.chunks, pub_o.chunks, strict=True):
+                assert a.parts.keys() == b.parts.keys()
+                assert all(np.array_equal(a.parts[k], b.parts[k]) for k in a.parts), r
+            streamed = torch.cat([mean_of(i) for i in range(len(ooc.spans))])
+            assert torch.equal(streamed, mean), r
+            ooc.outer_step_chunks(mean_of)
+            assert ooc.outer.t == memory.outer.t
+            for a, b in zip(memory.state_vectors(), ooc.state_vectors(), strict=True):
+                assert torch.equal(a, b), r
+            assert torch.equal(ex_m.residual, ooc._read_vector("res"))
+    finally:
+        ooc.close()
