@@ -17,6 +17,7 @@ a state it cannot trust).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,25 @@ import torch
 
 from fflnode.errors import FormatError
 from fflnode.prism.reader import SafetensorsFile
-from fflnode.prism.writer import remove_stale_temporaries, save_tensors
+from fflnode.prism.safetensors import TORCH_DTYPE_NAMES
+from fflnode.prism.writer import AtomicSafetensorsWriter, remove_stale_temporaries, save_tensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 META_KEY = "fflnode.checkpoint"
 FORMAT = "fflnode.checkpoint/2"  # 2: "sampler" is the batch position (Task API)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A float32 flat vector handed to `save` chunk by chunk, never whole: an out-of-core
+    node's state read back from its block file. `chunks()` yields (element offset,
+    values) covering [0, numel) once."""
+
+    numel: int
+    chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]]
+
+
+Vector = torch.Tensor | Chunked
 
 
 @dataclass
@@ -37,9 +52,9 @@ class Checkpoint:
     round: int  # the last completed round
     members: list[str]
     outer_step: int
-    weights: torch.Tensor
-    outer: dict[str, torch.Tensor] = field(default_factory=dict)  # "m", "v" when present
-    exchange: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: Vector
+    outer: dict[str, Vector] = field(default_factory=dict)  # "m", "v" when present
+    exchange: dict[str, Vector] = field(default_factory=dict)
     sampler: torch.Tensor | None = None  # torch.Generator state (uint8)
 
 
@@ -48,11 +63,9 @@ def path_in(data_dir: Path) -> Path:
 
 
 def save(data_dir: Path, ckpt: Checkpoint) -> Path:
-    tensors = {"weights": ckpt.weights.detach().contiguous()}
-    tensors.update({f"outer.{k}": v.detach().contiguous() for k, v in ckpt.outer.items()})
-    tensors.update({f"exchange.{k}": v.detach().contiguous() for k, v in ckpt.exchange.items()})
-    if ckpt.sampler is not None:
-        tensors["sampler"] = ckpt.sampler
+    vectors: dict[str, Vector] = {"weights": ckpt.weights}
+    vectors.update({f"outer.{k}": v for k, v in ckpt.outer.items()})
+    vectors.update({f"exchange.{k}": v for k, v in ckpt.exchange.items()})
     meta = {
         "format": FORMAT,
         "run_id": ckpt.run_id,
@@ -60,7 +73,31 @@ def save(data_dir: Path, ckpt: Checkpoint) -> Path:
         "members": ckpt.members,
         "outer_step": ckpt.outer_step,
     }
-    return save_tensors(path_in(data_dir), tensors, {META_KEY: json.dumps(meta)})
+    metadata = {META_KEY: json.dumps(meta)}
+    if not any(isinstance(v, Chunked) for v in vectors.values()):
+        tensors = {k: v.detach().contiguous() for k, v in vectors.items()}  # type: ignore[union-attr]
+        if ckpt.sampler is not None:
+            tensors["sampler"] = ckpt.sampler
+        return save_tensors(path_in(data_dir), tensors, metadata)
+    # The same file, written chunk by chunk: the same atomic writer, one chunk in RAM.
+    specs = {k: ("F32", (_numel(v),)) for k, v in vectors.items()}
+    if ckpt.sampler is not None:
+        specs["sampler"] = (TORCH_DTYPE_NAMES[str(ckpt.sampler.dtype)], tuple(ckpt.sampler.shape))
+    with AtomicSafetensorsWriter(path_in(data_dir), specs, metadata) as w:
+        for name, v in vectors.items():
+            if isinstance(v, Chunked):
+                start = w.tensors[name].start
+                for offset, values in v.chunks():
+                    w.write_at(start + 4 * offset, values.detach().contiguous())
+            else:
+                w.write_tensor(name, v.detach().contiguous())
+        if ckpt.sampler is not None:
+            w.write_tensor("sampler", ckpt.sampler)
+        return w.commit()
+
+
+def _numel(v: Vector) -> int:
+    return v.numel if isinstance(v, Chunked) else v.numel()
 
 
 def load(data_dir: Path, run_id: str, numel: int) -> Checkpoint | None:
