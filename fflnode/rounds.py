@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import trio
 from libp2p.peer.id import ID
 
@@ -131,8 +132,11 @@ class RoundRunner:
         self.trainer.load_state_vectors(vectors, ckpt.outer_step)
         if ckpt.sampler is not None:
             self.trainer.load_sampler_state(ckpt.sampler)
-        load = getattr(self.exchange, "load_state_dict", None)
-        if load is not None:
+        residual = ckpt.exchange.get("ef.residual")
+        if self.streamed and isinstance(residual, torch.Tensor):
+            if residual.shape == (self.trainer.numel,) and residual.dtype == torch.float32:
+                self.trainer.load_residual(residual)  # the trainer keeps it on disk
+        elif (load := getattr(self.exchange, "load_state_dict", None)) is not None:
             load(ckpt.exchange)
         self.next_round = ckpt.round + 1
         self.exchange.first_round = self.next_round
@@ -155,6 +159,28 @@ class RoundRunner:
             state,
             t.sampler_state(),
         )
+
+    def _save_streamed(self, r: int) -> None:
+        """Write the checkpoint after round r from the out-of-core trainer's block file,
+        chunk by chunk, now: the regions it reads are rewritten by the next outer step,
+        so it cannot wait for a writer task as _snapshot's copy does."""
+        t = self.trainer
+        (weights, *moments), residual = t.chunked_state()
+        checkpoint.save(
+            self.data_dir,
+            checkpoint.Checkpoint(
+                self.run_id,
+                r,
+                [str(p) for p in self.members],
+                t.outer.t,
+                weights,
+                dict(zip(("m", "v"), moments, strict=False)),
+                {} if residual is None else {"ef.residual": residual},
+                t.sampler_state(),
+            ),
+        )
+        self.checkpoints_written += 1
+        self._written_round = r
 
     async def _write_checkpoints(self) -> None:
         """Write the newest pending checkpoint, again and again, until cancelled."""
@@ -180,7 +206,10 @@ class RoundRunner:
                 if r >= self.rounds:
                     break
                 self.records.append(await self._round(r))
-                if (r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds:
+                due = (r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds
+                if due and self.streamed:
+                    await trio.to_thread.run_sync(self._save_streamed, r)
+                elif due:
                     self._pending = await trio.to_thread.run_sync(self._snapshot, r)
                     self._pending_event.set()
                     last = r

@@ -457,6 +457,7 @@ def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
     import trio
     from libp2p.peer.id import ID
 
+    from fflnode import checkpoint
     from fflnode.exchange import state_digest
 
     peer = ID(b"\x00\x04peer")
@@ -509,5 +510,26 @@ def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
             for a, b in zip(memory.state_vectors(), ooc.state_vectors(), strict=True):
                 assert torch.equal(a, b), r
             assert torch.equal(ex_m.residual, ooc._read_vector("res"))
+        # The checkpoint written chunk by chunk from disk is the in-memory one, byte for byte.
+        (weights, *moments), residual = ooc.chunked_state()
+        assert residual is not None and len(moments) == 2
+        written = []
+        for name, w, outer, ef in (
+            ("memory", memory.flat(), {"m": memory.outer.m, "v": memory.outer.v}, ex_m.residual),
+            ("ooc", weights, dict(zip(("m", "v"), moments, strict=True)), residual),
+        ):
+            ckpt = checkpoint.Checkpoint(
+                "r1", 2, ["a"], memory.outer.t, w, outer, {"ef.residual": ef},
+                memory.sampler_state(),
+            )  # fmt: skip
+            (tmp_path / name).mkdir()
+            written.append(checkpoint.save(tmp_path / name, ckpt).read_bytes())
+        assert written[0] == written[1]
+        # ... and resuming from it puts the same state back on disk.
+        back = checkpoint.load(tmp_path / "ooc", "r1", ooc.numel)
+        assert back is not None
+        ooc.load_state_vectors([back.weights, back.outer["m"], back.outer["v"]], back.outer_step)
+        ooc.begin_round()
+        assert ooc.start_digest() == state_digest(memory.state_vectors(), memory.outer.t)
     finally:
         ooc.close()

@@ -66,6 +66,7 @@ import torch
 import trio
 from torch import nn
 
+from fflnode.checkpoint import Chunked
 from fflnode.errors import ConfigError
 from fflnode.prism.blockfile import BlockFile
 from fflnode.train.task import (
@@ -810,6 +811,33 @@ class OutOfCoreTrainer(RoundState):
                         self._write_stage_flat(k)
         self.moments = moments
         self.start_valid = True
+
+    def chunked_state(self) -> tuple[list[Chunked], Chunked | None]:
+        """The state for a checkpoint, chunk by chunk from disk: [weights, *moments] and
+        the error-feedback residual (None before the first). Read at once by the
+        checkpoint writer: the next outer step rewrites these regions."""
+
+        def region(kind: str) -> Chunked:
+            def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+                with self._round_pass():
+                    for i, (lo, hi) in enumerate(self.spans):
+                        yield lo, self._read_region(f"{kind}.{i}", hi - lo)
+
+            return Chunked(self.numel, chunks)
+
+        def weights() -> Iterator[tuple[int, torch.Tensor]]:
+            with self._round_pass():
+                yield from zip((lo for lo, _ in self.spans), self._local_chunks(), strict=True)
+
+        first = region("start") if self.start_valid else Chunked(self.numel, weights)
+        residual = region("res") if self.has_residual else None
+        return [first, *(region(kind) for kind in self.moments)], residual
+
+    def load_residual(self, residual: torch.Tensor) -> None:
+        """A checkpoint's error-feedback residual, back to the res.i regions."""
+        for i, (lo, hi) in enumerate(self.spans):
+            self._write_region(f"res.{i}", residual[lo:hi])
+        self.has_residual = True
 
     def state_vectors(self) -> list[torch.Tensor]:
         """The whole state as flat vectors (|θ| each: checkpoints and resyncs only)."""
