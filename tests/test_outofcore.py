@@ -241,6 +241,8 @@ rounds = 1
 task = "text"
 inner_optimizer = "adam"
 memory_budget_mb = {budget}
+[exchange]
+chunk_elems = {chunk_elems}
 [task]
 seq_len = 32
 batch_size = 4
@@ -250,11 +252,17 @@ d_state = 8
 """
 
 
-def node_config(tmp_path: Path, budget: int, d_model: int = 32):
+# Exchange chunks small enough for the round's passes under these budgets (8 buffers).
+NODE_CHUNK_ELEMS = 1 << 18
+
+
+def node_config(
+    tmp_path: Path, budget: int, d_model: int = 32, chunk_elems: int = NODE_CHUNK_ELEMS
+):
     from fflnode import config
 
     p = tmp_path / "node.toml"
-    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model))
+    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model, chunk_elems=chunk_elems))
     return config.load(p)
 
 
@@ -297,6 +305,17 @@ def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path)
         compose(node_config(tmp_path, 8, d_model=256))
 
 
+def test_exchange_chunks_too_big_for_the_rounds_passes_are_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    """64 MiB: 17 MiB of arenas + 20 MiB of pools leave room for 8 chunks of 855948
+    elements, not of the default 1048576."""
+    from fflnode.compose import compose
+
+    with pytest.raises(ConfigError, match="exchange.chunk_elems to at most 855948"):
+        compose(node_config(tmp_path, 64, d_model=256, chunk_elems=1 << 20))
+
+
 # ----------------------------------------------------------------------------- testnet
 TESTNET_TIMEOUT_S = 480  # 2 nodes x 2 rounds of a 3M-parameter model: ~1-2 min here
 TESTNET_BUDGET_MB = 40
@@ -330,7 +349,10 @@ def test_two_node_testnet_trains_out_of_core_within_its_budget_and_merges_exactl
     out, base = tmp_path / "net", tmp_path / "baseline"
     ooc_model = ("--task-option", "d_model=192", "--task-option", "n_layers=8")
     tiny_model = ("--task-option", "d_model=16", "--task-option", "n_layers=1")
-    budget = ("--set", f"train.memory_budget_mb={TESTNET_BUDGET_MB}")
+    budget = (
+        "--set", f"train.memory_budget_mb={TESTNET_BUDGET_MB}",
+        "--set", f"exchange.chunk_elems={NODE_CHUNK_ELEMS}",
+    )  # fmt: skip
     runs = [
         subprocess.Popen(
             fflnode_cmd("testnet", "--nodes", str(n), *TESTNET_COMMON, *extra, "--out", str(d)),
@@ -427,7 +449,10 @@ def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_pat
     from fflnode.compose import compose
 
     p = tmp_path / "node.toml"
-    p.write_text(NODE_TOML.format(budget=64, d_model=256) + '[states]\nfederate = "on"\n')
+    p.write_text(
+        NODE_TOML.format(budget=64, d_model=256, chunk_elems=NODE_CHUNK_ELEMS)
+        + '[states]\nfederate = "on"\n'
+    )
     with pytest.raises(ConfigError, match="needs the model in memory"):
         compose(config.load(p))
     (tmp_path / "auto").mkdir()

@@ -319,6 +319,22 @@ class OutOfCoreTrainer(RoundState):
                 hi - lo,
             )
             del h
+            round_pass = ROUND_CHUNK_BUFFERS * FLOAT_BYTES * self.chunk_elems
+            if (
+                self.streams_rounds
+                and self.plan.arenas + self.plan.pools + round_pass > memory_budget
+            ):
+                fits = (memory_budget - self.plan.arenas - self.plan.pools) // (
+                    ROUND_CHUNK_BUFFERS * FLOAT_BYTES
+                )
+                raise ConfigError(
+                    f"train.memory_budget_mb: {memory_budget >> 20} MiB cannot hold a round's "
+                    f"chunk-by-chunk passes: {self.plan.arenas >> 20} MiB of stage arenas, "
+                    f"{self.plan.pools >> 20} MiB of I/O pools and {round_pass >> 20} MiB for "
+                    f"{ROUND_CHUNK_BUFFERS} buffers of exchange.chunk_elems = {chunk_elems}; "
+                    f"set exchange.chunk_elems to at most {max(fits, 0)} (every node of the "
+                    "run the same) or raise the budget"
+                )
         self._blockio = BlockIO()
         regions = {
             f"{k}.{kind}": max(n, 1) for k, n in enumerate(self.stage_numel) for kind in self.kinds
