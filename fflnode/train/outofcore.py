@@ -739,6 +739,7 @@ class OutOfCoreTrainer(RoundState):
             off = self.flat_offset[id(p)] - self.stage_lo[k]
             dst[pos : pos + n].copy_(src[off : off + n])
             pos += n
+        self._sync()  # the copies above have landed before the I/O thread reads arena 0
         self._blockio.run(self._write_stage, k, 0, ("w",))
 
     def _local_chunks(self) -> Iterator[torch.Tensor]:
