@@ -442,6 +442,52 @@ def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> Non
         ooc.close()
 
 
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NO_CUDA)])
+def test_streamed_round_passes_equal_the_whole_vector_round(tmp_path: Path, device: str) -> None:
+    """Arenas on `device` (the GPU too): the round's passes gather and scatter stages
+    there and compute on CPU chunks, so Delta, the digest and the outer step equal the
+    whole-vector ones computed from flat() on the CPU, bit for bit (outer Adam, 13
+    chunks)."""
+    from fflnode.exchange import state_digest
+    from fflnode.train.outofcore import OutOfCoreTrainer
+    from fflnode.train.trainer import BatchStream, OuterOptimizer, TrainSettings
+
+    loaded = text_task()
+    settings = TrainSettings(
+        seed=3, local_steps=2, inner_lr=1e-2, outer_lr=1e-3, outer_momentum=0.0,
+        inner_optimizer="adam",
+    )  # fmt: skip
+    model = build_model(loaded, settings.seed).to(device)
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    batches = BatchStream(lambda: loaded.task.train_data(0, 1, settings.seed))
+    ooc = OutOfCoreTrainer(
+        loaded, model, chain, settings, batches, directory=tmp_path,
+        memory_budget=256 * MiB, chunk_elems=ROUND_CHUNK_ELEMS,
+    )  # fmt: skip
+    spans = ooc.spans
+    try:
+        reference = OuterOptimizer("adam", settings.outer_lr, 0.0)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            start = ooc.flat()
+            ooc.begin_round()
+            ooc.inner_steps()
+            assert ooc.start_digest() == state_digest(
+                [start, *(t for t in (reference.m, reference.v) if t is not None)], reference.t
+            )
+            delta = torch.cat(list(ooc.delta_chunks()))
+            assert torch.equal(delta, start - ooc.flat())
+            mean = 1e-3 * torch.randn(ooc.numel, generator=g)
+            ooc.outer_step_chunks(lambda i, mean=mean: mean[spans[i][0] : spans[i][1]])
+            assert torch.equal(ooc.flat(), reference.step(start, mean))
+    finally:
+        ooc.close()
+
+
 def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_path: Path) -> None:
     """Folding SSM states runs the whole model in memory, which an out-of-core node does
     not hold: "on" is refused at load, "auto" (the default) leaves the phase out."""
