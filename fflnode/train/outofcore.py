@@ -41,9 +41,21 @@ Where I/O happens: a private trio loop in one thread (BlockIO) owns both block f
 compute stays in the caller's thread (the node runs inner_steps in a worker thread) and
 waits on futures. Reads and writes go through Prism's io_uring engine, O_DIRECT.
 
-Not streamed yet (kept in RAM, |θ| floats each, as LocalTrainer does): the flat vector
-that flat()/load_flat()/state_tensors() hand the round loop and the final merge, the
-outer optimizer's moments, and the model built once at start before it is written out.
+The round, chunk by chunk (fflnode.rounds streams an averaging round through these when
+the stages are contiguous ranges of the flat vector, `streams_rounds`): the same file
+holds one region per exchange chunk i of start.i (the weights the round started from),
+m.i, v.i (the outer optimizer's moments) and res.i (the error-feedback residual).
+begin_round copies the stages into start.i (only after a load; the outer step leaves
+them there); start_digest hashes start.i, m.i, v.i in order (state_digest's bytes);
+delta_chunks reads the stages once, in flat order, and yields start.i - local; the
+exchange encodes each chunk as it comes (residual from and back to res.i); the outer
+step reads start.i, m.i, v.i and the mean's chunk i, applies OuterOptimizer.apply and
+writes the new weights to start.i and, stage by stage, to the stages, the moments back.
+A pass holds arena 0 and 1's w (one stage each) and ROUND_CHUNK_BUFFERS chunks: checked
+against the budget at load. Still |θ|-sized, in RAM: state_vectors()/load_state_vectors()
+(a resync, a resume from a checkpoint), flat()/state_tensors() (the final merge's
+premerge file, a gossip or sharded or robust round, which do not stream), and the
+model, built whole once at start before it is written out.
 
 Must never: hold more than two stages' weights and state at once, or change the result
 of a step from the in-memory trainer's beyond what the micro-batch split implies.
