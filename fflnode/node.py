@@ -234,7 +234,7 @@ class Node:
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 membership.phase = "train"
                 if self.trainer is not None:
-                    exchange = self._exchange(host, members, membership)
+                    exchange = await self._exchange(host, members, membership)
                     host.set_stream_handler(SHARD_PROTOCOL, exchange.handle)
                     runner = RoundRunner(
                         trainer=self.trainer,
@@ -454,7 +454,9 @@ class Node:
         )
         return members
 
-    def _exchange(self, host: Any, members: list[ID], membership: Membership) -> RoundExchange:
+    async def _exchange(
+        self, host: Any, members: list[ID], membership: Membership
+    ) -> RoundExchange:
         """The round exchange over this run's topology (fixed, drawn from the run seed):
         exact averaging on the complete graph, consensus gossip on sparse ones."""
         assert self.trainer is not None
@@ -505,7 +507,8 @@ class Node:
             run.run_id,
             run.seed,
             self.comp.codec,
-            initial=self.trainer.flat(),
+            # off the loop: an out-of-core trainer reads it from its block file
+            initial=await trio.to_thread.run_sync(self.trainer.flat),
             gamma=e.gamma,
             **common,
         )
