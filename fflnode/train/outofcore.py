@@ -81,6 +81,9 @@ from torch import nn
 from fflnode.checkpoint import Chunked
 from fflnode.errors import ConfigError
 from fflnode.prism.blockfile import BlockFile
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.safetensors import TORCH_DTYPE_NAMES
+from fflnode.prism.writer import AtomicSafetensorsWriter
 from fflnode.train.task import (
     BlockChain,
     LoadedTask,
@@ -705,6 +708,49 @@ class OutOfCoreTrainer(RoundState):
         }
         out.update({n: b.detach().clone() for n, b in self.buffers})
         return out
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of what state_tensors() returns, without reading the weights."""
+        out = {n: self.shapes[id(p)] for n, p in zip(self.names, self.params, strict=True)}
+        out.update({n: tuple(b.shape) for n, b in self.buffers})
+        return out
+
+    def write_state_file(self, path: Path, metadata: dict[str, str]) -> None:
+        """state_tensors() as one safetensors file, stage by stage from the block file:
+        the same bytes as save_tensors(state_tensors()), one stage in RAM."""
+        specs = {n: ("F32", shape) for n, shape in self.state_shapes().items()}
+        for n, b in self.buffers:
+            specs[n] = (TORCH_DTYPE_NAMES[str(b.dtype)], tuple(b.shape))
+        by_id = {id(p): n for n, p in zip(self.names, self.params, strict=True)}
+        with AtomicSafetensorsWriter(path, specs, metadata) as w:
+            for k, ps in enumerate(self.stage_params):
+                self._blockio.run(self._read_stage, k, 0, ("w",))
+                pos = 0
+                for p in ps:
+                    n = _numel(self.shapes[id(p)])
+                    w.write_tensor(by_id[id(p)], self.arenas[0]["w"][pos : pos + n].cpu())
+                    pos += n
+            for name, b in self.buffers:
+                w.write_tensor(name, b.detach().contiguous().cpu())
+            w.commit()
+
+    def load_state_file(self, path: Path) -> None:
+        """load_state_tensors() from a safetensors file, stage by stage (one stage, one
+        parameter read at a time in RAM)."""
+        by_id = {id(p): n for n, p in zip(self.names, self.params, strict=True)}
+        with SafetensorsFile(path) as f:
+            for k, ps in enumerate(self.stage_params):
+                pos = 0
+                for p in ps:
+                    n = _numel(self.shapes[id(p)])
+                    self.arenas[0]["w"][pos : pos + n].copy_(f.tensor(by_id[id(p)]).reshape(-1))
+                    pos += n
+                self._sync()
+                self._blockio.run(self._write_stage, k, 0, ("w",))
+            with torch.no_grad():
+                for name, b in self.buffers:
+                    b.copy_(f.tensor(name).view_as(b))
+        self.start_valid = False
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         flat = torch.empty(self.numel)

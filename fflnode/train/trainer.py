@@ -25,12 +25,15 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from fflnode.errors import ConfigError
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.writer import save_tensors
 from fflnode.train.task import (
     LoadedTask,
     as_metrics,
@@ -269,6 +272,20 @@ class LocalTrainer(RoundState):
         out = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
         out.update({n: b.detach().clone() for n, b in self.buffers})
         return out
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of what state_tensors() returns (the merge's layout)."""
+        named = [*zip(self.names, self.params, strict=True), *self.buffers]
+        return {n: tuple(t.shape) for n, t in named}
+
+    def write_state_file(self, path: Path, metadata: dict[str, str]) -> None:
+        """state_tensors() as one safetensors file, atomically (the premerge file)."""
+        save_tensors(path, self.state_tensors(), metadata)
+
+    def load_state_file(self, path: Path) -> None:
+        """load_state_tensors() from a safetensors file (the merged model)."""
+        with SafetensorsFile(path) as f:
+            self.load_state_tensors(f.tensors())
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load merged tensors (by name) into the model."""
