@@ -114,7 +114,7 @@ def compose(cfg: Config) -> Composition:
     if loaded.trains:
         settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
         trainer = make_trainer(cfg, loaded, settings)
-        layout = FlatLayout.of(trainer.state_tensors())
+        layout = FlatLayout.from_shapes(trainer.state_shapes())  # reads no weights
     else:
         if cfg.run.rounds:
             raise ConfigError(

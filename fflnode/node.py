@@ -57,7 +57,6 @@ from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.p2p.reach import AddressGuard, Advertiser
-from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import save_tensors
 from fflnode.rounds import RoundRecord, RoundRunner
 from fflnode.sdnotify import Notifier, watchdog_interval_s
@@ -593,16 +592,19 @@ class Node:
                 path, self.cfg.run.seed, self.cfg.train.partition_index
             )
             return
-        tensors = self.trainer.state_tensors()
+        metadata = {"fflnode.run": self.cfg.run.run_id}
         if self.adversary is not None and self.adversary.active:
+            tensors = self.trainer.state_tensors()
             tensors = {k: self.adversary.corrupt(v) for k, v in tensors.items()}
-        save_tensors(path, tensors, {"fflnode.run": self.cfg.run.run_id})
+            save_tensors(path, tensors, metadata)
+            return
+        # an out-of-core trainer writes it stage by stage from its block file
+        self.trainer.write_state_file(path, metadata)
 
     def _merged_metrics(self, path: Path) -> dict[str, float]:
         """The task's metrics on the merged weights (loaded into the trainer's model)."""
         assert self.trainer is not None
-        with SafetensorsFile(path) as f:
-            self.trainer.load_state_tensors(f.tensors())
+        self.trainer.load_state_file(path)  # out of core: stage by stage
         return self.trainer.evaluate()
 
     @staticmethod
