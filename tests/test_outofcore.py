@@ -442,6 +442,33 @@ def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> Non
         ooc.close()
 
 
+def test_the_premerge_file_is_written_and_the_merged_one_read_stage_by_stage(
+    tmp_path: Path,
+) -> None:
+    """write_state_file streams the stages into the bytes save_tensors(state_tensors())
+    writes; load_state_file puts a file's tensors back, stage by stage."""
+    from fflnode.prism.writer import save_tensors
+
+    memory, ooc = make_trainers(tmp_path, "adam")
+    try:
+        ooc.inner_steps(1)
+        meta = {"fflnode.run": "r1"}
+        ooc.write_state_file(tmp_path / "streamed.safetensors", meta)
+        whole = ooc.state_tensors()
+        save_tensors(tmp_path / "whole.safetensors", whole, meta)
+        streamed = (tmp_path / "streamed.safetensors").read_bytes()
+        assert streamed == (tmp_path / "whole.safetensors").read_bytes()
+        other = {k: v + 1 for k, v in whole.items()}
+        save_tensors(tmp_path / "merged.safetensors", other, meta)
+        ooc.load_state_file(tmp_path / "merged.safetensors")
+        got = ooc.state_tensors()
+        assert got.keys() == other.keys()
+        assert all(torch.equal(got[k], other[k]) for k in other)
+        assert memory.state_shapes() == ooc.state_shapes()
+    finally:
+        ooc.close()
+
+
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
