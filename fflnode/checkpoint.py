@@ -20,7 +20,9 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from fflnode.errors import FormatError
@@ -43,7 +45,42 @@ class Chunked:
     chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]]
 
 
-Vector = torch.Tensor | Chunked
+@dataclass(frozen=True)
+class FileVector:
+    """A float32 flat vector of a checkpoint file, read on demand: what `load(...,
+    lazy=True)` returns, so an out-of-core node resumes without the state in RAM."""
+
+    path: Path
+    name: str
+    numel: int
+    dtype = torch.float32
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.numel,)
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi)."""
+        with SafetensorsFile(self.path) as f:
+            start = f.tensor_info(self.name).start
+            raw = f.read_range(start + 4 * lo, start + 4 * hi)
+        return torch.from_numpy(np.frombuffer(bytearray(raw), dtype="<f4"))
+
+    def whole(self) -> torch.Tensor:
+        return self.read(0, self.numel)
+
+
+Vector = torch.Tensor | Chunked | FileVector
+
+
+def whole(v: Vector) -> torch.Tensor:
+    """A vector in RAM (a lazily loaded one read whole)."""
+    if isinstance(v, Chunked):
+        out = torch.empty(v.numel)
+        for lo, values in v.chunks():
+            out[lo : lo + values.numel()] = values
+        return out
+    return v.whole() if isinstance(v, FileVector) else v
 
 
 @dataclass
@@ -74,6 +111,7 @@ def save(data_dir: Path, ckpt: Checkpoint) -> Path:
         "outer_step": ckpt.outer_step,
     }
     metadata = {META_KEY: json.dumps(meta)}
+    vectors = {k: whole(v) if isinstance(v, FileVector) else v for k, v in vectors.items()}
     if not any(isinstance(v, Chunked) for v in vectors.values()):
         tensors = {k: v.detach().contiguous() for k, v in vectors.items()}  # type: ignore[union-attr]
         if ckpt.sampler is not None:
@@ -100,8 +138,9 @@ def _numel(v: Vector) -> int:
     return v.numel if isinstance(v, Chunked) else v.numel()
 
 
-def load(data_dir: Path, run_id: str, numel: int) -> Checkpoint | None:
-    """The node's checkpoint for `run_id`, None when there is none."""
+def load(data_dir: Path, run_id: str, numel: int, lazy: bool = False) -> Checkpoint | None:
+    """The node's checkpoint for `run_id`, None when there is none. `lazy`: its float32
+    flat vectors are FileVectors, read when asked (the rest is read now)."""
     remove_stale_temporaries(data_dir)
     path = path_in(data_dir)
     if not path.exists():
@@ -119,7 +158,13 @@ def load(data_dir: Path, run_id: str, numel: int) -> Checkpoint | None:
                 f"{path}: checkpoint of run {meta.get('run_id')!r}, this node is configured "
                 f"for {run_id!r}: move the file away to start a new run"
             )
-        tensors = f.tensors()
+        tensors: dict[str, Any] = {}
+        for name in f.header.names():
+            info = f.tensor_info(name)
+            if lazy and info.dtype == "F32" and len(info.shape) == 1:
+                tensors[name] = FileVector(path, name, info.numel)
+            else:
+                tensors[name] = f.tensor(name)
     for key in ("round", "outer_step"):
         if not isinstance(meta.get(key), int) or meta[key] < -1:
             raise FormatError(f"{path}: bad {key} {meta.get(key)!r}")
