@@ -217,7 +217,12 @@ class Node:
                 ckpt = None
                 if self.trainer is not None:
                     ckpt = await trio.to_thread.run_sync(
-                        checkpoint.load, self.data_dir, cfg.run.run_id, self.trainer.numel
+                        # lazy: an out-of-core node resumes chunk by chunk (RoundRunner)
+                        checkpoint.load,
+                        self.data_dir,
+                        cfg.run.run_id,
+                        self.trainer.numel,
+                        True,
                     )
                 if ckpt is None:
                     members = await start_barrier(
@@ -254,7 +259,8 @@ class Node:
                         adversary=self.adversary,
                     )
                     if ckpt is not None:
-                        runner.resume(ckpt)
+                        # off the loop: out of core, it streams the state to disk
+                        await trio.to_thread.run_sync(runner.resume, ckpt)
                         report.resumed_from_round = ckpt.round
                     await runner.run()
                     report.catch_up_jumps = runner.jumps

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ log = logging.getLogger(__name__)
 # A node whose peers are this many rounds ahead was left behind (restarted, frozen, cut
 # off): peers never wait more than one round for a node they still count on.
 BEHIND_BY = 2
+
+
+def _reader(v: checkpoint.Vector) -> Callable[[int, int], torch.Tensor]:
+    """(lo, hi) -> elements of a checkpoint's vector, read from its file if lazy."""
+    if isinstance(v, checkpoint.FileVector):
+        return v.read
+    t = checkpoint.whole(v)
+    return lambda lo, hi: t[lo:hi]
 
 
 class QuorumLost(FflError):
@@ -127,17 +136,21 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ resume
     def resume(self, ckpt: checkpoint.Checkpoint) -> None:
-        """Continue after the checkpoint's round, from its state."""
+        """Continue after the checkpoint's round, from its state (loaded lazily or not:
+        a streamed run reads it chunk by chunk into the trainer's block file)."""
         vectors = [ckpt.weights, *(ckpt.outer[k] for k in ("m", "v") if k in ckpt.outer)]
-        self.trainer.load_state_vectors(vectors, ckpt.outer_step)
-        if ckpt.sampler is not None:
-            self.trainer.load_sampler_state(ckpt.sampler)
         residual = ckpt.exchange.get("ef.residual")
-        if self.streamed and isinstance(residual, torch.Tensor):
-            if residual.shape == (self.trainer.numel,) and residual.dtype == torch.float32:
-                self.trainer.load_residual(residual)  # the trainer keeps it on disk
-        elif (load := getattr(self.exchange, "load_state_dict", None)) is not None:
-            load(ckpt.exchange)
+        if self.streamed:
+            self.trainer.load_state_ranges([_reader(v) for v in vectors], ckpt.outer_step)
+            if residual is not None and residual.shape == (self.trainer.numel,):
+                self.trainer.load_residual(_reader(residual))  # the trainer keeps it on disk
+        else:
+            whole = [checkpoint.whole(v) for v in vectors]
+            self.trainer.load_state_vectors(whole, ckpt.outer_step)
+            if (load := getattr(self.exchange, "load_state_dict", None)) is not None:
+                load({k: checkpoint.whole(v) for k, v in ckpt.exchange.items()})
+        if ckpt.sampler is not None:
+            self.trainer.load_sampler_state(checkpoint.whole(ckpt.sampler))
         self.next_round = ckpt.round + 1
         self.exchange.first_round = self.next_round
         self.resumed_from = ckpt.round

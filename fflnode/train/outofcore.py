@@ -818,6 +818,27 @@ class OutOfCoreTrainer(RoundState):
                 pos += n
             yield out
 
+    def _stage_feeder(self) -> Callable[[int, torch.Tensor], None]:
+        """feed(lo, values): flat elements [lo, lo + len) in order from 0 into arena 1,
+        each stage written back (in its own order) as soon as its range is complete."""
+        order = iter(self.flat_stages)
+        at = {"k": -1, "lo": 0, "hi": 0}
+
+        def feed(lo: int, values: torch.Tensor) -> None:
+            pos, end = lo, lo + values.numel()
+            while pos < end:
+                if pos >= at["hi"]:
+                    k = next(order)
+                    at.update(k=k, lo=self.stage_lo[k], hi=self.stage_lo[k] + self.stage_numel[k])
+                n = min(end, at["hi"]) - pos
+                dst = self.arenas[1]["w"][pos - at["lo"] : pos - at["lo"] + n]
+                dst.copy_(values[pos - lo : pos - lo + n])
+                pos += n
+                if pos == at["hi"]:
+                    self._write_stage_flat(at["k"])
+
+        return feed
+
     def _round_pass(self) -> _Held:
         return _Held(self, ROUND_CHUNK_BUFFERS * self.chunk_elems * FLOAT_BYTES)
 
@@ -860,8 +881,7 @@ class OutOfCoreTrainer(RoundState):
         opt.t += 1
         moments: tuple[str, ...] = self.moments
         with self._round_pass():
-            order = iter(self.flat_stages)
-            k, k_lo, k_hi = -1, 0, 0
+            feed = self._stage_feeder()
             for i, (lo, hi) in enumerate(self.spans):
                 g = g_of(i)
                 start = self._read_region(f"start.{i}", hi - lo)
@@ -873,17 +893,7 @@ class OutOfCoreTrainer(RoundState):
                     if t is not None:
                         self._write_region(f"{name}.{i}", t)
                 self._write_region(f"start.{i}", theta)
-                pos = lo
-                while pos < hi:  # into the stages' canonical buffer, flushed when full
-                    if pos >= k_hi:
-                        k = next(order)
-                        k_lo, k_hi = self.stage_lo[k], self.stage_lo[k] + self.stage_numel[k]
-                    n = min(hi, k_hi) - pos
-                    dst = self.arenas[1]["w"][pos - k_lo : pos - k_lo + n]
-                    dst.copy_(theta[pos - lo : pos - lo + n])
-                    pos += n
-                    if pos == k_hi:
-                        self._write_stage_flat(k)
+                feed(lo, theta)
         self.moments = moments
         self.start_valid = True
 
@@ -908,10 +918,11 @@ class OutOfCoreTrainer(RoundState):
         residual = region("res") if self.has_residual else None
         return [first, *(region(kind) for kind in self.moments)], residual
 
-    def load_residual(self, residual: torch.Tensor) -> None:
-        """A checkpoint's error-feedback residual, back to the res.i regions."""
+    def load_residual(self, read: Callable[[int, int], torch.Tensor]) -> None:
+        """A checkpoint's error-feedback residual (read(lo, hi): its elements), back to
+        the res.i regions."""
         for i, (lo, hi) in enumerate(self.spans):
-            self._write_region(f"res.{i}", residual[lo:hi])
+            self._write_region(f"res.{i}", read(lo, hi))
         self.has_residual = True
 
     def state_vectors(self) -> list[torch.Tensor]:
@@ -932,13 +943,26 @@ class OutOfCoreTrainer(RoundState):
         if not self.streams_rounds:
             super().load_state_vectors(vectors, outer_step)
             return
-        self.load_flat(vectors[0])
-        self.moments = ("m", "v")[: len(vectors) - 1]
-        for kind, vec in zip(self.moments, vectors[1:], strict=False):
+        self.load_state_ranges([lambda lo, hi, v=v: v[lo:hi] for v in vectors], outer_step)
+
+    def load_state_ranges(
+        self, parts: list[Callable[[int, int], torch.Tensor]], outer_step: int
+    ) -> None:
+        """load_state_vectors from readers, parts[j](lo, hi) the elements [lo, hi) of the
+        weights, then the moments: chunk by chunk (a resume from a lazily loaded
+        checkpoint holds no |θ|-sized vector). The weights go to the stages and start.i."""
+        self.moments = ("m", "v")[: len(parts) - 1]
+        with self._round_pass():
+            feed = self._stage_feeder()
             for i, (lo, hi) in enumerate(self.spans):
-                self._write_region(f"{kind}.{i}", vec[lo:hi])
+                w = parts[0](lo, hi)
+                self._write_region(f"start.{i}", w)
+                feed(lo, w)
+                for kind, read in zip(self.moments, parts[1:], strict=False):
+                    self._write_region(f"{kind}.{i}", read(lo, hi))
         self.outer.m = self.outer.v = None
         self.outer.t = outer_step
+        self.start_valid = True
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on a stand-in model that streams the stages."""
