@@ -643,11 +643,22 @@ def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
             (tmp_path / name).mkdir()
             written.append(checkpoint.save(tmp_path / name, ckpt).read_bytes())
         assert written[0] == written[1]
-        # ... and resuming from it puts the same state back on disk.
+        # ... and resuming from it (whole, as a resync does, or read lazily chunk by
+        # chunk, as a resume does) puts the same state back on disk.
+        want = state_digest(memory.state_vectors(), memory.outer.t)
         back = checkpoint.load(tmp_path / "ooc", "r1", ooc.numel)
         assert back is not None
         ooc.load_state_vectors([back.weights, back.outer["m"], back.outer["v"]], back.outer_step)
         ooc.begin_round()
-        assert ooc.start_digest() == state_digest(memory.state_vectors(), memory.outer.t)
+        assert ooc.start_digest() == want
+        lazy = checkpoint.load(tmp_path / "ooc", "r1", ooc.numel, lazy=True)
+        assert lazy is not None and isinstance(lazy.weights, checkpoint.FileVector)
+        ooc.start_valid, ooc.has_residual = False, False
+        parts = [lazy.weights, lazy.outer["m"], lazy.outer["v"]]
+        ooc.load_state_ranges([v.read for v in parts], lazy.outer_step)
+        ooc.load_residual(lazy.exchange["ef.residual"].read)
+        assert ooc.start_valid and ooc.start_digest() == want
+        assert torch.equal(ooc.flat(), memory.flat())
+        assert torch.equal(ooc._read_vector("res"), ex_m.residual)
     finally:
         ooc.close()
