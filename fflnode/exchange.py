@@ -109,6 +109,28 @@ class StateSnapshot:
 STATE_PARTS = ("weights", "m", "v")  # names on the wire, in StateSnapshot.vectors order
 
 
+@dataclass
+class DiskState:
+    """A node's whole training state after a round, served from disk (an out-of-core
+    node's block file) instead of copies in RAM: `read(lo, hi)` gives the parts'
+    elements [lo, hi) (weights first), `compute_digest()` the state_digest of it all
+    (read once, when first asked), `valid()` whether the disk still holds that state (the
+    next outer step rewrites it: then the request is refused; a piece read across the
+    rewrite fails the fetcher's digest check). Call read and compute_digest off the loop."""
+
+    numel: int
+    step: int
+    read: Callable[[int, int], list[torch.Tensor]]
+    compute_digest: Callable[[], int]
+    valid: Callable[[], bool]
+    _digest: int | None = None
+
+    def digest(self) -> int:
+        if self._digest is None:
+            self._digest = self.compute_digest()
+        return self._digest
+
+
 def state_digest(vectors: Sequence[torch.Tensor], step: int) -> int:
     """63-bit digest of a training state (fits a msgpack int in a header's meta)."""
     h = hashlib.sha256(step.to_bytes(8, "big"))
@@ -155,7 +177,7 @@ class RoundExchange:
         self.liveness: Liveness = liveness or Liveness()
         self.published: dict[int, Published] = {}
         self.ready: dict[int, trio.Event] = {}
-        self.snapshots: dict[int, StateSnapshot] = {}
+        self.snapshots: dict[int, StateSnapshot | DiskState] = {}
         self.snapshot_ready: dict[int, trio.Event] = {}
         self.current_round = -1
         # Rounds below this are not ours to serve (a node catching up skips them).
@@ -189,7 +211,7 @@ class RoundExchange:
         self.current_round = round
         self._forget_before(round - KEEP_ROUNDS + 1)
 
-    def record_state(self, round: int, snapshot: StateSnapshot) -> None:
+    def record_state(self, round: int, snapshot: StateSnapshot | DiskState) -> None:
         """Our whole state after `round`, served to peers that must resynchronise."""
         self.snapshots[round] = snapshot
         self._event(self.snapshot_ready, round).set()
@@ -389,9 +411,6 @@ class Averaging(RoundExchange):
         # serving); trimmed with the other per-round books.
         self.out_of_sync: set[int] = set()
         self.residual: torch.Tensor | None = None if not error_feedback else torch.empty(0)
-        # Rounds after which we hold no whole state to serve (a node that streams its
-        # rounds out of core keeps its state on disk only); trimmed with the others.
-        self.unserved: set[int] = set()
 
     def _mix(self, kept: dict[bytes, torch.Tensor]) -> torch.Tensor:
         """The round's aggregate of the in-sync Deltas (fflnode.robust)."""
@@ -416,12 +435,6 @@ class Averaging(RoundExchange):
     def _forget_before(self, r: int) -> None:
         super()._forget_before(r)
         self.out_of_sync = {k for k in self.out_of_sync if k >= r}
-        self.unserved = {k for k in self.unserved if k >= r}
-
-    def record_unserved(self, round: int) -> None:
-        """We serve no state after `round`: a peer asking for it is answered at once."""
-        self.unserved.add(round)
-        self._event(self.snapshot_ready, round).set()
 
     def encode(self, round: int, delta: torch.Tensor, start: int) -> Published:
         """Encode Delta (+ the error-feedback residual); run in a worker thread."""
@@ -559,17 +572,27 @@ class Averaging(RoundExchange):
         with trio.move_on_after(self.round_timeout_s):
             await self._event(self.snapshot_ready, r).wait()
         snap = self.snapshots.get(r)
-        if snap is None and r in self.unserved:
-            raise bulk.Unavailable("not-served", f"round {r}: this node serves no state")
         if snap is None and r in self.out_of_sync:
             raise bulk.Unavailable("out-of-sync", f"round {r}: out of sync here too")
         if snap is None:
             raise bulk.Unavailable("not-ready", f"no state after round {r} here")
+        if isinstance(snap, DiskState):
+            return await self._resolve_disk_state(r, snap, lo, hi)
         self._check_range(lo, hi, snap.vectors[0].numel())
         parts = [
             (name, v[lo:hi].numpy()) for name, v in zip(STATE_PARTS, snap.vectors, strict=False)
         ]
         return "none", parts, {"step": snap.step, "digest": snap.digest}
+
+    async def _resolve_disk_state(self, r: int, snap: DiskState, lo: int, hi: int) -> bulk.Resolved:
+        """A piece of a state served from disk, read (and digested, once) off the loop."""
+        self._check_range(lo, hi, snap.numel)
+        if not snap.valid():
+            raise bulk.Unavailable("gone", f"round {r}: our state has moved on")
+        digest = await trio.to_thread.run_sync(snap.digest)
+        values = await trio.to_thread.run_sync(snap.read, lo, hi)
+        parts = [(name, v.numpy()) for name, v in zip(STATE_PARTS, values, strict=False)]
+        return "none", parts, {"step": snap.step, "digest": digest}
 
     async def fetch_state(self, peer: ID, round: int, numel: int) -> StateSnapshot | None:
         """A peer's whole state after `round`, or None unless it arrives intact and its
