@@ -39,6 +39,7 @@ from fflnode import checkpoint
 from fflnode.errors import FflError
 from fflnode.exchange import (
     Averaging,
+    DiskState,
     Gossip,
     RoundExchange,
     RoundReport,
@@ -299,7 +300,8 @@ class RoundRunner:
         """An averaging round that holds no |θ|-sized vector: the start state, Delta, its
         encoding's residual, the mean and the outer step go chunk by chunk through the
         out-of-core trainer's block file (fflnode.train.outofcore), every pass in a
-        worker thread; the peers' encodings (b/32 of |θ| each) are what stays in RAM."""
+        worker thread; the peers' encodings (b/32 of |θ| each) are what stays in RAM.
+        The state after the round is served to resyncing peers from that file."""
         trainer, exchange = self.trainer, self.exchange
         assert isinstance(exchange, Averaging)
         await trio.to_thread.run_sync(trainer.begin_round)
@@ -316,7 +318,17 @@ class RoundRunner:
             resynced = await self._resync(r, rep.kept_peers)
         if resynced is None:  # in sync, or no majority state: apply our own mean
             await trio.to_thread.run_sync(trainer.outer_step_chunks, mean_of)
-        exchange.record_unserved(r)
+        generation = trainer.generation  # served from disk until the next outer step
+        exchange.record_state(
+            r,
+            DiskState(
+                trainer.numel,
+                trainer.outer.t,
+                trainer.read_state,
+                trainer.start_digest,  # digested once, when first asked (or next round)
+                lambda: trainer.generation == generation,
+            ),
+        )
         return loss, rep, resynced
 
     async def _round(self, r: int) -> RoundRecord:

@@ -301,6 +301,10 @@ class OutOfCoreTrainer(RoundState):
         self.moments: tuple[str, ...] = ()
         self.start_valid = False
         self.has_residual = False
+        # Bumped whenever start.i, m.i, v.i change (an outer step, a load): a state served
+        # to peers, and the cached digest of it, belong to one generation.
+        self.generation = 0
+        self._digest: tuple[int, int] | None = None  # (generation, digest)
         self.outer = OuterOptimizer(
             settings.outer_optimizer,
             settings.outer_lr,
@@ -853,13 +857,33 @@ class OutOfCoreTrainer(RoundState):
         self.start_valid = True
 
     def start_digest(self) -> int:
-        """state_digest(state_vectors(), outer.t), read chunk by chunk from disk."""
+        """state_digest(state_vectors(), outer.t), read chunk by chunk from disk (once
+        per generation: serving the state after a round computes the next round's)."""
+        generation = self.generation
+        if self._digest is not None and self._digest[0] == generation:
+            return self._digest[1]
         h = hashlib.sha256(self.outer.t.to_bytes(8, "big"))
         with self._round_pass():
             for kind in ("start", *self.moments):
                 for i, (lo, hi) in enumerate(self.spans):
                     h.update(self._read_region(f"{kind}.{i}", hi - lo).numpy().tobytes())
-        return int.from_bytes(h.digest()[:8], "big") >> 1
+        digest = int.from_bytes(h.digest()[:8], "big") >> 1
+        self._digest = (generation, digest)
+        return digest
+
+    def read_state(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """Elements [lo, hi) of the state on disk after a round (weights, then the outer
+        moments): what a resyncing peer pulls (fflnode.exchange.DiskState), valid while
+        `generation` does not change. Safe beside the round's own passes (BlockIO)."""
+        out = []
+        for kind in ("start", *self.moments):
+            parts = []
+            for i, (a, b) in enumerate(self.spans):
+                if a < hi and lo < b:
+                    chunk = self._read_region(f"{kind}.{i}", b - a)
+                    parts.append(chunk[max(lo, a) - a : min(hi, b) - a])
+            out.append(torch.cat(parts))
+        return out
 
     def delta_chunks(self) -> Iterator[torch.Tensor]:
         """Delta = theta_start - theta_local, chunk by chunk (spans order)."""
@@ -877,6 +901,7 @@ class OutOfCoreTrainer(RoundState):
         the new weights go to start.i (the next round's start) and to the stages, the
         moments back to m.i, v.i; OuterOptimizer.apply, so the bits are outer_step's."""
         opt = self.outer
+        self.generation += 1
         lr = opt.lr
         opt.t += 1
         moments: tuple[str, ...] = self.moments
@@ -952,6 +977,7 @@ class OutOfCoreTrainer(RoundState):
         weights, then the moments: chunk by chunk (a resume from a lazily loaded
         checkpoint holds no |θ|-sized vector). The weights go to the stages and start.i."""
         self.moments = ("m", "v")[: len(parts) - 1]
+        self.generation += 1
         with self._round_pass():
             feed = self._stage_feeder()
             for i, (lo, hi) in enumerate(self.spans):
