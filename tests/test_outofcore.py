@@ -576,7 +576,7 @@ def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
     from libp2p.peer.id import ID
 
     from fflnode import checkpoint
-    from fflnode.exchange import state_digest
+    from fflnode.exchange import STATE_PARTS, DiskState, StateSnapshot, state_digest
 
     peer = ID(b"\x00\x04peer")
     memory, ooc = make_trainers(tmp_path, "adam", chunk_elems=ROUND_CHUNK_ELEMS)
@@ -628,6 +628,26 @@ def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
             for a, b in zip(memory.state_vectors(), ooc.state_vectors(), strict=True):
                 assert torch.equal(a, b), r
             assert torch.equal(ex_m.residual, ooc._read_vector("res"))
+        # The state a resyncing peer pulls, served from disk: the in-memory snapshot's.
+        want = StateSnapshot.of(memory.state_vectors(), memory.outer.t)
+        generation = ooc.generation
+        ex_o.record_state(
+            2,
+            DiskState(
+                ooc.numel,
+                ooc.outer.t,
+                ooc.read_state,
+                ooc.start_digest,
+                lambda: ooc.generation == generation,
+            ),
+        )
+        ex_m.record_state(2, want)
+        lo, hi = ROUND_CHUNK_ELEMS - 100, 2 * ROUND_CHUNK_ELEMS - 100  # straddles two chunks
+        served = [trio.run(ex._resolve_weights, 2, lo, hi) for ex in (ex_m, ex_o)]
+        assert served[0][2] == served[1][2]  # step and digest
+        assert [n for n, _ in served[0][1]] == [n for n, _ in served[1][1]] == list(STATE_PARTS)
+        for (_, a), (_, b) in zip(served[0][1], served[1][1], strict=True):
+            assert np.array_equal(a, b)
         # The checkpoint written chunk by chunk from disk is the in-memory one, byte for byte.
         (weights, *moments), residual = ooc.chunked_state()
         assert residual is not None and len(moments) == 2
