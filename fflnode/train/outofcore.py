@@ -50,7 +50,8 @@ them there); start_digest hashes start.i, m.i, v.i in order (state_digest's byte
 delta_chunks reads the stages once, in flat order, and yields start.i - local; the
 exchange encodes each chunk as it comes (residual from and back to res.i); the outer
 step reads start.i, m.i, v.i and the mean's chunk i, applies OuterOptimizer.apply and
-writes the new weights to start.i and, stage by stage, to the stages, the moments back.
+writes the new weights to start.i and, stage by stage, to the stages, the moments back;
+read_state serves start.i, m.i, v.i to resyncing peers until the next outer step.
 A pass holds arena 0 and 1's w (one stage each) and ROUND_CHUNK_BUFFERS chunks: checked
 against the budget at load. Still |θ|-sized, in RAM: state_vectors()/load_state_vectors()
 (a resync, a resume from a checkpoint), flat()/state_tensors() (the final merge's
