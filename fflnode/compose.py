@@ -114,7 +114,7 @@ def compose(cfg: Config) -> Composition:
     if loaded.trains:
         settings = settings_from(cfg.train, cfg.run.seed, cfg.run.rounds)
         trainer = make_trainer(cfg, loaded, settings)
-        layout = FlatLayout.of(trainer.state_tensors())
+        layout = FlatLayout.from_shapes(trainer.state_shapes())  # reads no weights
     else:
         if cfg.run.rounds:
             raise ConfigError(
@@ -190,6 +190,7 @@ def make_trainer(
         memory_budget=budget,
         micro_batch=t.micro_batch,
         backend=cfg.prism.backend,
+        chunk_elems=cfg.exchange.chunk_elems,  # the round passes go chunk by chunk
         sample_batch=next(iter(loaded.task.train_data(partition, nodes, settings.seed))),  # type: ignore[union-attr]
     )
 

@@ -40,8 +40,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -84,7 +85,9 @@ class RoundReport:
 @dataclass
 class Published:
     chunks: list[Encoded]
-    estimate: torch.Tensor  # what receivers decode (averaging) or x̂_i after the round
+    # what receivers decode (averaging) or x̂_i after the round; None when encoded chunk
+    # by chunk (encode_chunks): the chunks decode to it, one at a time
+    estimate: torch.Tensor | None
     served: torch.Tensor | None = None  # gossip: the public copy served for resyncs
     start: int = 0  # averaging: digest of our state at the start of the round
 
@@ -104,6 +107,28 @@ class StateSnapshot:
 
 
 STATE_PARTS = ("weights", "m", "v")  # names on the wire, in StateSnapshot.vectors order
+
+
+@dataclass
+class DiskState:
+    """A node's whole training state after a round, served from disk (an out-of-core
+    node's block file) instead of copies in RAM: `read(lo, hi)` gives the parts'
+    elements [lo, hi) (weights first), `compute_digest()` the state_digest of it all
+    (read once, when first asked), `valid()` whether the disk still holds that state (the
+    next outer step rewrites it: then the request is refused; a piece read across the
+    rewrite fails the fetcher's digest check). Call read and compute_digest off the loop."""
+
+    numel: int
+    step: int
+    read: Callable[[int, int], list[torch.Tensor]]
+    compute_digest: Callable[[], int]
+    valid: Callable[[], bool]
+    _digest: int | None = None
+
+    def digest(self) -> int:
+        if self._digest is None:
+            self._digest = self.compute_digest()
+        return self._digest
 
 
 def state_digest(vectors: Sequence[torch.Tensor], step: int) -> int:
@@ -152,7 +177,7 @@ class RoundExchange:
         self.liveness: Liveness = liveness or Liveness()
         self.published: dict[int, Published] = {}
         self.ready: dict[int, trio.Event] = {}
-        self.snapshots: dict[int, StateSnapshot] = {}
+        self.snapshots: dict[int, StateSnapshot | DiskState] = {}
         self.snapshot_ready: dict[int, trio.Event] = {}
         self.current_round = -1
         # Rounds below this are not ours to serve (a node catching up skips them).
@@ -186,7 +211,7 @@ class RoundExchange:
         self.current_round = round
         self._forget_before(round - KEEP_ROUNDS + 1)
 
-    def record_state(self, round: int, snapshot: StateSnapshot) -> None:
+    def record_state(self, round: int, snapshot: StateSnapshot | DiskState) -> None:
         """Our whole state after `round`, served to peers that must resynchronise."""
         self.snapshots[round] = snapshot
         self._event(self.snapshot_ready, round).set()
@@ -309,6 +334,40 @@ class RoundExchange:
             return None
         return out, starts.pop()
 
+    async def pull_encoded(
+        self, peer: ID, round: int, numel: int
+    ) -> tuple[list[Encoded], int] | None:
+        """A peer's round-`round` Delta as its encoded chunks (kept, not decoded: what a
+        node that streams its rounds holds, b/32 of |θ| per peer at b bits) and its start
+        digest. Every chunk is validated and decoded once on arrival, as pull_delta does,
+        so a chunk that would decode to a bad estimate is refused here, not mid-mean."""
+        spans = self.spans(numel)
+        chunks: list[Encoded | None] = [None] * len(spans)
+        starts: set[int] = set()
+
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            meta = dict(header.meta)
+            start = meta.pop(START_KEY, None)
+            if not isinstance(start, int):
+                raise WireError(str(peer), "schema", "delta without its start digest")
+            starts.add(start)
+            enc = Encoded(header.codec, dict(arrays), meta)
+            ctx = self.ctx(round, req.index, req.lo, req.hi)
+            await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
+            chunks[req.index] = enc
+
+        requests = [
+            bulk.Request(round, "delta", i, lo, hi, self.codec.name)
+            for i, (lo, hi) in enumerate(spans)
+        ]
+        if not await self.pull(peer, requests, on_piece, numel):
+            return None
+        if len(starts) != 1 or any(c is None for c in chunks):
+            detail = f"a Delta whose chunks carry {len(starts)} start digests"
+            self.traffic.reject("schema", str(peer), detail)
+            return None
+        return [c for c in chunks if c is not None], starts.pop()
+
     def _decode(self, enc: Encoded, ctx: ChunkContext, peer: str) -> torch.Tensor:
         try:
             self.codec.validate(enc, ctx)
@@ -321,6 +380,15 @@ class RoundExchange:
 
 
 START_KEY = "start"  # header meta: the sender's start-of-round state digest
+
+
+class ResidualStore(Protocol):
+    """Where a streamed encode keeps error feedback, chunk by chunk (the out-of-core
+    trainer's block file): get(i) is None until chunk i's first put."""
+
+    def get(self, i: int) -> torch.Tensor | None: ...
+
+    def put(self, i: int, residual: torch.Tensor) -> None: ...
 
 
 class Averaging(RoundExchange):
@@ -378,16 +446,80 @@ class Averaging(RoundExchange):
             self.residual = target - estimate
         return Published(chunks, estimate, start=start)
 
+    def encode_chunks(
+        self,
+        round: int,
+        deltas: Iterable[torch.Tensor],
+        start: int,
+        residual: ResidualStore | None = None,
+    ) -> Published:
+        """`encode` for a Delta handed over chunk by chunk (spans(numel) order), with the
+        error-feedback residual kept by `residual` chunk by chunk too: the same chunk
+        encodings as encode() of the whole Delta (every operation is per element or per
+        chunk), and nothing |θ|-sized held. Run in a worker thread."""
+        chunks = []
+        for i, delta in enumerate(deltas):
+            target = delta.detach()
+            prior = None if residual is None else residual.get(i)
+            if prior is not None:
+                target = target + prior
+            ctx = self.ctx(round, i, 0, target.numel())
+            enc = self.codec.encode(target.contiguous(), ctx)
+            if residual is not None:
+                residual.put(i, target - self.codec.decode(enc, ctx))
+            chunks.append(enc)
+        return Published(chunks, None, start=start)
+
+    async def gather_streamed(
+        self, round: int, numel: int
+    ) -> tuple[Callable[[int], torch.Tensor], RoundReport]:
+        """gather() for a node that streams its rounds: the peers' encodings are kept and
+        the mean is handed out chunk by chunk, `mean_of(i)` (call it in a worker thread):
+        bit-identical to chunk i of gather()'s mean (the same decodes, float64 sums in the
+        same order, the same division). Only the plain mean streams (robust "none")."""
+        if self.robust != "none":
+            raise FflError(f"robust {self.robust!r} needs whole Deltas; only 'none' streams")
+        pub = self.published[round]
+        contributions: dict[bytes, tuple[list[Encoded], int]] = {
+            self.me.to_bytes(): (pub.chunks, pub.start)
+        }
+
+        async def one(peer: ID) -> None:
+            got = await self.pull_encoded(peer, round, numel)
+            if got is not None:
+                contributions[peer.to_bytes()] = got
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                if self.liveness.is_alive(peer):
+                    nursery.start_soon(one, peer)
+        majority = majority_start(s for _, s in contributions.values())
+        kept = {k: encs for k, (encs, s) in contributions.items() if s == majority}
+        order = sorted(kept)
+        spans = self.spans(numel)
+
+        def mean_of(i: int) -> torch.Tensor:
+            lo, hi = spans[i]
+            ctx = self.ctx(round, i, lo, hi)
+            acc = torch.zeros(hi - lo, dtype=torch.float64)
+            for key in order:
+                acc += self.codec.decode(kept[key][i], ctx).to(torch.float64)
+            return (acc / len(order)).to(torch.float32)
+
+        return mean_of, self._report(round, {k: s for k, (_, s) in contributions.items()}, kept)
+
     async def gather(self, round: int) -> tuple[torch.Tensor, RoundReport]:
         """The canonical mean of this round's decoded Deltas whose senders started the
         round from the majority's state; ours is among them unless we are out of sync."""
         pub = self.published[round]
+        assert pub.estimate is not None
         contributions: dict[bytes, tuple[torch.Tensor, int]] = {
             self.me.to_bytes(): (pub.estimate, pub.start)
         }
+        numel = pub.estimate.numel()
 
         async def one(peer: ID) -> None:
-            got = await self.pull_delta(peer, round, pub.estimate.numel())
+            got = await self.pull_delta(peer, round, numel)
             if got is not None:
                 contributions[peer.to_bytes()] = got
 
@@ -398,6 +530,15 @@ class Averaging(RoundExchange):
         majority = majority_start(s for _, s in contributions.values())
         kept = {k: est for k, (est, s) in contributions.items() if s == majority}
         mean = await trio.to_thread.run_sync(self._mix, kept)
+        return mean, self._report(round, {k: s for k, (_, s) in contributions.items()}, kept)
+
+    def _report(
+        self, round: int, contributions: dict[bytes, int], kept: dict[bytes, object]
+    ) -> RoundReport:
+        """The round's report from every contribution's start digest and the kept ones;
+        marks the round out of sync here when ours was not the majority's."""
+        pub = self.published[round]
+        majority = majority_start(contributions.values())
         by_bytes = {p.to_bytes(): p for p in self.peers}
         excluded = [str(by_bytes[k]) for k in contributions if k not in kept and k in by_bytes]
         missing = [str(p) for p in self.peers if p.to_bytes() not in contributions]
@@ -424,7 +565,7 @@ class Averaging(RoundExchange):
             # each other for that whole timeout.
             self.out_of_sync.add(round)
             self._event(self.snapshot_ready, round).set()
-        return mean, report
+        return report
 
     async def _resolve_weights(self, r: int, lo: int, hi: int) -> bulk.Resolved:
         """Our whole state after round r (weights, outer moments), for a resync."""
@@ -435,11 +576,23 @@ class Averaging(RoundExchange):
             raise bulk.Unavailable("out-of-sync", f"round {r}: out of sync here too")
         if snap is None:
             raise bulk.Unavailable("not-ready", f"no state after round {r} here")
+        if isinstance(snap, DiskState):
+            return await self._resolve_disk_state(r, snap, lo, hi)
         self._check_range(lo, hi, snap.vectors[0].numel())
         parts = [
             (name, v[lo:hi].numpy()) for name, v in zip(STATE_PARTS, snap.vectors, strict=False)
         ]
         return "none", parts, {"step": snap.step, "digest": snap.digest}
+
+    async def _resolve_disk_state(self, r: int, snap: DiskState, lo: int, hi: int) -> bulk.Resolved:
+        """A piece of a state served from disk, read (and digested, once) off the loop."""
+        self._check_range(lo, hi, snap.numel)
+        if not snap.valid():
+            raise bulk.Unavailable("gone", f"round {r}: our state has moved on")
+        digest = await trio.to_thread.run_sync(snap.digest)
+        values = await trio.to_thread.run_sync(snap.read, lo, hi)
+        parts = [(name, v.numpy()) for name, v in zip(STATE_PARTS, values, strict=False)]
+        return "none", parts, {"step": snap.step, "digest": digest}
 
     async def fetch_state(self, peer: ID, round: int, numel: int) -> StateSnapshot | None:
         """A peer's whole state after `round`, or None unless it arrives intact and its

@@ -58,7 +58,6 @@ from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
 from fflnode.p2p.membership import Membership
 from fflnode.p2p.reach import AddressGuard, Advertiser
-from fflnode.prism.reader import SafetensorsFile
 from fflnode.prism.writer import save_tensors
 from fflnode.rounds import RoundRecord, RoundRunner
 from fflnode.sdnotify import Notifier, watchdog_interval_s
@@ -248,7 +247,12 @@ class Node:
                 ckpt = None
                 if self.trainer is not None:
                     ckpt = await trio.to_thread.run_sync(
-                        checkpoint.load, self.data_dir, cfg.run.run_id, self.trainer.numel
+                        # lazy: an out-of-core node resumes chunk by chunk (RoundRunner)
+                        checkpoint.load,
+                        self.data_dir,
+                        cfg.run.run_id,
+                        self.trainer.numel,
+                        True,
                     )
                 if ckpt is None:
                     members = await start_barrier(
@@ -264,7 +268,7 @@ class Node:
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
                 membership.phase = "train"
                 if self.trainer is not None:
-                    exchange = self._exchange(host, members, membership)
+                    exchange = await self._exchange(host, members, membership)
                     host.set_stream_handler(SHARD_PROTOCOL, exchange.handle)
                     runner = RoundRunner(
                         trainer=self.trainer,
@@ -285,7 +289,8 @@ class Node:
                         adversary=self.adversary,
                     )
                     if ckpt is not None:
-                        runner.resume(ckpt)
+                        # off the loop: out of core, it streams the state to disk
+                        await trio.to_thread.run_sync(runner.resume, ckpt)
                         report.resumed_from_round = ckpt.round
                     await runner.run()
                     report.catch_up_jumps = runner.jumps
@@ -486,7 +491,9 @@ class Node:
         )
         return members
 
-    def _exchange(self, host: Any, members: list[ID], membership: Membership) -> RoundExchange:
+    async def _exchange(
+        self, host: Any, members: list[ID], membership: Membership
+    ) -> RoundExchange:
         """The round exchange over this run's topology (fixed, drawn from the run seed):
         exact averaging on the complete graph, consensus gossip on sparse ones."""
         assert self.trainer is not None
@@ -537,7 +544,8 @@ class Node:
             run.run_id,
             run.seed,
             self.comp.codec,
-            initial=self.trainer.flat(),
+            # off the loop: an out-of-core trainer reads it from its block file
+            initial=await trio.to_thread.run_sync(self.trainer.flat),
             gamma=e.gamma,
             **common,
         )
@@ -629,16 +637,19 @@ class Node:
                 path, self.cfg.run.seed, self.cfg.train.partition_index
             )
             return
-        tensors = self.trainer.state_tensors()
+        metadata = {"fflnode.run": self.cfg.run.run_id}
         if self.adversary is not None and self.adversary.active:
+            tensors = self.trainer.state_tensors()
             tensors = {k: self.adversary.corrupt(v) for k, v in tensors.items()}
-        save_tensors(path, tensors, {"fflnode.run": self.cfg.run.run_id})
+            save_tensors(path, tensors, metadata)
+            return
+        # an out-of-core trainer writes it stage by stage from its block file
+        self.trainer.write_state_file(path, metadata)
 
     def _merged_metrics(self, path: Path) -> dict[str, float]:
         """The task's metrics on the merged weights (loaded into the trainer's model)."""
         assert self.trainer is not None
-        with SafetensorsFile(path) as f:
-            self.trainer.load_state_tensors(f.tensors())
+        self.trainer.load_state_file(path)  # out of core: stage by stage
         return self.trainer.evaluate()
 
     @staticmethod

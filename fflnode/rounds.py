@@ -26,16 +26,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import trio
 from libp2p.peer.id import ID
 
 from fflnode import checkpoint
 from fflnode.errors import FflError
-from fflnode.exchange import Averaging, Gossip, RoundExchange, StateSnapshot, state_digest
+from fflnode.exchange import (
+    Averaging,
+    DiskState,
+    Gossip,
+    RoundExchange,
+    RoundReport,
+    StateSnapshot,
+    state_digest,
+)
 from fflnode.p2p.membership import Membership
 from fflnode.sdnotify import Notifier
 from fflnode.train.trainer import LocalTrainer
@@ -45,6 +55,14 @@ log = logging.getLogger(__name__)
 # A node whose peers are this many rounds ahead was left behind (restarted, frozen, cut
 # off): peers never wait more than one round for a node they still count on.
 BEHIND_BY = 2
+
+
+def _reader(v: checkpoint.Vector) -> Callable[[int, int], torch.Tensor]:
+    """(lo, hi) -> elements of a checkpoint's vector, read from its file if lazy."""
+    if isinstance(v, checkpoint.FileVector):
+        return v.read
+    t = checkpoint.whole(v)
+    return lambda lo, hi: t[lo:hi]
 
 
 class QuorumLost(FflError):
@@ -111,17 +129,29 @@ class RoundRunner:
         self._written = trio.Event()
         self._written_round = -1
         self.checkpoints_written = 0
+        # An out-of-core trainer keeps its outer moments on disk only when its rounds
+        # stream; in a run that cannot stream them they stay in memory (and resume there).
+        self.streamed = trainer is not None and self._streams()
+        if trainer is not None:
+            trainer.streams_rounds = self.streamed
 
     # ------------------------------------------------------------------ resume
     def resume(self, ckpt: checkpoint.Checkpoint) -> None:
-        """Continue after the checkpoint's round, from its state."""
+        """Continue after the checkpoint's round, from its state (loaded lazily or not:
+        a streamed run reads it chunk by chunk into the trainer's block file)."""
         vectors = [ckpt.weights, *(ckpt.outer[k] for k in ("m", "v") if k in ckpt.outer)]
-        self.trainer.load_state_vectors(vectors, ckpt.outer_step)
+        residual = ckpt.exchange.get("ef.residual")
+        if self.streamed:
+            self.trainer.load_state_ranges([_reader(v) for v in vectors], ckpt.outer_step)
+            if residual is not None and residual.shape == (self.trainer.numel,):
+                self.trainer.load_residual(_reader(residual))  # the trainer keeps it on disk
+        else:
+            whole = [checkpoint.whole(v) for v in vectors]
+            self.trainer.load_state_vectors(whole, ckpt.outer_step)
+            if (load := getattr(self.exchange, "load_state_dict", None)) is not None:
+                load({k: checkpoint.whole(v) for k, v in ckpt.exchange.items()})
         if ckpt.sampler is not None:
-            self.trainer.load_sampler_state(ckpt.sampler)
-        load = getattr(self.exchange, "load_state_dict", None)
-        if load is not None:
-            load(ckpt.exchange)
+            self.trainer.load_sampler_state(checkpoint.whole(ckpt.sampler))
         self.next_round = ckpt.round + 1
         self.exchange.first_round = self.next_round
         self.resumed_from = ckpt.round
@@ -130,18 +160,41 @@ class RoundRunner:
     def _snapshot(self, r: int) -> checkpoint.Checkpoint:
         """A copy of the state after round r (the writer runs while training goes on)."""
         t = self.trainer
-        outer = {k: v.clone() for k, v in (("m", t.outer.m), ("v", t.outer.v)) if v is not None}
+        weights, *moments = t.state_vectors()
+        outer = {k: v.clone() for k, v in zip(("m", "v"), moments, strict=False)}
         state = {k: v.clone() for k, v in getattr(self.exchange, "state_dict", dict)().items()}
         return checkpoint.Checkpoint(
             self.run_id,
             r,
             [str(p) for p in self.members],
             t.outer.t,
-            t.flat(),
+            weights,
             outer,
             state,
             t.sampler_state(),
         )
+
+    def _save_streamed(self, r: int) -> None:
+        """Write the checkpoint after round r from the out-of-core trainer's block file,
+        chunk by chunk, now: the regions it reads are rewritten by the next outer step,
+        so it cannot wait for a writer task as _snapshot's copy does."""
+        t = self.trainer
+        (weights, *moments), residual = t.chunked_state()
+        checkpoint.save(
+            self.data_dir,
+            checkpoint.Checkpoint(
+                self.run_id,
+                r,
+                [str(p) for p in self.members],
+                t.outer.t,
+                weights,
+                dict(zip(("m", "v"), moments, strict=False)),
+                {} if residual is None else {"ef.residual": residual},
+                t.sampler_state(),
+            ),
+        )
+        self.checkpoints_written += 1
+        self._written_round = r
 
     async def _write_checkpoints(self) -> None:
         """Write the newest pending checkpoint, again and again, until cancelled."""
@@ -167,7 +220,10 @@ class RoundRunner:
                 if r >= self.rounds:
                     break
                 self.records.append(await self._round(r))
-                if (r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds:
+                due = (r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds
+                if due and self.streamed:
+                    await trio.to_thread.run_sync(self._save_streamed, r)
+                elif due:
                     self._pending = await trio.to_thread.run_sync(self._snapshot, r)
                     self._pending_event.set()
                     last = r
@@ -230,14 +286,62 @@ class RoundRunner:
             return ahead
         return r
 
+    def _streams(self) -> bool:
+        """Whether this round goes chunk by chunk from the trainer's disk (out of core,
+        the plain mean over the complete graph, all-gathered; no adversary)."""
+        return (
+            self.trainer.streams_rounds
+            and type(self.exchange) is Averaging
+            and self.exchange.robust == "none"
+            and self.adversary is None
+        )
+
+    async def _round_streamed(self, r: int) -> tuple[float, RoundReport, str | None]:
+        """An averaging round that holds no |θ|-sized vector: the start state, Delta, its
+        encoding's residual, the mean and the outer step go chunk by chunk through the
+        out-of-core trainer's block file (fflnode.train.outofcore), every pass in a
+        worker thread; the peers' encodings (b/32 of |θ| each) are what stays in RAM.
+        The state after the round is served to resyncing peers from that file."""
+        trainer, exchange = self.trainer, self.exchange
+        assert isinstance(exchange, Averaging)
+        await trio.to_thread.run_sync(trainer.begin_round)
+        loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
+        start = await trio.to_thread.run_sync(trainer.start_digest)
+        residual = trainer.residual_store() if exchange.residual is not None else None
+        pub = await trio.to_thread.run_sync(
+            exchange.encode_chunks, r, trainer.delta_chunks(), start, residual
+        )
+        exchange.publish(r, pub)
+        mean_of, rep = await exchange.gather_streamed(r, trainer.numel)
+        resynced = None
+        if not rep.in_sync:
+            resynced = await self._resync(r, rep.kept_peers)
+        if resynced is None:  # in sync, or no majority state: apply our own mean
+            await trio.to_thread.run_sync(trainer.outer_step_chunks, mean_of)
+        generation = trainer.generation  # served from disk until the next outer step
+        exchange.record_state(
+            r,
+            DiskState(
+                trainer.numel,
+                trainer.outer.t,
+                trainer.read_state,
+                trainer.start_digest,  # digested once, when first asked (or next round)
+                lambda: trainer.generation == generation,
+            ),
+        )
+        return loss, rep, resynced
+
     async def _round(self, r: int) -> RoundRecord:
         trainer = self.trainer
         t0 = time.perf_counter()
         self.membership.round = r
-        start_vectors = trainer.state_vectors()
+        if self.streamed:
+            loss, rep, resynced = await self._round_streamed(r)
+            return await self._finish_round(r, t0, loss, rep, resynced)
+        start_vectors = await trio.to_thread.run_sync(trainer.state_vectors)
         theta_start = start_vectors[0]
         loss = await trio.to_thread.run_sync(trainer.inner_steps, abandon_on_cancel=True)
-        theta_local = trainer.flat()
+        theta_local = await trio.to_thread.run_sync(trainer.flat)
         resynced = None
         if isinstance(self.exchange, Averaging):
             start = await trio.to_thread.run_sync(state_digest, start_vectors, trainer.outer.t)
@@ -263,7 +367,7 @@ class RoundRunner:
             await trio.to_thread.run_sync(
                 trainer.outer_step, theta_start, theta_start - theta_local
             )
-            theta_half = trainer.flat()
+            theta_half = await trio.to_thread.run_sync(trainer.flat)
             public = theta_half
             if self.adversary is not None:
                 public = theta_start - self.adversary.corrupt(theta_start - theta_half)
@@ -271,7 +375,14 @@ class RoundRunner:
             self.exchange.publish(r, pub)
             theta_mix, rep = await self.exchange.gather(r, theta_half)
             await trio.to_thread.run_sync(trainer.load_flat, theta_mix)
-        self.exchange.record_state(r, StateSnapshot.of(trainer.state_vectors(), trainer.outer.t))
+        vectors = await trio.to_thread.run_sync(trainer.state_vectors)
+        self.exchange.record_state(r, StateSnapshot.of(vectors, trainer.outer.t))
+        return await self._finish_round(r, t0, loss, rep, resynced)
+
+    async def _finish_round(
+        self, r: int, t0: float, loss: float, rep: RoundReport, resynced: str | None
+    ) -> RoundRecord:
+        trainer = self.trainer
         scores = None
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
             scores = await trio.to_thread.run_sync(trainer.evaluate)
@@ -298,11 +409,13 @@ class RoundRunner:
     async def _resync(self, r: int, majority: list[ID]) -> str | None:
         """Adopt a majority peer's state after round r; the first that delivers it whole."""
         assert isinstance(self.exchange, Averaging)
-        numel = self.trainer.flat().numel()
+        numel = self.trainer.numel
         for peer in majority:
             snap = await self.exchange.fetch_state(peer, r, numel)
             if snap is not None:
-                self.trainer.load_state_vectors(snap.vectors, snap.step)
+                await trio.to_thread.run_sync(
+                    self.trainer.load_state_vectors, snap.vectors, snap.step
+                )
                 log.warning("round %d: out of sync; adopted the state of %s", r, peer)
                 return str(peer)
         log.warning(

@@ -114,9 +114,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
 
 
-def exchange_for(comp: Composition, host: Any, members: list[ID], liveness: Any) -> Any:
+async def exchange_for(comp: Composition, host: Any, members: list[ID], liveness: Any) -> Any:
     """The round exchange the daemon builds for this composition (fflnode.node)."""
-    return Node(comp)._exchange(host, members, liveness)
+    return await Node(comp)._exchange(host, members, liveness)
 
 
 def merge_session_for(node: Node, peer: Any, members: list[ID]) -> Any:
@@ -364,18 +364,18 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     host = build_host(create_new_key_pair())  # never started: the exchange only holds it
     me = host.get_id()
 
-    def built(nodes: int, **sections: dict[str, Any]) -> Any:
+    async def built(nodes: int, **sections: dict[str, Any]) -> Any:
         name = f"x{len(list(tmp_path.iterdir()))}"
         comp = compose(load(tmp_path / name, run={"nodes": nodes, **sections.pop("run", {})},
                             **sections))  # fmt: skip
-        return exchange_for(comp, host, [me, *random_ids(nodes - 1)], Liveness())
+        return await exchange_for(comp, host, [me, *random_ids(nodes - 1)], Liveness())
 
-    complete = built(4)
+    complete = await built(4)
     assert type(complete) is ShardedAveraging and len(complete.peers) == 3
-    ring = built(6, run={"topology": "ring"}, exchange={"gamma": 0.5})
+    ring = await built(6, run={"topology": "ring"}, exchange={"gamma": 0.5})
     assert type(ring) is Gossip and len(ring.peers) == 2
-    assert len(built(6, run={"topology": "random-regular", "degree": 3}).peers) == 3
-    assert len(built(6, run={"topology": "random-regular"}).peers) == 2
+    assert len((await built(6, run={"topology": "random-regular", "degree": 3})).peers) == 3
+    assert len((await built(6, run={"topology": "random-regular"})).peers) == 2
     # gamma: theta_mix = theta_local + gamma w (x_j - x_i), w = 1 / (neighbours + 1)
     numel = ring.public.numel()
     theta = torch.zeros(numel)
@@ -384,20 +384,20 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     mixed, _ = ring._mix(theta, [peer])
     torch.testing.assert_close(mixed, torch.full((numel,), 0.5 * 3.0 / 3))
     # scheme: the exact codec all-gathered instead of reduce-scattered
-    assert type(built(4, exchange={"scheme": "all-gather"})) is Averaging
+    assert type(await built(4, exchange={"scheme": "all-gather"})) is Averaging
     # a lossy codec all-gathers its compressed Deltas and feeds back what it lost
-    holo = built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
+    holo = await built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
     assert type(holo) is Averaging and holo.codec.name == "holo"
     assert holo.residual is not None and complete.residual is None
     # robust and trim: the round's mix of five Deltas, one of them huge
-    mixing = built(5, exchange={"robust": "trimmed-mean", "trim": 2})
+    mixing = await built(5, exchange={"robust": "trimmed-mean", "trim": 2})
     deltas = {bytes([i]): torch.full((8,), float(i)) for i in range(4)}
     deltas[b"\xff"] = torch.full((8,), 1e6)
     torch.testing.assert_close(mixing._mix(deltas), torch.full((8,), 2.0))  # the median
     assert torch.equal(mixing._mix(deltas), robust.trimmed_mean(deltas, 2))
-    assert not torch.equal(built(5)._mix(deltas), mixing._mix(deltas))
+    assert not torch.equal((await built(5))._mix(deltas), mixing._mix(deltas))
     # chunk_elems: the Delta travels in pieces of at most that many elements
-    chunked = built(4, exchange={"scheme": "all-gather", "chunk_elems": 2048})
+    chunked = await built(4, exchange={"scheme": "all-gather", "chunk_elems": 2048})
     published = chunked.encode(0, torch.ones(5000), 7)
     assert [e.parts["values"].size for e in published.chunks] == [2048, 2048, 904]
     assert complete.pieces(0, 5000) == [(0, 5000)]  # the default is 1 Mi elements
@@ -426,7 +426,7 @@ async def test_round_timeout_s_bounds_how_long_a_round_waits_for_a_peer(tmp_path
         for i, p in enumerate(ps):
             comp = compose(load(tmp_path / str(i), train={"partition_index": i},
                                 exchange={"round_timeout_s": 1.0}))  # fmt: skip
-            ex = exchange_for(comp, p.host, members, p.membership)
+            ex = await exchange_for(comp, p.host, members, p.membership)
             p.host.set_stream_handler(SHARD_PROTOCOL, ex.handle)
             exchanges.append(ex)
         waiting, silent = exchanges  # the silent peer never finishes round 0
@@ -1016,6 +1016,8 @@ def test_memory_budget_mb_and_micro_batch_choose_and_shape_the_trainer(tmp_path:
             train={"task": "text", "inner_optimizer": "adam", "memory_budget_mb": budget,
                    "micro_batch": micro_batch},
             task={"seq_len": 32, "batch_size": 4, "d_model": 256, "n_layers": 8, "d_state": 8},
+            # the round's chunk passes must fit the budget too (fflnode.train.outofcore)
+            exchange={"chunk_elems": 1 << 18},
         )).trainer  # fmt: skip
 
     assert isinstance(trainer(0), LocalTrainer)  # no budget: in memory

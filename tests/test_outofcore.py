@@ -57,7 +57,9 @@ def test_chain_with_a_shared_parameter_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------------- trainer
-def make_trainers(tmp_path: Path, inner: str, micro_batch: int = 0, resident: int = 1):
+def make_trainers(
+    tmp_path: Path, inner: str, micro_batch: int = 0, resident: int = 1, chunk_elems: int = 1 << 20
+):
     from fflnode.train.outofcore import (
         FLOAT_BYTES,
         OPT_STATES,
@@ -103,6 +105,7 @@ def make_trainers(tmp_path: Path, inner: str, micro_batch: int = 0, resident: in
         directory=tmp_path,
         memory_budget=budget,
         micro_batch=micro_batch,
+        chunk_elems=chunk_elems,
     )
     return memory, ooc
 
@@ -238,6 +241,8 @@ rounds = 1
 task = "text"
 inner_optimizer = "adam"
 memory_budget_mb = {budget}
+[exchange]
+chunk_elems = {chunk_elems}
 [task]
 seq_len = 32
 batch_size = 4
@@ -247,11 +252,17 @@ d_state = 8
 """
 
 
-def node_config(tmp_path: Path, budget: int, d_model: int = 32):
+# Exchange chunks small enough for the round's passes under these budgets (8 buffers).
+NODE_CHUNK_ELEMS = 1 << 18
+
+
+def node_config(
+    tmp_path: Path, budget: int, d_model: int = 32, chunk_elems: int = NODE_CHUNK_ELEMS
+):
     from fflnode import config
 
     p = tmp_path / "node.toml"
-    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model))
+    p.write_text(NODE_TOML.format(budget=budget, d_model=d_model, chunk_elems=chunk_elems))
     return config.load(p)
 
 
@@ -294,43 +305,77 @@ def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path)
         compose(node_config(tmp_path, 8, d_model=256))
 
 
+def test_exchange_chunks_too_big_for_the_rounds_passes_are_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    """64 MiB: 17 MiB of arenas + 20 MiB of pools leave room for 8 chunks of 855948
+    elements, not of the default 1048576."""
+    from fflnode.compose import compose
+
+    with pytest.raises(ConfigError, match="exchange.chunk_elems to at most 855948"):
+        compose(node_config(tmp_path, 64, d_model=256, chunk_elems=1 << 20))
+
+
 # ----------------------------------------------------------------------------- testnet
-TESTNET_TIMEOUT_S = 480  # 2 nodes x 2 rounds of a 3M-parameter model: ~2-4 min here
+TESTNET_TIMEOUT_S = 480  # 2 nodes x 2 rounds of a 3M-parameter model: ~1-2 min here
+TESTNET_BUDGET_MB = 40
+# The recipe and data both runs share: only the model's size and the budget differ.
+TESTNET_COMMON = (
+    "--rounds", "2", "--local-steps", "2", "--task", "text",
+    "--task-option", "seq_len=32", "--task-option", "batch_size=4",
+    "--set", 'train.inner_optimizer="adam"',
+    "--set", 'train.outer_optimizer="sgd"', "--set", "train.outer_lr=0.7",
+    # folding SSM states needs the model in memory: an out-of-core node has none
+    "--set", 'states.federate="off"',
+    "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot", "--eval-every", "2",
+)  # fmt: skip
 
 
 @pytest.mark.slow
-def test_two_node_testnet_trains_out_of_core_and_merges_exactly(tmp_path: Path) -> None:
+def test_two_node_testnet_trains_out_of_core_within_its_budget_and_merges_exactly(
+    tmp_path: Path,
+) -> None:
     """d_model 192, 8 blocks, Adam: 3M parameters, 48 MB in memory, over a 40 MiB budget:
-    both nodes stream their blocks, exchange holo-encoded deltas and merge exactly.
-    Not asserted: each node's RSS within its budget; the round loop and the exchange
-    still hold |θ|-sized vectors (see fflnode.train.outofcore)."""
+    both nodes stream their blocks and their rounds, exchange holo-encoded deltas and
+    merge exactly, and each node's peak RSS (VmHWM) stays within the budget + the peak
+    of a baseline node (the same run with a 1-block d_model-16 model in memory, measured
+    here at the same time: interpreter, torch, libp2p, the task's data, evaluation and
+    the merge) + RSS_ALLOWANCE."""
     import json
     import subprocess
 
     from tests.conftest import REPO, fflnode_cmd
 
-    out = tmp_path / "net"
-    options = ["d_model=192", "n_layers=8", "seq_len=32", "batch_size=4"]
-    proc = subprocess.run(
-        fflnode_cmd(
-            "testnet", "--nodes", "2", "--rounds", "2", "--local-steps", "2", "--task", "text",
-            *(a for o in options for a in ("--task-option", o)),
-            "--set", 'train.inner_optimizer="adam"', "--set", "train.memory_budget_mb=40",
-            "--set", 'train.outer_optimizer="sgd"', "--set", "train.outer_lr=0.7",
-            # folding SSM states needs the model in memory: an out-of-core node has none
-            "--set", 'states.federate="off"',
-            "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot",
-            "--eval-every", "2", "--out", str(out),
-        ),
-        cwd=REPO, capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
+    out, base = tmp_path / "net", tmp_path / "baseline"
+    ooc_model = ("--task-option", "d_model=192", "--task-option", "n_layers=8")
+    tiny_model = ("--task-option", "d_model=16", "--task-option", "n_layers=1")
+    budget = (
+        "--set", f"train.memory_budget_mb={TESTNET_BUDGET_MB}",
+        "--set", f"exchange.chunk_elems={NODE_CHUNK_ELEMS}",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [
+        subprocess.Popen(
+            fflnode_cmd("testnet", "--nodes", str(n), *TESTNET_COMMON, *extra, "--out", str(d)),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for n, extra, d in ((2, ooc_model + budget, out), (1, tiny_model, base))
+    ]
+    for proc in runs:
+        output, _ = proc.communicate(timeout=TESTNET_TIMEOUT_S)
+        assert proc.returncode == 0, output[-4000:]
     report = json.loads((out / "report.json").read_text())
     merge = report["merge"]
     assert merge["hashes_agree"] and merge["files_equal_reference"]
+    baseline = json.loads((base / "node0" / "result.json").read_text())["peak_rss_mb"]
+    limit = baseline + TESTNET_BUDGET_MB + RSS_ALLOWANCE / MiB
     for name in ("node0", "node1"):
         assert report["nodes"][name]["exit_code"] == 0
         assert (out / name / "outofcore" / "outofcore-weights.blk").is_file()
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["peak_rss_mb"] <= limit, (name, result["peak_rss_mb"], baseline)
 
 
 def test_a_rounds_holo_encoded_delta_is_bit_identical(tmp_path: Path) -> None:
@@ -397,6 +442,79 @@ def test_streamed_steps_on_cuda_match_the_in_memory_steps(tmp_path: Path) -> Non
         ooc.close()
 
 
+def test_the_premerge_file_is_written_and_the_merged_one_read_stage_by_stage(
+    tmp_path: Path,
+) -> None:
+    """write_state_file streams the stages into the bytes save_tensors(state_tensors())
+    writes; load_state_file puts a file's tensors back, stage by stage."""
+    from fflnode.prism.writer import save_tensors
+
+    memory, ooc = make_trainers(tmp_path, "adam")
+    try:
+        ooc.inner_steps(1)
+        meta = {"fflnode.run": "r1"}
+        ooc.write_state_file(tmp_path / "streamed.safetensors", meta)
+        whole = ooc.state_tensors()
+        save_tensors(tmp_path / "whole.safetensors", whole, meta)
+        streamed = (tmp_path / "streamed.safetensors").read_bytes()
+        assert streamed == (tmp_path / "whole.safetensors").read_bytes()
+        other = {k: v + 1 for k, v in whole.items()}
+        save_tensors(tmp_path / "merged.safetensors", other, meta)
+        ooc.load_state_file(tmp_path / "merged.safetensors")
+        got = ooc.state_tensors()
+        assert got.keys() == other.keys()
+        assert all(torch.equal(got[k], other[k]) for k in other)
+        assert memory.state_shapes() == ooc.state_shapes()
+    finally:
+        ooc.close()
+
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NO_CUDA)])
+def test_streamed_round_passes_equal_the_whole_vector_round(tmp_path: Path, device: str) -> None:
+    """Arenas on `device` (the GPU too): the round's passes gather and scatter stages
+    there and compute on CPU chunks, so Delta, the digest and the outer step equal the
+    whole-vector ones computed from flat() on the CPU, bit for bit (outer Adam, 13
+    chunks)."""
+    from fflnode.exchange import state_digest
+    from fflnode.train.outofcore import OutOfCoreTrainer
+    from fflnode.train.trainer import BatchStream, OuterOptimizer, TrainSettings
+
+    loaded = text_task()
+    settings = TrainSettings(
+        seed=3, local_steps=2, inner_lr=1e-2, outer_lr=1e-3, outer_momentum=0.0,
+        inner_optimizer="adam",
+    )  # fmt: skip
+    model = build_model(loaded, settings.seed).to(device)
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    batches = BatchStream(lambda: loaded.task.train_data(0, 1, settings.seed))
+    ooc = OutOfCoreTrainer(
+        loaded, model, chain, settings, batches, directory=tmp_path,
+        memory_budget=256 * MiB, chunk_elems=ROUND_CHUNK_ELEMS,
+    )  # fmt: skip
+    spans = ooc.spans
+    try:
+        reference = OuterOptimizer("adam", settings.outer_lr, 0.0)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            start = ooc.flat()
+            ooc.begin_round()
+            ooc.inner_steps()
+            assert ooc.start_digest() == state_digest(
+                [start, *(t for t in (reference.m, reference.v) if t is not None)], reference.t
+            )
+            delta = torch.cat(list(ooc.delta_chunks()))
+            assert torch.equal(delta, start - ooc.flat())
+            mean = 1e-3 * torch.randn(ooc.numel, generator=g)
+            ooc.outer_step_chunks(lambda i, mean=mean: mean[spans[i][0] : spans[i][1]])
+            assert torch.equal(ooc.flat(), reference.step(start, mean))
+    finally:
+        ooc.close()
+
+
 def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_path: Path) -> None:
     """Folding SSM states runs the whole model in memory, which an out-of-core node does
     not hold: "on" is refused at load, "auto" (the default) leaves the phase out."""
@@ -404,7 +522,10 @@ def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_pat
     from fflnode.compose import compose
 
     p = tmp_path / "node.toml"
-    p.write_text(NODE_TOML.format(budget=64, d_model=256) + '[states]\nfederate = "on"\n')
+    p.write_text(
+        NODE_TOML.format(budget=64, d_model=256, chunk_elems=NODE_CHUNK_ELEMS)
+        + '[states]\nfederate = "on"\n'
+    )
     with pytest.raises(ConfigError, match="needs the model in memory"):
         compose(config.load(p))
     (tmp_path / "auto").mkdir()
@@ -413,3 +534,151 @@ def test_state_federation_on_is_refused_for_a_model_streamed_out_of_core(tmp_pat
         assert comp.states is None
     finally:
         comp.trainer.close()
+
+
+# ----------------------------------------------------------------------------- rounds
+# Exchange chunks of the streamed-round test: 50020 parameters in 13 chunks, so chunks
+# straddle stage boundaries and stages straddle chunk boundaries.
+ROUND_CHUNK_ELEMS = 4096
+
+
+def averaging(chunk_elems: int, peer: object | None):
+    """A holo-coded, error-feedback Averaging exchange with no host: `peer`, when given,
+    is a member whose contribution the test hands over instead of the network."""
+    from libp2p.peer.id import ID
+
+    from fflnode.codecs import make_codec
+    from fflnode.exchange import Averaging
+    from fflnode.p2p.bulk import Traffic
+
+    return Averaging(
+        None,
+        "r1",
+        5,
+        make_codec("holo", bits=2, scale="mse"),
+        error_feedback=True,
+        me=ID(b"\x00\x04me!!"),
+        peers=[] if peer is None else [peer],
+        chunk_elems=chunk_elems,
+        round_timeout_s=1.0,
+        traffic=Traffic(),
+    )
+
+
+def test_a_streamed_round_equals_the_in_memory_round(tmp_path: Path) -> None:
+    """Three averaging rounds (3 inner Adam steps each, holo 2 bits with error feedback,
+    outer Adam, one peer's Delta mixed in): the out-of-core trainer's chunk-by-chunk
+    passes (start digest, Delta, encoding and residual, streamed mean, outer step) give
+    the in-memory round's start digests, encoded bytes, weights and outer moments,
+    bit for bit. Every operation is per element or per chunk, in the same order."""
+    import numpy as np
+    import trio
+    from libp2p.peer.id import ID
+
+    from fflnode import checkpoint
+    from fflnode.exchange import STATE_PARTS, DiskState, StateSnapshot, state_digest
+
+    peer = ID(b"\x00\x04peer")
+    memory, ooc = make_trainers(tmp_path, "adam", chunk_elems=ROUND_CHUNK_ELEMS)
+    try:
+        assert ooc.streams_rounds and len(ooc.spans) == 13
+        ex_m, ex_o = averaging(ROUND_CHUNK_ELEMS, peer), averaging(ROUND_CHUNK_ELEMS, peer)
+        g = torch.Generator().manual_seed(11)
+        for r in range(3):
+            # The peer: a Delta encoded by its own exchange, handed over decoded (pull_delta)
+            # or as its encodings (pull_encoded), with our start digest (in sync).
+            ex_p = averaging(ROUND_CHUNK_ELEMS, None)
+            peer_pub = ex_p.encode(r, 1e-3 * torch.randn(memory.numel, generator=g), 0)
+
+            start_vectors = memory.state_vectors()
+            memory.inner_steps()
+            digest = state_digest(start_vectors, memory.outer.t)
+            delta = start_vectors[0] - memory.flat()
+            pub_m = ex_m.encode(r, delta, digest)
+            ex_m.publish(r, pub_m)
+
+            async def pull_delta(p, rnd, numel, est=peer_pub.estimate, d=digest):
+                return est, d
+
+            ex_m.pull_delta = pull_delta  # type: ignore[method-assign]
+            mean, rep = trio.run(ex_m.gather, r)
+            assert rep.received == 1 and rep.in_sync
+            memory.outer_step(start_vectors[0], mean)
+
+            ooc.begin_round()
+            ooc.inner_steps()
+            assert ooc.start_digest() == digest, r
+            pub_o = ex_o.encode_chunks(r, ooc.delta_chunks(), digest, ooc.residual_store())
+            ex_o.publish(r, pub_o)
+
+            async def pull_encoded(p, rnd, numel, chunks=peer_pub.chunks, d=digest):
+                return chunks, d
+
+            ex_o.pull_encoded = pull_encoded  # type: ignore[method-assign]
+            mean_of, rep_o = trio.run(ex_o.gather_streamed, r, ooc.numel)
+            assert rep_o.received == 1 and rep_o.in_sync
+            assert len(pub_m.chunks) == len(pub_o.chunks) == 13
+            for a, b in zip(pub_m.chunks, pub_o.chunks, strict=True):
+                assert a.parts.keys() == b.parts.keys()
+                assert all(np.array_equal(a.parts[k], b.parts[k]) for k in a.parts), r
+            streamed = torch.cat([mean_of(i) for i in range(len(ooc.spans))])
+            assert torch.equal(streamed, mean), r
+            ooc.outer_step_chunks(mean_of)
+            assert ooc.outer.t == memory.outer.t
+            for a, b in zip(memory.state_vectors(), ooc.state_vectors(), strict=True):
+                assert torch.equal(a, b), r
+            assert torch.equal(ex_m.residual, ooc._read_vector("res"))
+        # The state a resyncing peer pulls, served from disk: the in-memory snapshot's.
+        want = StateSnapshot.of(memory.state_vectors(), memory.outer.t)
+        generation = ooc.generation
+        ex_o.record_state(
+            2,
+            DiskState(
+                ooc.numel,
+                ooc.outer.t,
+                ooc.read_state,
+                ooc.start_digest,
+                lambda: ooc.generation == generation,
+            ),
+        )
+        ex_m.record_state(2, want)
+        lo, hi = ROUND_CHUNK_ELEMS - 100, 2 * ROUND_CHUNK_ELEMS - 100  # straddles two chunks
+        served = [trio.run(ex._resolve_weights, 2, lo, hi) for ex in (ex_m, ex_o)]
+        assert served[0][2] == served[1][2]  # step and digest
+        assert [n for n, _ in served[0][1]] == [n for n, _ in served[1][1]] == list(STATE_PARTS)
+        for (_, a), (_, b) in zip(served[0][1], served[1][1], strict=True):
+            assert np.array_equal(a, b)
+        # The checkpoint written chunk by chunk from disk is the in-memory one, byte for byte.
+        (weights, *moments), residual = ooc.chunked_state()
+        assert residual is not None and len(moments) == 2
+        written = []
+        for name, w, outer, ef in (
+            ("memory", memory.flat(), {"m": memory.outer.m, "v": memory.outer.v}, ex_m.residual),
+            ("ooc", weights, dict(zip(("m", "v"), moments, strict=True)), residual),
+        ):
+            ckpt = checkpoint.Checkpoint(
+                "r1", 2, ["a"], memory.outer.t, w, outer, {"ef.residual": ef},
+                memory.sampler_state(),
+            )  # fmt: skip
+            (tmp_path / name).mkdir()
+            written.append(checkpoint.save(tmp_path / name, ckpt).read_bytes())
+        assert written[0] == written[1]
+        # ... and resuming from it (whole, as a resync does, or read lazily chunk by
+        # chunk, as a resume does) puts the same state back on disk.
+        want = state_digest(memory.state_vectors(), memory.outer.t)
+        back = checkpoint.load(tmp_path / "ooc", "r1", ooc.numel)
+        assert back is not None
+        ooc.load_state_vectors([back.weights, back.outer["m"], back.outer["v"]], back.outer_step)
+        ooc.begin_round()
+        assert ooc.start_digest() == want
+        lazy = checkpoint.load(tmp_path / "ooc", "r1", ooc.numel, lazy=True)
+        assert lazy is not None and isinstance(lazy.weights, checkpoint.FileVector)
+        ooc.start_valid, ooc.has_residual = False, False
+        parts = [lazy.weights, lazy.outer["m"], lazy.outer["v"]]
+        ooc.load_state_ranges([v.read for v in parts], lazy.outer_step)
+        ooc.load_residual(lazy.exchange["ef.residual"].read)
+        assert ooc.start_valid and ooc.start_digest() == want
+        assert torch.equal(ooc.flat(), memory.flat())
+        assert torch.equal(ooc._read_vector("res"), ex_m.residual)
+    finally:
+        ooc.close()

@@ -44,6 +44,7 @@ CHILD = textwrap.dedent(
     arm, directory = sys.argv[1], Path(sys.argv[2])
     budget, steps, threads = map(int, sys.argv[3:6])
     opts = json.loads(sys.argv[6])
+    device = torch.device(sys.argv[7])
     torch.set_num_threads(threads)
     loaded = load_task("text", opts, Path("."))
     w = torch.zeros(4, requires_grad=True)  # torch's lazy parts belong to the baseline
@@ -55,9 +56,9 @@ CHILD = textwrap.dedent(
                              outer_momentum=0.0, inner_optimizer="adam")
     if arm == "ooc":
         pin_allocator()  # as compose does when a budget is set
-    model = build_model(loaded, 1)
+    model = build_model(loaded, 1).to(device)
     numel = sum(p.numel() for p in model.parameters())
-    batches = BatchStream(lambda: loaded.task.train_data(0, 1, 1))
+    batches = BatchStream(lambda: (b.to(device) for b in loaded.task.train_data(0, 1, 1)))
     if arm == "ooc":
         trainer = OutOfCoreTrainer(loaded, model, task_chain(loaded, model), settings, batches,
                                    directory=directory, memory_budget=budget)
@@ -66,9 +67,14 @@ CHILD = textwrap.dedent(
     trainer.inner_steps(1)  # warm-up
     start_peak = peak_rss()
     reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     io0 = dict(getattr(trainer, "io", {}))
     t0 = time.perf_counter()
     trainer.inner_steps(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     io1 = dict(getattr(trainer, "io", {}))
     out = dict(arm=arm, numel=numel, baseline=baseline, step_peak=peak_rss(),
@@ -77,7 +83,9 @@ CHILD = textwrap.dedent(
                read=(io1.get("read", 0) - io0.get("read", 0)) / steps,
                written=(io1.get("written", 0) - io0.get("written", 0)) / steps,
                wait=io1.get("wait_s", 0) - io0.get("wait_s", 0),
-               in_memory=in_memory_bytes(numel, "adam"))
+               in_memory=in_memory_bytes(numel, "adam"),
+               device_peak=(torch.cuda.max_memory_allocated(device)
+                            if device.type == "cuda" else 0))
     trainer.close()
     print(json.dumps(out))
     """
@@ -99,7 +107,7 @@ def run_arm(arm: str, args: argparse.Namespace, opts: dict) -> dict:
     dropped = drop_caches()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-c", CHILD, arm, str(directory), str(args.budget_mb * MiB)]
-    cmd += [str(args.steps), str(args.threads), json.dumps(opts)]
+    cmd += [str(args.steps), str(args.threads), json.dumps(opts), args.device]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
     if done.returncode:
         sys.exit(f"{arm} arm failed:\n{done.stderr[-3000:]}")
@@ -120,6 +128,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--device", default="cpu", help="where the model computes: cpu, or cuda (arenas on it)"
+    )
     args = ap.parse_args()
     opts = dict(seq_len=args.seq_len, batch_size=args.batch, d_model=args.d_model,
                 n_layers=args.n_layers, d_state=16)  # fmt: skip
@@ -140,7 +151,7 @@ def main() -> None:
         f"weights {weights / MiB:.0f} MiB, Adam in memory {o['in_memory'] / MiB:.0f} MiB; "
         f"budget {args.budget_mb} MiB (weights/budget {weights / budget:.1f}x, computed); "
         f"batch {args.batch} x {args.seq_len} bytes; {args.steps} steps x {args.repeats} "
-        f"repeats, medians; page cache dropped: {dropped}"
+        f"repeats, medians; page cache dropped: {dropped}; device {args.device}"
     )
     print(
         "| arm | baseline MiB | step peak - baseline MiB | whole peak - baseline MiB | tokens/s |"
@@ -165,6 +176,9 @@ def main() -> None:
         f"(schedule minimum {min_read / 1e9:.3f}, computed), written "
         f"{med('ooc', lambda r: r['written']) / 1e9:.3f} GB (minimum {min_written / 1e9:.3f})"
     )
+    if args.device != "cpu":
+        for arm in ("ooc", "mem"):
+            print(f"{arm} device memory peak: {med(arm, lambda r: r['device_peak']) / MiB:.0f} MiB")
     limit = budget + 100 * MiB
     step_peak = med("ooc", lambda r: r["step_peak"] - r["baseline"])
     print(

@@ -41,9 +41,22 @@ Where I/O happens: a private trio loop in one thread (BlockIO) owns both block f
 compute stays in the caller's thread (the node runs inner_steps in a worker thread) and
 waits on futures. Reads and writes go through Prism's io_uring engine, O_DIRECT.
 
-Not streamed yet (kept in RAM, |θ| floats each, as LocalTrainer does): the flat vector
-that flat()/load_flat()/state_tensors() hand the round loop and the final merge, the
-outer optimizer's moments, and the model built once at start before it is written out.
+The round, chunk by chunk (fflnode.rounds streams an averaging round through these when
+the stages are contiguous ranges of the flat vector, `streams_rounds`): the same file
+holds one region per exchange chunk i of start.i (the weights the round started from),
+m.i, v.i (the outer optimizer's moments) and res.i (the error-feedback residual).
+begin_round copies the stages into start.i (only after a load; the outer step leaves
+them there); start_digest hashes start.i, m.i, v.i in order (state_digest's bytes);
+delta_chunks reads the stages once, in flat order, and yields start.i - local; the
+exchange encodes each chunk as it comes (residual from and back to res.i); the outer
+step reads start.i, m.i, v.i and the mean's chunk i, applies OuterOptimizer.apply and
+writes the new weights to start.i and, stage by stage, to the stages, the moments back;
+read_state serves start.i, m.i, v.i to resyncing peers until the next outer step.
+A pass holds arena 0 and 1's w (one stage each) and ROUND_CHUNK_BUFFERS chunks: checked
+against the budget at load. Still |θ|-sized, in RAM: state_vectors()/load_state_vectors()
+(a resync, a resume from a checkpoint), flat()/state_tensors() (the final merge's
+premerge file, a gossip or sharded or robust round, which do not stream), and the
+model, built whole once at start before it is written out.
 
 Must never: hold more than two stages' weights and state at once, or change the result
 of a step from the in-memory trainer's beyond what the micro-batch split implies.
@@ -53,9 +66,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +79,12 @@ import torch
 import trio
 from torch import nn
 
+from fflnode.checkpoint import Chunked
 from fflnode.errors import ConfigError
 from fflnode.prism.blockfile import BlockFile
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.safetensors import TORCH_DTYPE_NAMES
+from fflnode.prism.writer import AtomicSafetensorsWriter
 from fflnode.train.task import (
     BlockChain,
     LoadedTask,
@@ -82,6 +100,15 @@ from fflnode.train.trainer import BatchStream, OuterOptimizer, RoundState, Train
 # Adam's first and second moments.
 OPT_STATES = {"sgd": ("w",), "adam": ("w", "m", "v")}
 WEIGHTS_FILE = "outofcore-weights.blk"
+# The round's flat vectors kept in the weights file, one region per exchange chunk: the
+# weights the round started from, the outer optimizer's moments, the error-feedback
+# residual. The exchange's default chunk (config: exchange.chunk_elems).
+ROUND_KINDS = ("start", "m", "v", "res")
+DEFAULT_CHUNK_ELEMS = 1 << 20
+# Chunk-sized buffers a round pass holds at once (the outer step: g, theta_start, m, v,
+# the new theta, the float64 mean accumulator counted twice, a decoded estimate; the
+# encode pass holds fewer), beside one stage in each of arena 0 and 1's w.
+ROUND_CHUNK_BUFFERS = 8
 SPILL_FILE = "outofcore-activations.blk"
 # Queue depth of each block file: 4 x 1 MiB requests in flight. Prism's bench saturates
 # the NVMe at depth 8 (DESIGN.md); depth 4 keeps both files' pools to 2 x 10 MiB of the
@@ -224,6 +251,7 @@ class OutOfCoreTrainer(RoundState):
         micro_batch: int = 0,
         backend: str | None = "auto",
         sample_batch: Any = None,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ) -> None:
         self.loaded, self.task, self.s, self.batches = loaded, loaded.task, settings, batches
         self.model, self.chain = model, chain
@@ -253,6 +281,31 @@ class OutOfCoreTrainer(RoundState):
         self.stage_numel = [sum(p.numel() for p in ps) for ps in self.stage_params]
         self.largest = max(self.stage_numel)
         self.adam_steps = {id(p): 0 for p in self.params}
+        # The round's flat-vector passes read the stages in canonical (flat) order: each
+        # stage must be one contiguous range of the flat vector (the text LM's are).
+        self.stage_lo = [
+            min((self.flat_offset[id(p)] for p in ps), default=0) for ps in self.stage_params
+        ]
+        self.flat_stages = sorted(
+            (k for k, n in enumerate(self.stage_numel) if n), key=lambda k: self.stage_lo[k]
+        )
+        pos = 0
+        for k in self.flat_stages:
+            pos = self.stage_lo[k] + self.stage_numel[k] if self.stage_lo[k] == pos else -1
+        self.streams_rounds = pos == self.numel
+        self.spans = [
+            (a, min(a + chunk_elems, self.numel)) for a in range(0, self.numel, chunk_elems)
+        ]
+        self.chunk_elems = min(chunk_elems, self.numel)
+        # The outer optimizer's moments (on disk, chunk by chunk) and whether start.i
+        # holds the weights the current round started from.
+        self.moments: tuple[str, ...] = ()
+        self.start_valid = False
+        self.has_residual = False
+        # Bumped whenever start.i, m.i, v.i change (an outer step, a load): a state served
+        # to peers, and the cached digest of it, belong to one generation.
+        self.generation = 0
+        self._digest: tuple[int, int] | None = None  # (generation, digest)
         self.outer = OuterOptimizer(
             settings.outer_optimizer,
             settings.outer_lr,
@@ -286,10 +339,29 @@ class OutOfCoreTrainer(RoundState):
                 hi - lo,
             )
             del h
+            round_pass = ROUND_CHUNK_BUFFERS * FLOAT_BYTES * self.chunk_elems
+            if (
+                self.streams_rounds
+                and self.plan.arenas + self.plan.pools + round_pass > memory_budget
+            ):
+                fits = (memory_budget - self.plan.arenas - self.plan.pools) // (
+                    ROUND_CHUNK_BUFFERS * FLOAT_BYTES
+                )
+                raise ConfigError(
+                    f"train.memory_budget_mb: {memory_budget >> 20} MiB cannot hold a round's "
+                    f"chunk-by-chunk passes: {self.plan.arenas >> 20} MiB of stage arenas, "
+                    f"{self.plan.pools >> 20} MiB of I/O pools and {round_pass >> 20} MiB for "
+                    f"{ROUND_CHUNK_BUFFERS} buffers of exchange.chunk_elems = {chunk_elems}; "
+                    f"set exchange.chunk_elems to at most {max(fits, 0)} (every node of the "
+                    "run the same) or raise the budget"
+                )
         self._blockio = BlockIO()
         regions = {
             f"{k}.{kind}": max(n, 1) for k, n in enumerate(self.stage_numel) for kind in self.kinds
         }
+        if self.streams_rounds:  # the round's vectors, one region per exchange chunk
+            for i, (lo, hi) in enumerate(self.spans):
+                regions.update({f"{kind}.{i}": hi - lo for kind in ROUND_KINDS})
         self._file = BlockFile(
             self.directory / WEIGHTS_FILE,
             regions,
@@ -621,6 +693,7 @@ class OutOfCoreTrainer(RoundState):
 
     def load_flat(self, flat: torch.Tensor) -> None:
         """Write the weights from a flat vector (optimizer state is kept)."""
+        self.start_valid = False
         for k, ps in enumerate(self.stage_params):
             pos = 0
             for p in ps:
@@ -641,6 +714,49 @@ class OutOfCoreTrainer(RoundState):
         out.update({n: b.detach().clone() for n, b in self.buffers})
         return out
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of what state_tensors() returns, without reading the weights."""
+        out = {n: self.shapes[id(p)] for n, p in zip(self.names, self.params, strict=True)}
+        out.update({n: tuple(b.shape) for n, b in self.buffers})
+        return out
+
+    def write_state_file(self, path: Path, metadata: dict[str, str]) -> None:
+        """state_tensors() as one safetensors file, stage by stage from the block file:
+        the same bytes as save_tensors(state_tensors()), one stage in RAM."""
+        specs = {n: ("F32", shape) for n, shape in self.state_shapes().items()}
+        for n, b in self.buffers:
+            specs[n] = (TORCH_DTYPE_NAMES[str(b.dtype)], tuple(b.shape))
+        by_id = {id(p): n for n, p in zip(self.names, self.params, strict=True)}
+        with AtomicSafetensorsWriter(path, specs, metadata) as w:
+            for k, ps in enumerate(self.stage_params):
+                self._blockio.run(self._read_stage, k, 0, ("w",))
+                pos = 0
+                for p in ps:
+                    n = _numel(self.shapes[id(p)])
+                    w.write_tensor(by_id[id(p)], self.arenas[0]["w"][pos : pos + n].cpu())
+                    pos += n
+            for name, b in self.buffers:
+                w.write_tensor(name, b.detach().contiguous().cpu())
+            w.commit()
+
+    def load_state_file(self, path: Path) -> None:
+        """load_state_tensors() from a safetensors file, stage by stage (one stage, one
+        parameter read at a time in RAM)."""
+        by_id = {id(p): n for n, p in zip(self.names, self.params, strict=True)}
+        with SafetensorsFile(path) as f:
+            for k, ps in enumerate(self.stage_params):
+                pos = 0
+                for p in ps:
+                    n = _numel(self.shapes[id(p)])
+                    self.arenas[0]["w"][pos : pos + n].copy_(f.tensor(by_id[id(p)]).reshape(-1))
+                    pos += n
+                self._sync()
+                self._blockio.run(self._write_stage, k, 0, ("w",))
+            with torch.no_grad():
+                for name, b in self.buffers:
+                    b.copy_(f.tensor(name).view_as(b))
+        self.start_valid = False
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         flat = torch.empty(self.numel)
         for n, p in zip(self.names, self.params, strict=True):
@@ -653,6 +769,227 @@ class OutOfCoreTrainer(RoundState):
 
     def outer_step(self, theta_start: torch.Tensor, g: torch.Tensor) -> None:
         self.load_flat(self.outer.step(theta_start, g))
+
+    # -- the round's flat-vector passes (fflnode.rounds streams these) --
+    def _read_region(self, name: str, n: int) -> torch.Tensor:
+        out = torch.empty(n)
+        self._blockio.run(self._file.read_into, name, out)
+        self.io["read"] += FLOAT_BYTES * n
+        return out
+
+    def _write_region(self, name: str, data: torch.Tensor) -> None:
+        self._blockio.run(self._file.write_from, name, data.contiguous())
+        self.io["written"] += FLOAT_BYTES * data.numel()
+
+    def _stage_flat(self, k: int) -> torch.Tensor:
+        """Stage k's weights in canonical (flat) order, in arena 1 (arena 0 reads)."""
+        self._blockio.run(self._read_stage, k, 0, ("w",))
+        src, dst = self.arenas[0]["w"], self.arenas[1]["w"]
+        pos = 0
+        for p in self.stage_params[k]:
+            n = _numel(self.shapes[id(p)])
+            off = self.flat_offset[id(p)] - self.stage_lo[k]
+            dst[off : off + n].copy_(src[pos : pos + n])
+            pos += n
+        return dst[: self.stage_numel[k]]
+
+    def _write_stage_flat(self, k: int) -> None:
+        """Write stage k's weights from arena 1, in canonical order (as _stage_flat left them)."""
+        src, dst = self.arenas[1]["w"], self.arenas[0]["w"]
+        pos = 0
+        for p in self.stage_params[k]:
+            n = _numel(self.shapes[id(p)])
+            off = self.flat_offset[id(p)] - self.stage_lo[k]
+            dst[pos : pos + n].copy_(src[off : off + n])
+            pos += n
+        self._sync()  # the copies above have landed before the I/O thread reads arena 0
+        self._blockio.run(self._write_stage, k, 0, ("w",))
+
+    def _local_chunks(self) -> Iterator[torch.Tensor]:
+        """The current weights, chunk i of spans after chunk i: each stage read once."""
+        buf = torch.empty(self.chunk_elems)
+        order = iter(self.flat_stages)
+        cur, cur_lo, cur_hi = None, 0, 0
+        for lo, hi in self.spans:
+            out = buf[: hi - lo]
+            pos = lo
+            while pos < hi:
+                if cur is None or pos >= cur_hi:
+                    k = next(order)
+                    cur, cur_lo = self._stage_flat(k), self.stage_lo[k]
+                    cur_hi = cur_lo + self.stage_numel[k]
+                n = min(hi, cur_hi) - pos
+                out[pos - lo : pos - lo + n].copy_(cur[pos - cur_lo : pos - cur_lo + n])
+                pos += n
+            yield out
+
+    def _stage_feeder(self) -> Callable[[int, torch.Tensor], None]:
+        """feed(lo, values): flat elements [lo, lo + len) in order from 0 into arena 1,
+        each stage written back (in its own order) as soon as its range is complete."""
+        order = iter(self.flat_stages)
+        at = {"k": -1, "lo": 0, "hi": 0}
+
+        def feed(lo: int, values: torch.Tensor) -> None:
+            pos, end = lo, lo + values.numel()
+            while pos < end:
+                if pos >= at["hi"]:
+                    k = next(order)
+                    at.update(k=k, lo=self.stage_lo[k], hi=self.stage_lo[k] + self.stage_numel[k])
+                n = min(end, at["hi"]) - pos
+                dst = self.arenas[1]["w"][pos - at["lo"] : pos - at["lo"] + n]
+                dst.copy_(values[pos - lo : pos - lo + n])
+                pos += n
+                if pos == at["hi"]:
+                    self._write_stage_flat(at["k"])
+
+        return feed
+
+    def _round_pass(self) -> _Held:
+        return _Held(self, ROUND_CHUNK_BUFFERS * self.chunk_elems * FLOAT_BYTES)
+
+    def begin_round(self) -> None:
+        """Make start.i hold the weights this round starts from (after a load, a resync or
+        the first round; the streamed outer step leaves them there otherwise)."""
+        if self.start_valid:
+            return
+        with self._round_pass():
+            for i, local in enumerate(self._local_chunks()):
+                self._write_region(f"start.{i}", local)
+        self.start_valid = True
+
+    def start_digest(self) -> int:
+        """state_digest(state_vectors(), outer.t), read chunk by chunk from disk (once
+        per generation: serving the state after a round computes the next round's)."""
+        generation = self.generation
+        if self._digest is not None and self._digest[0] == generation:
+            return self._digest[1]
+        h = hashlib.sha256(self.outer.t.to_bytes(8, "big"))
+        with self._round_pass():
+            for kind in ("start", *self.moments):
+                for i, (lo, hi) in enumerate(self.spans):
+                    h.update(self._read_region(f"{kind}.{i}", hi - lo).numpy().tobytes())
+        digest = int.from_bytes(h.digest()[:8], "big") >> 1
+        self._digest = (generation, digest)
+        return digest
+
+    def read_state(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """Elements [lo, hi) of the state on disk after a round (weights, then the outer
+        moments): what a resyncing peer pulls (fflnode.exchange.DiskState), valid while
+        `generation` does not change. Safe beside the round's own passes (BlockIO)."""
+        out = []
+        for kind in ("start", *self.moments):
+            parts = []
+            for i, (a, b) in enumerate(self.spans):
+                if a < hi and lo < b:
+                    chunk = self._read_region(f"{kind}.{i}", b - a)
+                    parts.append(chunk[max(lo, a) - a : min(hi, b) - a])
+            out.append(torch.cat(parts))
+        return out
+
+    def delta_chunks(self) -> Iterator[torch.Tensor]:
+        """Delta = theta_start - theta_local, chunk by chunk (spans order)."""
+        with self._round_pass():
+            for i, local in enumerate(self._local_chunks()):
+                start = self._read_region(f"start.{i}", local.numel())
+                yield start - local
+
+    def residual_store(self) -> _ResidualChunks:
+        """The exchange's error-feedback residual, kept in the res.i regions."""
+        return _ResidualChunks(self)
+
+    def outer_step_chunks(self, g_of: Callable[[int], torch.Tensor]) -> None:
+        """outer_step(theta_start, g) chunk by chunk, g_of(i) the pseudo-gradient's chunk i:
+        the new weights go to start.i (the next round's start) and to the stages, the
+        moments back to m.i, v.i; OuterOptimizer.apply, so the bits are outer_step's."""
+        opt = self.outer
+        self.generation += 1
+        lr = opt.lr
+        opt.t += 1
+        moments: tuple[str, ...] = self.moments
+        with self._round_pass():
+            feed = self._stage_feeder()
+            for i, (lo, hi) in enumerate(self.spans):
+                g = g_of(i)
+                start = self._read_region(f"start.{i}", hi - lo)
+                m = self._read_region(f"m.{i}", hi - lo) if "m" in self.moments else None
+                v = self._read_region(f"v.{i}", hi - lo) if "v" in self.moments else None
+                theta, m, v = opt.apply(start, g, m, v, lr, opt.t)
+                moments = tuple(n for n, t in (("m", m), ("v", v)) if t is not None)
+                for name, t in (("m", m), ("v", v)):
+                    if t is not None:
+                        self._write_region(f"{name}.{i}", t)
+                self._write_region(f"start.{i}", theta)
+                feed(lo, theta)
+        self.moments = moments
+        self.start_valid = True
+
+    def chunked_state(self) -> tuple[list[Chunked], Chunked | None]:
+        """The state for a checkpoint, chunk by chunk from disk: [weights, *moments] and
+        the error-feedback residual (None before the first). Read at once by the
+        checkpoint writer: the next outer step rewrites these regions."""
+
+        def region(kind: str) -> Chunked:
+            def chunks() -> Iterator[tuple[int, torch.Tensor]]:
+                with self._round_pass():
+                    for i, (lo, hi) in enumerate(self.spans):
+                        yield lo, self._read_region(f"{kind}.{i}", hi - lo)
+
+            return Chunked(self.numel, chunks)
+
+        def weights() -> Iterator[tuple[int, torch.Tensor]]:
+            with self._round_pass():
+                yield from zip((lo for lo, _ in self.spans), self._local_chunks(), strict=True)
+
+        first = region("start") if self.start_valid else Chunked(self.numel, weights)
+        residual = region("res") if self.has_residual else None
+        return [first, *(region(kind) for kind in self.moments)], residual
+
+    def load_residual(self, read: Callable[[int, int], torch.Tensor]) -> None:
+        """A checkpoint's error-feedback residual (read(lo, hi): its elements), back to
+        the res.i regions."""
+        for i, (lo, hi) in enumerate(self.spans):
+            self._write_region(f"res.{i}", read(lo, hi))
+        self.has_residual = True
+
+    def state_vectors(self) -> list[torch.Tensor]:
+        """The whole state as flat vectors (|θ| each: checkpoints and resyncs only)."""
+        if self.outer.m is not None or not self.moments:  # the in-memory outer step's
+            return super().state_vectors()
+        return [self.flat(), *(self._read_vector(kind) for kind in self.moments)]
+
+    def _read_vector(self, kind: str) -> torch.Tensor:
+        out = torch.empty(self.numel)
+        for i, (lo, hi) in enumerate(self.spans):
+            self._blockio.run(self._file.read_into, f"{kind}.{i}", out[lo:hi])
+        return out
+
+    def load_state_vectors(self, vectors: list[torch.Tensor], outer_step: int) -> None:
+        """Load a whole state (a checkpoint, a resync): weights to the stages, the outer
+        moments to m.i, v.i when the rounds stream (else in memory, as LocalTrainer)."""
+        if not self.streams_rounds:
+            super().load_state_vectors(vectors, outer_step)
+            return
+        self.load_state_ranges([lambda lo, hi, v=v: v[lo:hi] for v in vectors], outer_step)
+
+    def load_state_ranges(
+        self, parts: list[Callable[[int, int], torch.Tensor]], outer_step: int
+    ) -> None:
+        """load_state_vectors from readers, parts[j](lo, hi) the elements [lo, hi) of the
+        weights, then the moments: chunk by chunk (a resume from a lazily loaded
+        checkpoint holds no |θ|-sized vector). The weights go to the stages and start.i."""
+        self.moments = ("m", "v")[: len(parts) - 1]
+        self.generation += 1
+        with self._round_pass():
+            feed = self._stage_feeder()
+            for i, (lo, hi) in enumerate(self.spans):
+                w = parts[0](lo, hi)
+                self._write_region(f"start.{i}", w)
+                feed(lo, w)
+                for kind, read in zip(self.moments, parts[1:], strict=False):
+                    self._write_region(f"{kind}.{i}", read(lo, hi))
+        self.outer.m = self.outer.v = None
+        self.outer.t = outer_step
+        self.start_valid = True
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on a stand-in model that streams the stages."""
@@ -682,6 +1019,39 @@ class OutOfCoreTrainer(RoundState):
                     self._blockio.run(f.aclose)
         finally:
             self._blockio.close()
+
+
+class _Held:
+    """Counts a round pass's chunk buffers in the trainer's held bytes while it runs."""
+
+    def __init__(self, trainer: OutOfCoreTrainer, nbytes: int) -> None:
+        self.trainer, self.nbytes = trainer, nbytes
+
+    def __enter__(self) -> None:
+        self.trainer._hold(self.nbytes)
+
+    def __exit__(self, *exc: object) -> None:
+        self.trainer._release(self.nbytes)
+
+
+class _ResidualChunks:
+    """fflnode.exchange.ResidualStore on the trainer's res.i regions."""
+
+    def __init__(self, trainer: OutOfCoreTrainer) -> None:
+        self.trainer = trainer
+
+    def get(self, i: int) -> torch.Tensor | None:
+        t = self.trainer
+        if not t.has_residual:
+            return None
+        lo, hi = t.spans[i]
+        return t._read_region(f"res.{i}", hi - lo)
+
+    def put(self, i: int, residual: torch.Tensor) -> None:
+        t = self.trainer
+        t._write_region(f"res.{i}", residual)
+        if i == len(t.spans) - 1:  # every chunk written: the next round adds them
+            t.has_residual = True
 
 
 class _StreamedModel(nn.Module):

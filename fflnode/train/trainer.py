@@ -25,12 +25,15 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from fflnode.errors import ConfigError
+from fflnode.prism.reader import SafetensorsFile
+from fflnode.prism.writer import save_tensors
 from fflnode.train.task import (
     LoadedTask,
     as_metrics,
@@ -102,23 +105,35 @@ class OuterOptimizer:
 
     def step(self, theta_start: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The new weights from theta_start and the pseudo-gradient g."""
-        if self.kind == "sgd":
-            lr = self.lr
-            self.t += 1
-            if self.mu == 0:
-                return theta_start - lr * g
-            self.m = g.clone() if self.m is None else self.m.mul_(self.mu).add_(g)
-            return theta_start - lr * (g + self.mu * self.m)
-        b1, b2 = OUTER_BETAS
         lr = self.lr
         self.t += 1
-        self.m = (1 - b1) * g if self.m is None else self.m.mul_(b1).add_(g, alpha=1 - b1)
-        self.v = (
-            (1 - b2) * g * g if self.v is None else self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        )
-        m_hat = self.m / (1 - b1**self.t)
-        v_hat = self.v / (1 - b2**self.t)
-        return theta_start - lr * m_hat / (v_hat.sqrt() + OUTER_EPS)
+        theta, self.m, self.v = self.apply(theta_start, g, self.m, self.v, lr, self.t)
+        return theta
+
+    def apply(
+        self,
+        theta_start: torch.Tensor,
+        g: torch.Tensor,
+        m: torch.Tensor | None,
+        v: torch.Tensor | None,
+        lr: float,
+        t: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One outer step on any slice of the flat vector: (theta, m, v) from theta_start,
+        g and the moments (None before the first step; updated in place otherwise), at
+        learning rate lr, t the step count after this step. Elementwise only, so a
+        chunk-by-chunk pass (the out-of-core trainer's) gives the whole vector's bits."""
+        if self.kind == "sgd":
+            if self.mu == 0:
+                return theta_start - lr * g, m, v
+            m = g.clone() if m is None else m.mul_(self.mu).add_(g)
+            return theta_start - lr * (g + self.mu * m), m, v
+        b1, b2 = OUTER_BETAS
+        m = (1 - b1) * g if m is None else m.mul_(b1).add_(g, alpha=1 - b1)
+        v = (1 - b2) * g * g if v is None else v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        return theta_start - lr * m_hat / (v_hat.sqrt() + OUTER_EPS), m, v
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"outer.t": torch.tensor(self.t)}
@@ -173,6 +188,9 @@ class RoundState:
 
     outer: OuterOptimizer
     batches: BatchStream
+    # Whether the round loop streams this trainer's round chunk by chunk (begin_round,
+    # start_digest, delta_chunks, outer_step_chunks: the out-of-core trainer).
+    streams_rounds: bool = False
 
     def flat(self) -> torch.Tensor:
         raise NotImplementedError
@@ -254,6 +272,20 @@ class LocalTrainer(RoundState):
         out = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
         out.update({n: b.detach().clone() for n, b in self.buffers})
         return out
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of what state_tensors() returns (the merge's layout)."""
+        named = [*zip(self.names, self.params, strict=True), *self.buffers]
+        return {n: tuple(t.shape) for n, t in named}
+
+    def write_state_file(self, path: Path, metadata: dict[str, str]) -> None:
+        """state_tensors() as one safetensors file, atomically (the premerge file)."""
+        save_tensors(path, self.state_tensors(), metadata)
+
+    def load_state_file(self, path: Path) -> None:
+        """load_state_tensors() from a safetensors file (the merged model)."""
+        with SafetensorsFile(path) as f:
+            self.load_state_tensors(f.tensors())
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load merged tensors (by name) into the model."""
