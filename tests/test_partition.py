@@ -9,7 +9,12 @@ import pytest
 import trio
 
 from fflnode.p2p import membership as membership_module
-from fflnode.p2p.membership import HEARTBEAT_S, OVERDUE_S
+from fflnode.p2p.membership import (
+    HEARTBEAT_S,
+    MAX_OVERDUE_S,
+    OVERDUE_S,
+    PeerView,
+)
 from fflnode.rounds import QuorumLost, RoundRunner
 from tests.p2p_harness import peers
 
@@ -46,7 +51,8 @@ async def test_a_slow_peer_that_missed_a_ping_is_suspected_but_keeps_its_connect
             return False
 
         a.membership.ping = timed_out
-        a.membership.peers[b.id].last_seen -= OVERDUE_S + HEARTBEAT_S  # its beat is late
+        view = a.membership.peers[b.id]
+        view.last_seen -= view.overdue_s() + HEARTBEAT_S  # its beat is late
         with trio.fail_after(RECONNECT_S):
             while b.id not in a.membership.suspects:
                 await a.membership.wait_changed()
@@ -76,10 +82,34 @@ async def test_a_suspect_that_stays_silent_is_hung_up_on(monkeypatch):
         a.host.disconnect = recorded
         a.membership.ping = timed_out
         a.membership._heartbeat = lambda sender, msg, nursery: None  # b's beats go unheard
-        a.membership.peers[b.id].last_seen -= OVERDUE_S + HEARTBEAT_S
+        view = a.membership.peers[b.id]
+        view.last_seen -= view.overdue_s() + HEARTBEAT_S
         with trio.fail_after(RECONNECT_S):
             await hung_up.wait()
         assert b.id in a.membership.suspects
+
+
+def test_how_late_a_heartbeat_may_be_follows_the_peers_jitter_within_bounds():
+    """Punctual heartbeats: pinged after OVERDUE_S. Heartbeats 1-7 s apart, as from 16
+    daemons starting on 2 cores: pinged only past mean + 4 sigma of those gaps. Never
+    past MAX_OVERDUE_S, and one long silence (a freeze) does not raise it past that."""
+    steady, jittery, frozen = (PeerView(None, 0.0) for _ in range(3))  # type: ignore[arg-type]
+    t = 0.0
+    for _ in range(50):
+        t += HEARTBEAT_S
+        steady.heartbeat_at(t)
+    assert steady.overdue_s() == OVERDUE_S
+    t = 0.0
+    for gap in [1.0, 7.0, 2.0, 5.0, 1.0, 6.0, 3.0] * 7:
+        t += gap
+        jittery.heartbeat_at(t)
+    mean, sigma = jittery.gap_mean, jittery.gap_var**0.5
+    assert 2.0 < mean < 5.0 and sigma > 1.0
+    assert jittery.overdue_s() == pytest.approx(min(MAX_OVERDUE_S, mean + 4 * sigma))
+    assert OVERDUE_S + 4.0 < jittery.overdue_s() <= MAX_OVERDUE_S
+    frozen.heartbeat_at(0.0)
+    frozen.heartbeat_at(3600.0)  # an hour stopped: counted as MAX_OVERDUE_S at most
+    assert frozen.overdue_s() <= MAX_OVERDUE_S
 
 
 class Members:

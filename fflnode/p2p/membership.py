@@ -77,7 +77,23 @@ PING_TIMEOUT_S = 4.0
 MAX_PEERS = wire.MAX_MEMBERS
 # Declared dead after this long without a heartbeat or a pong: an overdue peer is
 # pinged at OVERDUE_S and may answer up to PING_TIMEOUT_S later; its pong refreshes it.
+# (The least a peer gets: `member_timeout_s` adapts it to the peer's jitter, below.)
 MEMBER_TIMEOUT_S = OVERDUE_S + PING_TIMEOUT_S + HEARTBEAT_S
+# Adaptive failure detection (the idea of phi accrual, Hayashibara et al. 2004): how
+# late a heartbeat must be to get its sender pinged follows the gaps between that
+# peer's heartbeats as we receive them, mean + JITTER_SIGMAS standard deviations,
+# never less than OVERDUE_S nor more than MAX_OVERDUE_S. 16 daemons starting on 2
+# cores delivered heartbeats 1-7 s apart; a fixed 2.5 s made every node suspect every
+# other every few seconds, and the start barrier, which needs all of them alive at
+# once, never formed. A frozen peer is still found within MAX_OVERDUE_S + the ping.
+JITTER_SIGMAS = 4.0
+MAX_OVERDUE_S = 20.0
+GAP_EWMA_WEIGHT = 0.1  # of each new gap: the estimate follows load changes in ~10 beats
+# The ping deadline follows this node's measured round trips the same way: at least
+# PING_TIMEOUT_S, PING_RTT_FACTOR times the slowest recent answer, at most MAX_PING_S.
+PING_RTT_FACTOR = 3.0
+MAX_PING_S = 12.0
+RTT_DECAY = 0.9  # per answered ping: the slowest recent answer fades in ~20 pings
 # A suspect is hung up on only if it stays silent this much longer. Being a suspect
 # already takes it out of `alive()` (no agreement, exchange or merge waits on it); the
 # hang-up only protects pubsub from writing to a peer that stopped reading. A slow but
@@ -108,6 +124,23 @@ class PeerView:
     phase: str = "join"
     addrs: list[str] = field(default_factory=list)
     seq: int = -1
+    heard: float | None = None  # when its last fresh heartbeat arrived
+    gap_mean: float = HEARTBEAT_S  # EWMA of the gaps between its heartbeats
+    gap_var: float = 0.0  # and of their squared deviation
+
+    def heartbeat_at(self, now: float) -> None:
+        """A fresh heartbeat arrived at `now`: fold its gap into the estimate."""
+        if self.heard is not None:
+            gap = min(now - self.heard, MAX_OVERDUE_S)  # a freeze is not jitter
+            delta = gap - self.gap_mean
+            self.gap_mean += GAP_EWMA_WEIGHT * delta
+            self.gap_var = (1 - GAP_EWMA_WEIGHT) * (self.gap_var + GAP_EWMA_WEIGHT * delta**2)
+        self.heard = now
+
+    def overdue_s(self) -> float:
+        """How late its heartbeat may be before it is pinged (JITTER_SIGMAS above)."""
+        expected = self.gap_mean + JITTER_SIGMAS * self.gap_var**0.5
+        return min(MAX_OVERDUE_S, max(OVERDUE_S, expected))
 
 
 Handler = Callable[[ID, wire.Message], None]
@@ -188,6 +221,7 @@ class Membership:
         # per peer (a hostile peer may change them every heartbeat).
         self._addr_log = PeerLog(log)
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
+        self._slowest_rtt = 0.0  # the slowest recent pong, decaying (RTT_DECAY)
 
     @property
     def guard(self) -> AddressGuard:
@@ -200,20 +234,29 @@ class Membership:
     def on(self, kind: str, handler: Handler) -> None:
         self._handlers.setdefault(kind, []).append(handler)
 
+    def ping_timeout_s(self) -> float:
+        """The ping deadline: PING_RTT_FACTOR x the slowest recent answer, bounded."""
+        return min(MAX_PING_S, max(PING_TIMEOUT_S, PING_RTT_FACTOR * self._slowest_rtt))
+
+    def member_timeout_s(self, view: PeerView) -> float:
+        """Silence after which `view`'s peer is dead even unpinged: overdue, pinged, and
+        a heartbeat's slack (MEMBER_TIMEOUT_S for a peer with punctual heartbeats)."""
+        return view.overdue_s() + self.ping_timeout_s() + HEARTBEAT_S
+
     def alive(self) -> list[ID]:
-        """Peers (not me) heard from within MEMBER_TIMEOUT_S and not suspected frozen."""
+        """Peers (not me) heard from within their member timeout and not suspected."""
         now = trio.current_time()
         return [
             p
             for p, v in self.peers.items()
-            if now - v.last_seen <= MEMBER_TIMEOUT_S and p not in self.suspects
+            if now - v.last_seen <= self.member_timeout_s(v) and p not in self.suspects
         ]
 
     def is_alive(self, peer: ID) -> bool:
         v = self.peers.get(peer)
         return (
             v is not None
-            and trio.current_time() - v.last_seen <= MEMBER_TIMEOUT_S
+            and trio.current_time() - v.last_seen <= self.member_timeout_s(v)
             and peer not in self.suspects
         )
 
@@ -352,6 +395,7 @@ class Membership:
             del self.suspects[sender]
             log.info("peer %s is back", short_peer(str(sender)))
         view.last_seen = trio.current_time()
+        view.heartbeat_at(view.last_seen)
         if view.seq >= 0 and msg["addrs"] != view.addrs:
             text = f"now advertises {_shown(msg['addrs'])}"
             self._addr_log.log(str(sender), "addresses", text, logging.INFO)
@@ -389,7 +433,7 @@ class Membership:
         while True:
             now = trio.current_time()
             for peer, view in list(self.peers.items()):
-                late = now - view.last_seen > OVERDUE_S
+                late = now - view.last_seen > view.overdue_s()
                 if late and peer not in self.suspects and peer not in pinging:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
@@ -428,17 +472,21 @@ class Membership:
         self._notify()
 
     async def ping(self, peer: ID) -> bool:
-        """True when `peer` answers a ping within PING_TIMEOUT_S."""
+        """True when `peer` answers a ping within `ping_timeout_s()`."""
         nonce = int.from_bytes(os.urandom(6), "big")
         stream = None
+        t0 = trio.current_time()
         try:
-            with trio.fail_after(PING_TIMEOUT_S):
+            with trio.fail_after(self.ping_timeout_s()):
                 stream = await self.host.new_stream(peer, [PING_PROTOCOL])
                 await streams.send_message(stream, "ping", run=self.run_id, nonce=nonce)
                 msg = await streams.recv_message(stream, expect={"pong"}, run=self.run_id)
                 ok = msg["nonce"] == nonce
         except (trio.TooSlowError, WireError, *streams.STREAM_ERRORS):
             ok = False
+        if ok:
+            rtt = trio.current_time() - t0
+            self._slowest_rtt = max(rtt, RTT_DECAY * self._slowest_rtt)
         if stream is not None:
             await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
         return ok
