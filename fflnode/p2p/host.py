@@ -47,6 +47,7 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 import libp2p.identity.identify.identify as _identify  # noqa: E402
 import libp2p.identity.identify_push.identify_push as _identify_push  # noqa: E402
+import libp2p.pubsub.pubsub as _pubsub_module  # noqa: E402
 import libp2p.stream_muxer.yamux.yamux as _yamux  # noqa: E402
 import multiaddr  # noqa: E402
 import trio  # noqa: E402
@@ -122,7 +123,16 @@ GOSSIP_D, GOSSIP_D_LO, GOSSIP_D_HI = 6, 4, 12
 # Each node publishes at most ~3 messages/s (heartbeat, merge announcements), and a
 # forwarding peer relays those of every other node: allow 4 per node of the run, never
 # below the library's 10.
-GOSSIP_MSGS_PER_NODE_PER_S = 4
+# Bursts come on top: every change of a start or merge proposal is announced at once,
+# and 16 nodes changing their minds as peers come and go exceeded 4 per node, so
+# heartbeats were dropped as a rate violation and peers were suspected.
+GOSSIP_MSGS_PER_NODE_PER_S = 8
+# Delivered messages wait in the topic's subscription channel until membership reads
+# them; py-libp2p drops what does not fit its 32 (a WARNING, and a lost heartbeat).
+# 16 nodes publish ~3 a second each and a loaded event loop stalls for seconds: hold
+# 10 s of the run's traffic. Bounded: 512 x wire.MAX_PUBSUB_BYTES = 32 MiB at most.
+SUBSCRIPTION_CHANNEL_SIZE = 512
+_pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_CHANNEL_SIZE
 # Eclipse protection and IP colocation, as deployed across hosts (config [pubsub]):
 # GossipSub's own default of 3 distinct IPs in a mesh, and 3 peers per IP before their
 # score drops. A testnet on one IP sets 1 and a number above its node count.
