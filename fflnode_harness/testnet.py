@@ -206,6 +206,17 @@ def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# All the testnet's daemons start at once on this machine's cores, and each spends
+# ~4 CPU seconds importing torch and libp2p before it listens: 16 on 2 cores took 90 s
+# to all listen while 4 took 15. The daemon's default of 120 s is for hosts of their own.
+START_TIMEOUT_PER_NODE_S = 20.0
+
+
+def start_timeout_s(nodes: int) -> float:
+    """[run] start_timeout_s for a testnet of `nodes` daemons on one machine."""
+    return max(cfgmod.RunSection.start_timeout_s, START_TIMEOUT_PER_NODE_S * nodes)
+
+
 def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str]) -> cfgmod.Config:
     netns = getattr(args, "netns", False)
     doc: dict[str, Any] = {
@@ -223,6 +234,7 @@ def node_config(args: argparse.Namespace, i: int, out: Path, bootstrap: list[str
             "rounds": 0 if args.task == "synthetic" else args.rounds,
             "topology": args.topology,
             "degree": args.degree,
+            "start_timeout_s": start_timeout_s(args.nodes),
         },
         "train": {
             "task": task_spec(args.task),
