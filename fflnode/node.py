@@ -107,6 +107,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _stream_counts(host: Any) -> dict[str, int]:
+    """Open libp2p streams: in all, and the most held by one peer (over its connections),
+    and that peer's by direction and protocol ("top:inbound:/meshsub/1.1.0")."""
+    if host is None:
+        return {"all": 0, "peer_max": 0}
+    per_peer: dict[Any, list[Any]] = {
+        peer: [s for c in conns for s in c.get_streams()]
+        for peer, conns in list(host.get_network().connections.items())
+    }
+    counts = {"all": sum(len(v) for v in per_peer.values()), "peer_max": 0}
+    if per_peer:
+        top = max(per_peer.values(), key=len)
+        counts["peer_max"] = len(top)
+        for s in top:
+            key = f"top:{getattr(s, '_direction', '?')}:{s.get_protocol()}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -134,6 +153,8 @@ class Node:
         self.membership: Membership | None = None
         self.merge_state = "pending"  # pending | running | done | failed
         self.metrics_port: int | None = None
+        self.loop_lag = metrics.LoopLag()
+        self.host: Any = None
         self.adversary = comp.adversary  # resilience tests only: corrupted updates
         if self.adversary is not None:
             log.warning("adversary mode %r: this node sends corrupted updates", cfg.adversary.mode)
@@ -153,6 +174,7 @@ class Node:
         key_pair = identity.load_or_create(self.data_dir)
         advertiser = Advertiser(cfg.node.announce)
         host = build_host(key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser)
+        self.host = host
         # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.
         guard = AddressGuard(host, scopes=cfg.node.dial_scopes, trusted=bootstrap_addresses(cfg))
         self.peer_id = host.get_id()
@@ -194,6 +216,7 @@ class Node:
                 # decoded and admitted before GossipSub forwards it (issue 10)
                 pubsub.set_topic_validator(membership.topic, membership.validate, False)
                 await nursery.start(self.gate.run)
+                await nursery.start(self.loop_lag.run)
                 await nursery.start(membership.run)
                 if cfg.node.metrics:
                     mhost, mport = split_host_port(cfg.node.metrics)
@@ -385,6 +408,22 @@ class Node:
                     ({"state": st}, float(self.merge_state == st))
                     for st in ("pending", "running", "done", "failed")
                 ],
+            ),
+            S(
+                "fflnode_loop_lag_seconds",
+                "gauge",
+                "how late the event loop woke a sleeping task: worst since start, and over "
+                "the last 10 s",
+                [
+                    ({"window": "max"}, self.loop_lag.max_s),
+                    ({"window": "recent"}, self.loop_lag.recent_s()),
+                ],
+            ),
+            S(
+                "fflnode_streams_open",
+                "gauge",
+                "libp2p streams open: in all, and the most any one peer holds",
+                [({"scope": k}, float(v)) for k, v in _stream_counts(self.host).items()],
             ),
             S(
                 "fflnode_peak_rss_bytes",
