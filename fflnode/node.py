@@ -55,6 +55,7 @@ from fflnode.p2p.barrier import start_barrier
 from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
+from fflnode.p2p.limits import Limits
 from fflnode.p2p.membership import Membership
 from fflnode.p2p.reach import AddressGuard, Advertiser
 from fflnode.prism.reader import SafetensorsFile
@@ -154,6 +155,7 @@ class Node:
         self.merge_state = "pending"  # pending | running | done | failed
         self.metrics_port: int | None = None
         self.loop_lag = metrics.LoopLag()
+        self.limits = Limits()
         self.host: Any = None
         self.adversary = comp.adversary  # resilience tests only: corrupted updates
         if self.adversary is not None:
@@ -173,7 +175,9 @@ class Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(self.data_dir)
         advertiser = Advertiser(cfg.node.announce)
-        host = build_host(key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser)
+        host = build_host(
+            key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser, limits=self.limits
+        )
         self.host = host
         # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.
         guard = AddressGuard(host, scopes=cfg.node.dial_scopes, trusted=bootstrap_addresses(cfg))
@@ -418,6 +422,20 @@ class Node:
                     ({"window": "max"}, self.loop_lag.max_s),
                     ({"window": "recent"}, self.loop_lag.recent_s()),
                 ],
+            ),
+            S(
+                "fflnode_inbound_refused_total",
+                "counter",
+                "inbound streams reset and connections closed at a limit, by kind "
+                "(streams-peer, streams-protocol, handshakes, handshakes-ip)",
+                [({"kind": k}, float(v)) for k, v in self.limits.refused.items()],
+            ),
+            S(
+                "fflnode_inbound_peak",
+                "gauge",
+                "the most inbound streams one peer held (in all; on one protocol), and "
+                "handshakes in progress, at any moment",
+                [({"of": k}, float(v)) for k, v in self.limits.peak.items()],
             ),
             S(
                 "fflnode_streams_open",

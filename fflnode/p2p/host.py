@@ -24,6 +24,9 @@ Owns every py-libp2p knob fflnode turns, in one place:
   tools/bench_bulk.py (256 MiB one way, 5 interleaved repeats, one run): the receiving
   end's CPU fell from 0.87 to 0.64 s, one stream went from 218 (191-312) to 317
   (205-412) MB/s.
+* What one peer or address may hold at once is bounded (fflnode.p2p.limits): inbound
+  streams in flight per peer and per protocol, handshakes in progress in all and per
+  IP; the excess is reset or closed at once and counted, never queued.
 * Every connection passes the access gate (fflnode.p2p.gate) at its security upgrade:
   a psk mismatch fails in milliseconds instead of a 10 s timeout, and only allowed,
   unbanned peers get a muxed connection. Pubsub messages whose origin or forwarder the
@@ -71,6 +74,7 @@ from fflnode import __version__  # noqa: E402
 from fflnode.errors import bounded  # noqa: E402
 from fflnode.p2p import addrs  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
+from fflnode.p2p.limits import Limits  # noqa: E402
 from fflnode.p2p.reach import Advertiser  # noqa: E402
 
 # What identify tells other libp2p peers (js, go, py) this node is; the library would
@@ -136,13 +140,15 @@ def build_host(
     psk: str | None = None,
     gate: Gate | None = None,
     advertiser: Advertiser | None = None,
+    limits: Limits | None = None,
 ) -> IHost:
     """A libp2p host offering only Noise and yamux, over TCP, behind an access gate.
 
     `psk`: the private-network key, 64 hex characters. `gate`: who may connect; the
     default admits everyone but still diagnoses a psk mismatch in milliseconds.
     `advertiser`: what the host announces in identify (and heartbeats read the same);
-    the default advertises concrete interface addresses, never a wildcard.
+    the default advertises concrete interface addresses, never a wildcard. `limits`:
+    inbound streams and handshakes one peer or address may hold (default: Limits()).
     """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
     advertiser = advertiser or Advertiser([])
@@ -159,6 +165,7 @@ def build_host(
     gate = gate or Gate()
     gate.install(host, private=psk is not None)
     _GATES[host] = gate
+    (limits or Limits()).install(host)
     return host
 
 
