@@ -74,6 +74,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pb import rpc_pb2
 
+from fflnode import metrics as fmetrics
 from fflnode.p2p import bulk as fbulk
 from fflnode.p2p import streams as fstreams
 from fflnode.p2p.gate import refusal
@@ -107,6 +108,12 @@ ROUND_STALL_LIMIT_S = 120.0
 STARTUP_TIMEOUT_S = 120.0  # torch + libp2p imports on a loaded 2-core machine
 FINISH_TIMEOUT_S = 600.0  # after fuzzing stops: the remaining rounds and the merge
 RSS_SAMPLE_S = 0.5  # VmHWM is a high-water mark: sampling often only adds detail
+# Each daemon's /metrics is read this often for its event-loop lag and open streams
+# (the daemon keeps its worst lag over 10 s, so nothing between two reads is lost).
+SCRAPE_S = 2.0
+# The attacker's own loop lag is kept this long, to say how late the attacker itself
+# was while an input hung (a hang lasts its deadline + SLACK_S, at most ~150 s).
+ATTACKER_LAG_KEEP_S = 300.0
 NOTIFY_BUFFER_BYTES = 4 << 20
 
 # What the daemon waits for before it gives up on us, per handler (their documentation):
@@ -121,6 +128,14 @@ IDPUSH_S = 10.0
 LPING_S = 10.0
 NEGOTIATE_S = 10.0
 UPGRADE_S = 10.0
+# exchange.round_timeout_s in the daemons' config. A member's pull of a round waits this
+# long for the round; a daemon pulling from a member allows it this long before its first
+# answer (bulk.pull's wait_s), on top of the transfer's own deadline.
+ROUND_TIMEOUT_S = 20.0
+# The daemon's documented deadline for a member's pull of our Delta, or ours of theirs:
+# the round's wait plus the transfer deadline of 1 MiB (a digits pull, state parts
+# included, is smaller).
+MEMBER_SHARD_S = fstreams.deadline_s(1 << 20, ROUND_TIMEOUT_S)
 # Streams that may legitimately stay open as long as the connection does: GossipSub's
 # streams are long-lived by design (a peer sends RPCs on one for hours), and a yamux
 # frame that began and stopped holds only the attacker's own connection.
@@ -209,6 +224,11 @@ class Stats:
     # the first traceback of each kind is kept for the report.
     attacker_errors: Counter = field(default_factory=Counter)
     attacker_tracebacks: dict[str, str] = field(default_factory=dict)
+    # The attacker's own event-loop lag (the session's meter), and the daemons' as read
+    # from their /metrics: a slow answer is only the daemon's if the attacker was on time.
+    lag: fmetrics.LoopLag | None = None
+    daemon_lag: Callable[[float, float], list[float]] | None = None
+    attacker_lag_max_s: float = 0.0
 
     def record(
         self, protocol: str, kind: str, mutation: str, out: Outcome, label: str, waited: bool
@@ -229,7 +249,22 @@ class Stats:
             self.slowest_complete = Slowest(out.latency_s, text)
         if out.answer in ("hang", "lingered") and len(self.hangs) < 100:
             what = "no answer" if out.answer == "hang" else "still open"
-            self.hangs.append(f"{text}: {what} after {out.deadline_s} + {SLACK_S} s")
+            self.hangs.append(
+                f"{text}: {what} after {out.deadline_s} + {SLACK_S} s{self.lag_during(out)}"
+            )
+
+    def lag_during(self, out: Outcome) -> str:
+        """How late the attacker's and the daemons' loops ran while `out` waited."""
+        if self.lag is None:
+            return ""
+        now = trio.current_time()
+        t0 = now - out.latency_s
+        mine = self.lag.worst_between(t0, now)
+        theirs = self.daemon_lag(t0, now) if self.daemon_lag is not None else []
+        return (
+            f" (meanwhile loop lag: attacker {mine:.1f} s, daemons "
+            f"{', '.join(f'{x:.1f}' for x in theirs)} s)"
+        )
 
     @property
     def hang_count(self) -> int:
@@ -720,6 +755,12 @@ class Honest:
     ready: trio.Event = field(default_factory=trio.Event)
     rounds_at_fuzz_start: int = 0
     rounds_at_fuzz_end: int = 0
+    metrics_port: int = 0
+    # From /metrics every SCRAPE_S: (read at, worst loop lag over the daemon's last 10 s).
+    lag_reads: deque = field(default_factory=lambda: deque(maxlen=1000))
+    loop_lag_max_s: float = 0.0
+    streams_peer_max: int = 0  # the most streams one peer held open, at any read
+    streams_top: dict[str, int] = field(default_factory=dict)  # its streams, by protocol
 
     @property
     def data_dir(self) -> Path:
@@ -783,7 +824,7 @@ checkpoint_every = 50
 [exchange]
 codec = {json.dumps(codec)}
 ratio = 0.05
-round_timeout_s = 20.0
+round_timeout_s = {ROUND_TIMEOUT_S}
 
 [merge]
 timeout_s = 120.0
@@ -862,6 +903,7 @@ async def start_daemon(h: Honest, config: str, nursery: trio.Nursery) -> None:
         preexec_fn=_die_with_parent,
     )
     nursery.start_soon(_sample_rss, h)
+    nursery.start_soon(_scrape, h)
     node_json = h.data_dir / "node.json"
     with trio.fail_after(STARTUP_TIMEOUT_S):
         while not (node_json.exists() and h.ready.is_set()):
@@ -870,8 +912,39 @@ async def start_daemon(h: Honest, config: str, nursery: trio.Nursery) -> None:
             await trio.sleep(0.05)  # polling a file the daemon writes, under a deadline
     doc = json.loads(node_json.read_text())
     h.peer_id, h.addrs = doc["peer_id"], doc["addrs"]
+    h.metrics_port = int(str(doc.get("metrics") or ":0").rsplit(":", 1)[1])
     h.port = int(multiaddr.Multiaddr(h.addrs[0]).value_for_protocol("tcp"))
     h.last_advance = trio.current_time()
+
+
+async def _scrape(h: Honest) -> None:
+    """The daemon's own view of its event loop and streams, from its /metrics."""
+    while True:
+        await trio.sleep(SCRAPE_S)  # a sampling period, not synchronisation
+        if not h.metrics_port:
+            continue
+        try:
+            doc = fmetrics.parse(await fmetrics.fetch("127.0.0.1", h.metrics_port))
+        except (OSError, trio.TooSlowError, ValueError):
+            continue  # a busy or exiting daemon: the next read will do
+        lags = {k.get("window"): v for k, v in doc.get("fflnode_loop_lag_seconds", [])}
+        streams = {k.get("scope"): v for k, v in doc.get("fflnode_streams_open", [])}
+        if "recent" in lags:
+            h.lag_reads.append((trio.current_time(), lags["recent"]))
+        h.loop_lag_max_s = max(h.loop_lag_max_s, lags.get("max", 0.0))
+        if int(streams.get("peer_max", 0)) > h.streams_peer_max:
+            h.streams_peer_max = int(streams["peer_max"])
+            h.streams_top = {k[4:]: int(v) for k, v in streams.items() if k.startswith("top:")}
+
+
+def _daemon_lag(honest: list[Honest]) -> Callable[[float, float], list[float]]:
+    """Each daemon's worst loop lag reported over [t0, t1] (+ the daemon's 10 s window)."""
+
+    def worst(t0: float, t1: float) -> list[float]:
+        end = t1 + fmetrics.LOOP_LAG_WINDOW_S
+        return [max((v for t, v in h.lag_reads if t0 <= t <= end), default=0.0) for h in honest]
+
+    return worst
 
 
 def _die_with_parent() -> None:
@@ -2437,6 +2510,10 @@ class Verdict:
     honest_missing_rounds: list[int]
     identities: int
     insider_served: int = 0
+    attacker_lag_max_s: float = 0.0  # the attacker's own event loop, worst lateness
+    daemon_lag_max_s: list[float] = field(default_factory=list)  # each daemon's, worst
+    streams_peer_max: list[int] = field(default_factory=list)  # most streams one peer held
+    streams_top: list[dict[str, int]] = field(default_factory=list)  # those, by protocol
 
     @property
     def ok(self) -> bool:
@@ -2549,7 +2626,7 @@ async def _attack_insider(
         await pubsub.wait_until_ready()
         # The member's gets wait as a member's do: a round (exchange.round_timeout_s 20 s,
         # then the body), an agreement (merge.timeout_s 120 s).
-        waits = {PROTO_SHARD: 20.0 + fstreams.deadline_s(1 << 20), PROTO_MERGE: 120.0}
+        waits = {PROTO_SHARD: MEMBER_SHARD_S, PROTO_MERGE: 120.0}
         m = Attacker(member, mkey, targets, plan.run_id, stats, budget, member=True,
                      member_wait_s=waits, topics=topics)  # fmt: skip
         o = Attacker(outsider, okey, targets, plan.run_id, stats, budget, topics=topics)
@@ -2642,8 +2719,11 @@ async def run_session(
     t_fuzz0 = t_fuzz1 = 0.0
     served = 0
     t_start = trio.current_time()
+    lag = fmetrics.LoopLag(window_s=ATTACKER_LAG_KEEP_S)
+    stats.lag, stats.daemon_lag = lag, _daemon_lag(honest)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(lag.run)
             for h in honest:
                 boot = [honest[0].addrs[0]] if h.index else []
                 cfg = daemon_config(h, run_id=plan.run_id, nodes=nodes, rounds=plan.rounds,
@@ -2683,8 +2763,12 @@ async def run_session(
             if h.log_file is not None:
                 h.log_file.close()
     minutes = (trio.current_time() - t_start) / 60
-    return judge(plan, honest, problems, stats.total - inputs_before, t_fuzz1 - t_fuzz0,
-                 identities, minutes, served)  # fmt: skip
+    stats.lag = stats.daemon_lag = None
+    stats.attacker_lag_max_s = max(stats.attacker_lag_max_s, lag.max_s)
+    verdict = judge(plan, honest, problems, stats.total - inputs_before, t_fuzz1 - t_fuzz0,
+                    identities, minutes, served)  # fmt: skip
+    verdict.attacker_lag_max_s = lag.max_s
+    return verdict
 
 
 def judge(
@@ -2744,6 +2828,9 @@ def judge(
         honest_missing_rounds=missing,
         identities=len(identities),
         insider_served=served,
+        daemon_lag_max_s=[h.loop_lag_max_s for h in honest],
+        streams_peer_max=[h.streams_peer_max for h in honest],
+        streams_top=[h.streams_top for h in honest],
     )
 
 
@@ -2789,7 +2876,9 @@ async def campaign(
             f"session {index} {'ok' if verdict.ok else 'FAILED'}: {verdict.inputs:,} inputs "
             f"in {verdict.fuzz_seconds:.0f} s ({rate:.0f}/s), rounds during fuzzing "
             f"{verdict.rounds_during_fuzz}, peak RSS "
-            f"{', '.join(f'{m:.0f}' for m in verdict.vmhwm_mb)} MB; total {stats.total:,}"
+            f"{', '.join(f'{m:.0f}' for m in verdict.vmhwm_mb)} MB; loop lag attacker "
+            f"{verdict.attacker_lag_max_s:.1f} s, daemons "
+            f"{', '.join(f'{x:.1f}' for x in verdict.daemon_lag_max_s)} s; total {stats.total:,}"
         )
         for problem in verdict.problems:
             say(f"  problem: {problem}")
@@ -2843,6 +2932,9 @@ def summary(stats: Stats, verdicts: list[Verdict], wall_s: float) -> str:
         f"(per session {[v.rounds_during_fuzz for v in verdicts]}); rounds where an honest "
         f"peer's contribution was missing: {[v.honest_missing_rounds for v in verdicts]}",
         f"peak RSS (VmHWM): max {peak_rss:.0f} MB (bound {RSS_LIMIT_MB} MB)",
+        f"event-loop lag, worst: attacker {[round(v.attacker_lag_max_s, 1) for v in verdicts]} s, "
+        f"daemons {[[round(x, 1) for x in v.daemon_lag_max_s] for v in verdicts]} s; most "
+        f"streams one peer held open at a daemon {[v.streams_peer_max for v in verdicts]}",
         f"log growth per daemon and session: lines {[v.log_lines for v in verdicts]}; most about "
         f"one attacker identity {per_peer} (bound {LOG_LINES_PER_PEER_FIXED} + "
         f"{LOG_LINES_PER_PEER_PER_MIN}/min); naming no peer "
@@ -2898,6 +2990,10 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
                 "honest_missing_rounds": v.honest_missing_rounds,
                 "identities": v.identities,
                 "insider_served": v.insider_served,
+                "attacker_lag_max_s": v.attacker_lag_max_s,
+                "daemon_lag_max_s": v.daemon_lag_max_s,
+                "streams_peer_max": v.streams_peer_max,
+                "streams_top": v.streams_top,
             }
             for v in verdicts
         ],
