@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1178,6 +1178,78 @@ def rpc_bytes(rpc: rpc_pb2.RPC) -> bytes:
     return varint(len(body)) + body
 
 
+class Tail:
+    """The end every episode shares, in one place: the inputs still owed an answer
+    (`pending`), sending the last input and waiting for the daemon's answer (`last`),
+    and what is recorded when the stream ends early or times out (`settle`).
+
+    Made by `Attacker.episode`, which also gives back the stall slot and lets go of the
+    stream (reset, or `close`) however the episode ends."""
+
+    def __init__(
+        self,
+        attacker: Attacker,
+        label: str,
+        stream: Any,
+        protocol: str,
+        deadline_s: float | None,
+        since: float | None,
+        half: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.attacker, self.label, self.stream, self.half = attacker, label, stream, half
+        self.protocol, self.deadline_s, self.since = protocol, deadline_s, since
+        self.pending: list[tuple[str, str]] = []  # (kind, mutation) sent, not yet answered
+        self.stalled = False  # holds a stall slot: the last input is left open on purpose
+
+    def stall(self, rng: random.Random, p: float = STALL_P) -> bool:
+        """Whether the last input stalls (takes one of the attacker's stall slots)."""
+        self.stalled = self.attacker.stall_wanted(rng, p)
+        return self.stalled
+
+    def record(self, kind: str, mutation: str, out: Outcome, waited: bool = False) -> None:
+        self.attacker.record(self.protocol, kind, mutation, out, self.label, waited)
+
+    async def last(
+        self,
+        kind: str,
+        mutation: str,
+        data: bytes,
+        deadline_s: float | None,
+        *,
+        rng: random.Random | None = None,
+        hold_s: float = 0.0,
+        waited: bool = False,
+        end_write: bool = True,
+    ) -> None:
+        """Send the episode's last input, half-close unless it stalls, and record what
+        the daemon did within `deadline_s` (+ SLACK_S) with every input still pending;
+        `end_write=False` leaves the write side open (the daemon is to end it)."""
+        self.pending.append((kind, mutation))
+        if data:
+            await write_all(self.stream, data, rng)
+        if end_write and not self.stalled:
+            await self.half(self.stream)
+        out = await until_end(self.stream, deadline_s, hold_s)
+        *before, _ = self.pending
+        self.pending = []
+        for k, m in before:  # sent on a stream that stays open: answered by not ending
+            self.record(k, m, Outcome("open", 0.0, deadline_s))
+        self.record(kind, mutation, out, self.stalled or waited)
+
+    def settle(self, answer: str) -> None:
+        """The stream ended ("reset", "close") or timed out ("hang") with inputs pending."""
+        if answer == "hang":
+            deadline = self.deadline_s or 0.0
+            out = Outcome("hang", deadline + SLACK_S, self.deadline_s)
+        else:
+            since = self.since
+            out = Outcome(answer, 0.0 if since is None else trio.current_time() - since,
+                          self.deadline_s)  # fmt: skip
+        pending, self.pending = self.pending, []
+        for kind, mutation in pending:
+            self.record(kind, mutation, out)
+
+
 # ----------------------------------------------------------------------------- attacker
 class OutOfBudget(Exception):
     """The session's input budget is spent: the episode stops where it is."""
@@ -1274,6 +1346,34 @@ class Attacker:
             return False
         return True
 
+    @contextlib.asynccontextmanager
+    async def episode(
+        self,
+        w: Worker | str,
+        stream: Any,
+        protocol: str,
+        deadline_s: float | None,
+        *,
+        since: float | None = None,
+        half: Callable[[Any], Awaitable[None]] = half_close,
+        close: Callable[[Any], Awaitable[None]] = abandon,
+    ) -> AsyncIterator[Tail]:
+        """An episode's inputs on `stream`: every path records each pending input once
+        (the stream ended early: its end, at `since`'s latency or 0; a deadline passed: a
+        hang), gives back the stall slot and lets go of the stream (`close`)."""
+        label = w if isinstance(w, str) else w.label()
+        tail = Tail(self, label, stream, protocol, deadline_s, since, half)
+        try:
+            yield tail
+        except Ended as e:
+            tail.settle(e.how)
+        except trio.TooSlowError:
+            tail.settle("hang")
+        finally:
+            if tail.stalled:
+                self.stall_slots.release()
+            await close(stream)
+
     # -- connections --
     async def ensure(self, t: Target) -> None:
         net = self.host.get_network()
@@ -1327,9 +1427,7 @@ class Attacker:
         stream = await self.opened(w, t, protocol, "open")
         if stream is None:
             return
-        stalled = False
-        pending: list[tuple[str, str]] = []
-        try:
+        async with self.episode(w, stream, protocol, MESSAGE_S) as tail:
             reader = FrameReader(stream)
             wait = self.get_wait_s(protocol)
             for _ in range(rng.choice((0, 1, 2, 4, 8))):
@@ -1341,7 +1439,7 @@ class Attacker:
                 granted = self.take_up_to(acks + gets)
                 gets = min(gets, granted)
                 acks = granted - gets
-                pending = [("ack", "ack-flood")] * acks + [("get", "valid")] * gets
+                tail.pending = [("ack", "ack-flood")] * acks + [("get", "valid")] * gets
                 data = b"".join(frame(pack(forge.ack(ok=rng.random() < 0.15))) for _ in range(acks))
                 data += b"".join(frame(pack(forge.get(protocol))) for _ in range(gets))
                 await write_all(stream, data)
@@ -1350,11 +1448,10 @@ class Attacker:
                     for _ in range(gets):
                         await reader.frame()
                 dt = trio.current_time() - t1
+                pending, tail.pending = tail.pending, []
                 for kind, how in pending:
                     answer = "reply" if kind == "get" else "open"
-                    out = Outcome(answer, dt, MESSAGE_S + gets * wait)
-                    self.record(protocol, kind, how, out, w.label(), waited=wait > 0)
-                pending = []
+                    tail.record(kind, how, Outcome(answer, dt, MESSAGE_S + gets * wait), wait > 0)
             x = rng.random()
             kind, doc = (
                 ("get", forge.get(protocol))
@@ -1363,53 +1460,23 @@ class Attacker:
             )
             mutation, body = w.mut(doc)
             how, data, _ = framings(rng, body)
-            stalled = self.stall_wanted(rng)
+            stalled = tail.stall(rng)
             self.take()
-            pending = [(kind, f"{mutation}/{how}")]
-            await write_all(stream, data, rng)
-            if stalled:
-                deadline = MESSAGE_S if ends_mid_frame(data) else IDLE_S
-            else:
-                await half_close(stream)
-                deadline = MESSAGE_S
-            out = await until_end(stream, deadline + wait)
-            self.record(protocol, kind, pending[0][1], out, w.label(), stalled or wait > 0)
-            pending = []
-        except Ended as e:
-            for kind, how in pending:  # the stream ended before their answer
-                self.record(protocol, kind, how, Outcome(e.how, 0.0, MESSAGE_S), w.label())
-        except trio.TooSlowError:
-            for kind, how in pending:
-                self.record(
-                    protocol, kind, how, Outcome("hang", MESSAGE_S + SLACK_S, MESSAGE_S), w.label()
-                )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            deadline = (MESSAGE_S if ends_mid_frame(data) else IDLE_S) if stalled else MESSAGE_S
+            await tail.last(kind, f"{mutation}/{how}", data, deadline + wait, rng=rng,
+                            waited=wait > 0)  # fmt: skip
 
     async def ep_fping(self, w: Worker, t: Target) -> None:
         rng = w.rng
         stream = await self.opened(w, t, PROTO_FPING, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_FPING, FPING_S) as tail:
             mutation, body = w.mut(w.forge.ping(), valid_p=0.2)
             how, data, _ = framings(rng, body)
             self.take()
-            stalled = self.stall_wanted(rng)
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, FPING_S)
-            self.record(PROTO_FPING, "ping", f"{mutation}/{how}", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_FPING, "ping", "write", Outcome(e.how, 0.0, FPING_S), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            tail.stall(rng)
+            await tail.last("ping", f"{mutation}/{how}", data, FPING_S, rng=rng)
 
     # -- libp2p's own protocols --
     async def ep_lping(self, w: Worker, t: Target) -> None:
@@ -1418,10 +1485,10 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_LPING, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_LPING, LPING_S) as tail:
             for _ in range(rng.choice((0, 1, 3))):  # honest pings first: each is echoed
                 self.take()
+                tail.pending = [("ping", "valid")]
                 payload = rng.randbytes(32)
                 await write_all(stream, payload)
                 t1 = trio.current_time()
@@ -1429,33 +1496,16 @@ class Attacker:
                 with trio.fail_after(LPING_S + SLACK_S):
                     while len(echo) < 32:
                         echo += await read_some(stream, 32 - len(echo))
+                tail.pending = []
                 kind = "ping" if echo == payload else "ping-wrong-echo"
-                self.record(
-                    PROTO_LPING,
-                    kind,
-                    "valid",
-                    Outcome("reply", trio.current_time() - t1, LPING_S),
-                    w.label(),
-                )
+                tail.record(kind, "valid", Outcome("reply", trio.current_time() - t1, LPING_S))
             size = rng.choice((0, 1, 16, 31, 33, 64, 4096, 70000))
-            stalled = size % 32 != 0 and self.stall_wanted(rng, 0.15)
+            if size % 32:
+                tail.stall(rng, 0.15)
             self.take()
-            await write_all(stream, rng.randbytes(size), rng)
-            if not stalled:
-                await half_close(stream)
             # Each whole 32 bytes is one ping, echoed under its own RESP_TIMEOUT.
-            out = await until_end(stream, LPING_S * (size // 32 + 1))
-            self.record(PROTO_LPING, "ping", f"{size}-bytes", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_LPING, "ping", "ended", Outcome(e.how, 0.0, LPING_S), w.label())
-        except trio.TooSlowError:
-            self.record(
-                PROTO_LPING, "ping", "valid", Outcome("hang", LPING_S + SLACK_S, LPING_S), w.label()
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            await tail.last("ping", f"{size}-bytes", rng.randbytes(size),
+                            LPING_S * (size // 32 + 1), rng=rng)  # fmt: skip
 
     async def ep_identify(self, w: Worker, t: Target) -> None:
         """/ipfs/id/1.0.0: the daemon writes its identify record and closes; garbage
@@ -1464,17 +1514,14 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_ID, "open")
         if stream is None:
             return
-        try:
+        async with self.episode(w, stream, PROTO_ID, NEGOTIATE_S) as tail:
             self.take()
             mutation = "valid"
             if rng.random() < 0.5:
                 mutation = "garbage-written"
                 with contextlib.suppress(Ended):
                     await write_all(stream, rng.randbytes(rng.choice((1, 100, 5000))))
-            out = await until_end(stream, NEGOTIATE_S)
-            self.record(PROTO_ID, "identify", mutation, out, w.label())
-        finally:
-            await abandon(stream)
+            await tail.last("identify", mutation, b"", NEGOTIATE_S, end_write=False)
 
     def _identify_record(self, rng: random.Random) -> tuple[str, bytes]:
         from libp2p.identity.identify.pb import identify_pb2
@@ -1522,8 +1569,7 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_IDPUSH, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_IDPUSH, IDPUSH_S) as tail:
             what, body = self._identify_record(rng)
             x = rng.random()
             if x < 0.7:
@@ -1536,19 +1582,10 @@ class Attacker:
                 how, data = "bad-varint", b"\xff" * rng.choice((3, 10, 11)) + body[:9]
             else:
                 how, data = "cut", (varint(len(body)) + body)[: rng.randint(1, 8)]
-            stalled = how in ("long-prefix", "cut") and self.stall_wanted(rng, 0.3)
+            if how in ("long-prefix", "cut"):
+                tail.stall(rng, 0.3)
             self.take()
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, IDPUSH_S)
-            self.record(PROTO_IDPUSH, "identify", f"{what}/{how}", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_IDPUSH, "identify", "write", Outcome(e.how, 0.0, IDPUSH_S), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            await tail.last("identify", f"{what}/{how}", data, IDPUSH_S, rng=rng)
 
     async def ep_multistream(self, w: Worker, t: Target) -> None:
         """Multistream-select on a fresh yamux stream, by hand: unknown protocols (each
@@ -1567,9 +1604,8 @@ class Attacker:
             out = Outcome("refused", trio.current_time() - t0, NEGOTIATE_S)
             self.record("multistream", "open", type(e).__name__, out, w.label())
             return
-        stalled = False
         line = lambda s: varint(len(s) + 1) + s + b"\n"  # noqa: E731
-        try:
+        async with self.episode(w, stream, "multistream", NEGOTIATE_S) as tail:
             header = line(MULTISTREAM[:-1])
             x = rng.random()
             if x < 0.35:  # a good header, then protocols this node does not speak
@@ -1580,22 +1616,16 @@ class Attacker:
                     proto = rng.choice(
                         (b"/nope/1.0.0", b"ls", b"/fflnode/shard/9.9.9", b"/" + b"x" * 2000, b"")
                     )
+                    tail.pending = [("propose", proto[:12].decode("latin1"))]
                     await write_all(stream, line(proto))
                     t1 = trio.current_time()
                     with trio.fail_after(NEGOTIATE_S + SLACK_S):
                         await read_some(stream)  # "na" (after the header, the first time)
                     dt = trio.current_time() - t1
-                    self.record(
-                        "multistream",
-                        "propose",
-                        proto[:12].decode("latin1"),
-                        Outcome("reply", dt, NEGOTIATE_S),
-                        w.label(),
-                    )
+                    (kind, mutation), tail.pending = tail.pending[0], []
+                    tail.record(kind, mutation, Outcome("reply", dt, NEGOTIATE_S))
                 self.take()
-                await half_close(stream)
-                out = await until_end(stream, NEGOTIATE_S)
-                self.record("multistream", "eof-after-na", "valid", out, w.label())
+                await tail.last("eof-after-na", "valid", b"", NEGOTIATE_S)
                 return
             variants = {
                 "garbage": lambda: rng.randbytes(rng.randint(1, 300)),
@@ -1612,28 +1642,9 @@ class Attacker:
             }
             name = rng.choice(list(variants))
             data = variants[name]()
-            stalled = name.startswith("cut") and self.stall_wanted(rng, 0.3)
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, NEGOTIATE_S)
-            self.record("multistream", "negotiate", name, out, w.label(), stalled)
-        except Ended as e:
-            self.record(
-                "multistream", "negotiate", "write", Outcome(e.how, 0.0, NEGOTIATE_S), w.label()
-            )
-        except trio.TooSlowError:
-            self.record(
-                "multistream",
-                "propose",
-                "na",
-                Outcome("hang", NEGOTIATE_S + SLACK_S, NEGOTIATE_S),
-                w.label(),
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            if name.startswith("cut"):
+                tail.stall(rng, 0.3)
+            await tail.last("negotiate", name, data, NEGOTIATE_S, rng=rng)
 
     # -- GossipSub, raw RPCs on /meshsub --
     def _rpc(self, w: Worker) -> tuple[str, str, bytes]:
@@ -1710,13 +1721,11 @@ class Attacker:
         stream = await self.opened(w, t, proto, "open")
         if stream is None:
             return
-        stalled = False
-        pending: list[tuple[str, str]] = []
-        try:
+        async with self.episode(w, stream, proto, LONG_LIVED) as tail:
             batch = self.take_up_to(rng.randint(*PUBSUB_BATCH) + 1) - 1  # and the ending
             for _ in range(batch):
                 kind, mutation, data = self._rpc(w)
-                pending.append((kind, mutation))
+                tail.pending.append((kind, mutation))
                 await write_all(stream, data)
             body = rpc_bytes(
                 rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid="/x")])
@@ -1734,28 +1743,11 @@ class Attacker:
                 "cut-stall": lambda: body[: rng.randint(1, len(body) - 1)],
                 "eof": lambda: b"",
             }[ending]()
-            stalled = ending == "cut-stall" and self.stall_wanted(rng, 0.5)
-            if ending == "cut-stall" and not stalled:
+            if ending == "cut-stall" and not tail.stall(rng, 0.5):
                 ending = "cut-eof"
-            pending.append(("rpc-end", ending))
-            if data:
-                await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
             # GossipSub streams are long-lived: no deadline applies, only a look.
-            hold = rng.choice((2.0, 5.0)) if stalled else 0.5
-            out = await until_end(stream, LONG_LIVED, hold_s=hold)
-            for kind, mutation in pending[:-1]:
-                self.record(proto, kind, mutation, Outcome("open", 0.0, LONG_LIVED), w.label())
-            self.record(proto, "rpc-end", ending, out, w.label(), stalled)
-            pending = []
-        except Ended as e:
-            for kind, mutation in pending:
-                self.record(proto, kind, mutation, Outcome(e.how, 0.0, LONG_LIVED), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            hold = rng.choice((2.0, 5.0)) if tail.stalled else 0.5
+            await tail.last("rpc-end", ending, data, LONG_LIVED, rng=rng, hold_s=hold)
 
     # -- below libp2p: raw TCP, the Noise handshake, and inside the secure channel --
     async def ep_tcp(self, w: Worker, t: Target) -> None:
@@ -1794,8 +1786,9 @@ class Attacker:
                 w.label(),
             )
             return
-        stalled = False
-        try:
+        async with self.episode(w, sock, "tcp", UPGRADE_S, since=t0, half=SockStream.close_write,
+                                close=SockStream.aclose) as tail:  # fmt: skip
+            tail.pending = [("handshake", variant)]
             if variant == "garbage":
                 data = rng.randbytes(rng.choice((1, 19, 20, 21, 500, 2000)))
                 if data[:1] == b"\x13":
@@ -1810,7 +1803,7 @@ class Attacker:
                 await write_all(sock, header + line(proto))
             elif variant == "cut-header":
                 await write_all(sock, header[: rng.randint(1, len(header) - 1)])
-                stalled = self.stall_wanted(rng, 0.3)
+                tail.stall(rng, 0.3)
             elif variant != "eof":
                 await write_all(sock, header + line(b"/noise"))
                 await read_upto(sock, len(header) + len(line(b"/noise")), UPGRADE_S + SLACK_S)
@@ -1818,7 +1811,7 @@ class Attacker:
                     await write_all(sock, struct.pack(">H", 5) + rng.randbytes(5))
                 elif variant == "noise-lying-length":
                     await write_all(sock, b"\xff\xff" + rng.randbytes(rng.randint(0, 40)))
-                    stalled = self.stall_wanted(rng, 0.5)
+                    tail.stall(rng, 0.5)
                 else:  # a valid first message (an X25519 public key is any 32 bytes)
                     await write_all(sock, struct.pack(">H", 32) + rng.randbytes(32))
                     head = await read_upto(sock, 2, UPGRADE_S + SLACK_S)
@@ -1827,33 +1820,11 @@ class Attacker:
                     msg3 = rng.randbytes(rng.choice((0, 16, 48, 64, 200, 1000)))
                     if variant == "noise-msg3-cut":
                         await write_all(sock, struct.pack(">H", len(msg3) + 50) + msg3)
-                        stalled = self.stall_wanted(rng, 0.5)
+                        tail.stall(rng, 0.5)
                     else:
                         await write_all(sock, struct.pack(">H", len(msg3)) + msg3)
-            if not stalled:
-                await sock.close_write()
-            out = await until_end(sock, UPGRADE_S)
-            self.record("tcp", "handshake", variant, out, w.label(), stalled)
-        except Ended as e:
-            self.record(
-                "tcp",
-                "handshake",
-                variant,
-                Outcome(e.how, trio.current_time() - t0, UPGRADE_S),
-                w.label(),
-            )
-        except trio.TooSlowError:
-            self.record(
-                "tcp",
-                "handshake",
-                variant,
-                Outcome("hang", UPGRADE_S + SLACK_S, UPGRADE_S),
-                w.label(),
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await sock.aclose()
+            tail.pending = []
+            await tail.last("handshake", variant, b"", UPGRADE_S)
 
     async def ep_secure(self, w: Worker, t: Target) -> None:
         """A real Noise handshake, then garbage where multistream and yamux belong:
@@ -1876,7 +1847,9 @@ class Attacker:
         header = line(MULTISTREAM[:-1])
         variant = rng.choice(("garbage", "wrong-muxer", "yamux", "yamux", "yamux", "yamux"))
         deadline: float | None = UPGRADE_S
-        try:
+        async with self.episode(w, secure, "secure", UPGRADE_S, since=t0,
+                                close=close_secure) as tail:  # fmt: skip
+            tail.pending = [("frames", variant)]
             if variant == "garbage":
                 await write_all(secure, rng.randbytes(rng.randint(1, 500)))
             elif variant == "wrong-muxer":
@@ -1887,33 +1860,18 @@ class Attacker:
                     secure, len(header) + len(line(b"/yamux/1.0.0")), UPGRADE_S + SLACK_S
                 )
                 variant, frames = yamux_garbage(rng)
+                tail.pending = [("frames", variant)]
                 await write_all(secure, frames)
-                deadline = LONG_LIVED  # a live connection: the daemon may keep it
-            out = await until_end(secure, deadline, hold_s=rng.choice((0.5, 2.0)))
-            self.record("secure", "frames", variant, out, w.label())
-        except Ended as e:
-            self.record(
-                "secure",
-                "frames",
-                variant,
-                Outcome(e.how, trio.current_time() - t0, deadline),
-                w.label(),
-            )
-        except trio.TooSlowError:
-            self.record(
-                "secure",
-                "frames",
-                variant,
-                Outcome("hang", UPGRADE_S + SLACK_S, UPGRADE_S),
-                w.label(),
-            )
-        finally:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(1.0),
-                contextlib.suppress(Exception),
-            ):
-                await secure.close()
+                deadline = tail.deadline_s = LONG_LIVED  # a live connection: it may stay
+            tail.pending = []
+            hold = rng.choice((0.5, 2.0))
+            await tail.last("frames", variant, b"", deadline, hold_s=hold, end_write=False)
+
+
+async def close_secure(secure: Any) -> None:
+    """Close a secure session the attacker is done with (bounded)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await secure.close()
 
 
 YAMUX_HEADER = struct.Struct(">BBHII")  # version, type, flags, stream id, length
@@ -2349,7 +2307,8 @@ class Insider:
     async def serve(self, stream: INetStream) -> None:
         """Answer a daemon's pulls of our Delta, each answer hostile in one way."""
         reader = FrameReader(stream)
-        try:
+        label = f"insider serve {self.served + 1}"
+        async with self.attacker.episode(label, stream, SERVED, MESSAGE_S) as tail:
             for _ in range(16):  # a pull asks for a handful of chunks at most
                 with trio.move_on_after(IDLE_S):
                     doc = await reader.frame()
@@ -2363,22 +2322,14 @@ class Insider:
                 mutation, head, body, stall = hostile_answer(self.rng, self.mut, doc, template)
                 if stall and self.rng.random() >= INSIDER_STALL_SHARE:
                     mutation, body, stall = "short-body-close", body[: len(body) // 2], False
-                await write_all(stream, head + body)
                 self.served += 1
-                if stall:
-                    deadline = fstreams.deadline_s(max(1, len(body)))
-                else:
-                    await half_close(stream)
-                    deadline = MESSAGE_S
-                out = await until_end(stream, deadline)
-                self.attacker.record(
-                    SERVED, f"bulk:{what}", mutation, out, f"insider serve {self.served}", stall
-                )
+                # A stalled answer holds the daemon's pull until its deadline (the round's
+                # wait and the transfer's), not the short body's.
+                deadline = MEMBER_SHARD_S if stall else MESSAGE_S
+                # A stall here takes no stall slot: the daemon pulls, no worker waits.
+                await tail.last(f"bulk:{what}", mutation, head + body, deadline,
+                                waited=stall, end_write=not stall)  # fmt: skip
                 return
-        except Ended:
-            return
-        finally:
-            await abandon(stream)
 
     async def pong(self, stream: INetStream) -> None:
         """Answer membership pings honestly: a member that does not is disconnected."""
