@@ -185,6 +185,15 @@ STALL_SLOTS = 12
 # ~15 s, so ~1 % of answers stall and rounds keep moving).
 STALL_P = 0.04
 INSIDER_STALL_SHARE = 0.1
+# A worker starts no episode while the attacker's own event loop runs later than PACE_LAG_S
+# (its worst lag over the last PACE_WINDOW_S). One process cannot keep WORKERS episodes
+# going on a loaded machine, and a loop that runs late adds its lateness to every latency
+# it measures: at load ~15, the fuzz on one core, the attacker's loop was 14 s late while
+# the daemons' were under 3 s (tools/fuzz_daemon.py --seed 13, insider, holo). Pacing
+# spends the attacker's CPU on fewer inputs, measured on time; it never shortens a wait.
+PACE_LAG_S = 0.5
+PACE_WINDOW_S = 2.0
+PACE_POLL_S = 0.2  # how often a paced worker looks again
 
 
 # ----------------------------------------------------------------------------- records
@@ -229,6 +238,7 @@ class Stats:
     lag: fmetrics.LoopLag | None = None
     daemon_lag: Callable[[float, float], list[float]] | None = None
     attacker_lag_max_s: float = 0.0
+    paced_s: float = 0.0  # worker-seconds spent waiting for the attacker's loop (pace)
 
     def record(
         self, protocol: str, kind: str, mutation: str, out: Outcome, label: str, waited: bool
@@ -2375,6 +2385,7 @@ async def fuzz(
 
     async def worker(w: Worker) -> None:
         while not (stop.is_set() or attacker.budget.spent or until()):
+            await pace(attacker.stats)
             w.episode += 1
             w.forge.round, w.forge.codec, w.forge.numel = (
                 attacker.round,
@@ -2416,6 +2427,19 @@ async def fuzz(
                     w = Worker(k, rng, forge, Mutator(rng, forge), seed, session)
                     nursery.start_soon(worker, w)
             watcher.cancel_scope.cancel()
+
+
+async def pace(stats: Stats) -> None:
+    """Wait (bounded by the session's end) while the attacker's own loop runs late."""
+    lag = stats.lag
+    if lag is None:
+        return
+    while True:
+        now = trio.current_time()
+        if lag.worst_between(now - PACE_WINDOW_S, now) <= PACE_LAG_S:
+            return
+        stats.paced_s += PACE_POLL_S
+        await trio.sleep(PACE_POLL_S)  # a polling period while the loop catches up
 
 
 def new_identity(seed: int, session: int, n: int) -> Any:
@@ -2885,7 +2909,8 @@ def summary(stats: Stats, verdicts: list[Verdict], wall_s: float) -> str:
         f"peak RSS (VmHWM): max {peak_rss:.0f} MB (bound {RSS_LIMIT_MB} MB)",
         f"event-loop lag, worst: attacker {[round(v.attacker_lag_max_s, 1) for v in verdicts]} s, "
         f"daemons {[[round(x, 1) for x in v.daemon_lag_max_s] for v in verdicts]} s; most "
-        f"streams one peer held open at a daemon {[v.streams_peer_max for v in verdicts]}",
+        f"streams one peer held open at a daemon {[v.streams_peer_max for v in verdicts]}; "
+        f"workers paced {stats.paced_s:,.0f} worker-s (attacker's loop over {PACE_LAG_S} s late)",
         f"log growth per daemon and session: lines {[v.log_lines for v in verdicts]}; most about "
         f"one attacker identity {per_peer} (bound {LOG_LINES_PER_PEER_FIXED} + "
         f"{LOG_LINES_PER_PEER_PER_MIN}/min); naming no peer "
@@ -2911,6 +2936,7 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
         "wall_s": wall_s,
         "fuzz_s": sum(v.fuzz_seconds for v in verdicts),
         "hangs": stats.hang_count,
+        "paced_s": stats.paced_s,
         "hang_examples": stats.hangs,
         "tried": {f"{p} {k}": n for (p, k), n in stats.tried.items()},
         "answers": {f"{p} {a}": n for (p, a), n in stats.answers.items()},
