@@ -74,7 +74,7 @@ from fflnode import __version__  # noqa: E402
 from fflnode.errors import bounded  # noqa: E402
 from fflnode.p2p import addrs  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
-from fflnode.p2p.limits import Limits  # noqa: E402
+from fflnode.p2p.limits import INBOUND_UPGRADE_TIMEOUT_S, NEGOTIATE_TIMEOUT_S, Limits  # noqa: E402
 from fflnode.p2p.reach import Advertiser  # noqa: E402
 
 # What identify tells other libp2p peers (js, go, py) this node is; the library would
@@ -157,7 +157,14 @@ def build_host(
         sec_opt={NOISE_ID: noise},
         muxer_opt={_yamux.PROTOCOL_ID: _yamux.Yamux},
         psk=psk,
-        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
+        connection_config=ConnectionConfig(
+            min_connections=0,
+            low_watermark=0,
+            # Per-connection deadlines fflnode relies on, stated rather than inherited:
+            # an inbound handshake (Noise + yamux) and each stream's protocol negotiation.
+            inbound_upgrade_timeout=INBOUND_UPGRADE_TIMEOUT_S,
+            inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
+        ),
         addrs_factory=advertiser,
     )
     advertiser.bind(host)

@@ -11,8 +11,8 @@ Owns three counters and the refusals at the points every inbound exchange passes
   registered and every later one): a peer already holding MAX_INBOUND_STREAMS_PER_PROTOCOL
   streams on that protocol has the new one reset before the handler runs.
 * Handshakes. An inbound TCP connection holds a task, a socket and a Noise handshake
-  until it is a muxed connection (py-libp2p allows it INBOUND_UPGRADE_TIMEOUT_S; its
-  multistream negotiation on each stream has a deadline of its own, 10 s). At most
+  until it is a muxed connection (at most INBOUND_UPGRADE_TIMEOUT_S; each stream's
+  multistream negotiation has NEGOTIATE_TIMEOUT_S of its own). At most
   MAX_HANDSHAKES are in progress at once, MAX_HANDSHAKES_PER_IP from one IP address;
   a connection beyond either is closed before a byte of it is read.
 
@@ -63,9 +63,12 @@ MAX_HANDSHAKES = 64
 # exempt. A testnet of 16 nodes on one address (tools/bench_testnet.py scaling) has 15
 # of them dial its bootstrap node at once: 32 holds that, twice over, with no exemption.
 MAX_HANDSHAKES_PER_IP = 32
-# py-libp2p's own deadline for an inbound connection's security and muxer upgrade
-# (ConnectionConfig.inbound_upgrade_timeout): a handshake holds its slot at most this long.
+# The deadline of an inbound connection's security and muxer upgrade, and of each inbound
+# stream's multistream negotiation (build_host sets both in py-libp2p's ConnectionConfig;
+# they are its defaults): a handshake holds its slot, a negotiating stream its task, at
+# most this long. 10 s is go-libp2p's negotiation timeout too.
 INBOUND_UPGRADE_TIMEOUT_S = 10.0
+NEGOTIATE_TIMEOUT_S = 10.0
 # A refusal's reset (a yamux RST frame) or close waits at most this long for the
 # connection's writer; a peer that does not read must not hold the refusing task.
 REFUSE_TIMEOUT_S = 1.0
