@@ -19,6 +19,12 @@ Theory of operation.
   after the input's last byte. An input whose stream neither answers nor closes within
   its handler's documented deadline (the constants under "limits") + SLACK_S is a hang;
   one that answered but is still open then "lingered" (counted with the hangs).
+* The attacker is one process and one trio loop, and a loop that runs late adds its
+  lateness to every latency it measures. It measures its own lag (a ticker) and reads
+  each daemon's (their /metrics), reports both per session and beside every hang, and
+  starts no episode while its own loop is over PACE_LAG_S late. Nothing is subtracted
+  from a latency and no deadline is shortened: pacing only spends the attacker's CPU on
+  fewer inputs, measured on time.
 * The oracle watches the processes, not fflnode's opinion of itself: both stay alive
   until they finish; their training rounds keep advancing (STATUS= lines on the notify
   socket); they exit 0 with equal merged hashes (result.json); their peak RSS (VmHWM,
