@@ -176,7 +176,12 @@ class Node:
         key_pair = identity.load_or_create(self.data_dir)
         advertiser = Advertiser(cfg.node.announce)
         host = build_host(
-            key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser, limits=self.limits
+            key_pair,
+            psk=self.comp.psk,
+            gate=self.gate,
+            advertiser=advertiser,
+            limits=self.limits,
+            on_hostile=lambda peer, reason, detail: self.traffic.reject(reason, peer, detail),
         )
         self.host = host
         # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.

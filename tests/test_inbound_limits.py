@@ -3,10 +3,13 @@ peer's streams beyond its limit, in all or on one protocol, are reset at once an
 counted (not queued, not offences); connections beyond the handshakes in progress, per
 IP or in all, are closed before a byte is read; and whatever was admitted is untouched.
 Each test fails without the limit it pins: the refused stream or connection would be
-served like the others."""
+served like the others. And what an inbound stream's negotiation or handler raises on a
+peer's bytes ends that stream only (without fflnode.p2p.host's containment the node
+exits)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -174,3 +177,48 @@ async def test_connections_beyond_the_handshakes_in_progress_are_closed_before_a
             async with running_host(other, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
                 with trio.fail_after(AT_ONCE_S * 2):
                     await other.connect(info_from_p2p_addr(server.get_addrs()[0]))
+
+
+# ----------------------------------------------------------------------------- containment
+async def raw_stream(client: IHost, server: IHost) -> object:
+    """A yamux stream opened by hand, before any multistream negotiation."""
+    conn = client.get_network().connections[server.get_id()][0]
+    return await conn.muxed_conn.open_stream()
+
+
+async def test_a_multistream_line_that_is_not_utf8_resets_the_stream_and_the_node_carries_on():
+    """py-libp2p decodes multistream lines as UTF-8 and let UnicodeDecodeError escape the
+    stream's task, which took the swarm down (found by tools/fuzz_daemon.py --seed 13)."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with pair(Limits()) as (server, client, holder, _):
+            stream = await raw_stream(client, server)
+            line = b"\xff\xfe/fflnode/\x84x\n"
+            await stream.write(b"\x13/multistream/1.0.0\n" + bytes([len(line)]) + line)
+            with trio.fail_after(AT_ONCE_S * 4):  # the header, then a reset or close
+                with contextlib.suppress(Exception):
+                    while await stream.read(100):
+                        pass
+            await served(client, server, OTHER, holder)  # the node is still up
+
+
+async def test_an_exception_escaping_a_handler_resets_that_stream_and_is_an_offence():
+    """The backstop: whatever a library handler raises on a peer's bytes is contained."""
+    hostile: list[tuple[str, str]] = []
+    listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+    async def chokes(stream: INetStream) -> None:
+        raise ValueError("a parser choked on the peer's bytes")
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        server = build_host(
+            create_new_key_pair(), on_hostile=lambda peer, reason, _: hostile.append((peer, reason))
+        )
+        client = build_host(create_new_key_pair())
+        async with running_host(server, listen), running_host(client, listen):
+            holder = Holder()
+            server.set_stream_handler(HOLD, chokes)
+            server.set_stream_handler(OTHER, holder)
+            await client.connect(info_from_p2p_addr(server.get_addrs()[0]))
+            await refused_at_once(client, server, HOLD)
+            assert hostile == [(str(client.get_id()), "stream")]
+            await served(client, server, OTHER, holder)

@@ -63,6 +63,8 @@ from libp2p.network.config import ConnectionConfig  # noqa: E402
 from libp2p.network.connection.raw_connection import RawConnection  # noqa: E402
 from libp2p.network.stream.exceptions import StreamError  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
+from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError  # noqa: E402
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
 from libp2p.pubsub.pb import rpc_pb2  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
@@ -105,6 +107,24 @@ def _maddr_or_none(raw: bytes) -> multiaddr.Multiaddr | None:
 _identify._mk_identify_protobuf = _identify_message
 _identify_push._mk_identify_protobuf = _identify_message  # imported by name there
 
+_library_multistream_read = MultiselectCommunicator.read
+
+
+async def _multistream_read(self: MultiselectCommunicator) -> str:
+    """py-libp2p 0.8.1 decodes each multistream line as UTF-8 and lets UnicodeDecodeError
+    escape: inbound, out of the stream's task into the connection's nursery, which takes
+    the whole swarm down (tools/fuzz_daemon.py --seed 13: one line of garbage on a new
+    stream, and the node exited 1); outbound, out of `new_stream` into the caller. Here
+    it is the library's own typed error, which both ends already handle (the stream is
+    reset, the negotiation fails)."""
+    try:
+        return await _library_multistream_read(self)
+    except UnicodeDecodeError as e:
+        raise MultiselectCommunicatorError(f"multistream line is not UTF-8: {e.reason}") from e
+
+
+MultiselectCommunicator.read = _multistream_read  # type: ignore[method-assign]
+
 # What py-libp2p's own pubsub stream handler catches (and handles) from its reader.
 LIBRARY_HANDLED_ERRORS = (StreamError, ParseError, IncompleteReadError)
 
@@ -117,6 +137,9 @@ _yamux.MAX_MESSAGE_SIZE = YAMUX_MAX_MESSAGE_SIZE
 # saved half as much CPU; 1 MiB no more than 256 KiB (tools/bench_bulk.py, same run).
 READ_AHEAD_BYTES = 256 << 10
 
+# Resetting a stream whose bytes broke the library sends one yamux frame: a peer that does
+# not read must not hold the stream's task longer than this.
+STREAM_RESET_TIMEOUT_S = 1.0
 # Closing the host tells peers we are gone; it takes ~0.1 s, never more than this.
 HOST_CLOSE_TIMEOUT_S = 2.0
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
@@ -141,6 +164,7 @@ def build_host(
     gate: Gate | None = None,
     advertiser: Advertiser | None = None,
     limits: Limits | None = None,
+    on_hostile: Callable[[str, str, str], None] | None = None,
 ) -> IHost:
     """A libp2p host offering only Noise and yamux, over TCP, behind an access gate.
 
@@ -149,6 +173,8 @@ def build_host(
     `advertiser`: what the host announces in identify (and heartbeats read the same);
     the default advertises concrete interface addresses, never a wildcard. `limits`:
     inbound streams and handshakes one peer or address may hold (default: Limits()).
+    `on_hostile(peer, reason, detail)` hears of every inbound stream whose negotiation
+    or handler raised (the stream is reset; the swarm carries on).
     """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
     advertiser = advertiser or Advertiser([])
@@ -172,8 +198,36 @@ def build_host(
     gate = gate or Gate()
     gate.install(host, private=psk is not None)
     _GATES[host] = gate
-    (limits or Limits()).install(host)
+    _contain_inbound_streams(host, on_hostile or _ignore)
+    (limits or Limits()).install(host)  # outside the containment: refusals come first
     return host
+
+
+def _contain_inbound_streams(host: IHost, on_hostile: Callable[[str, str, str], None]) -> None:
+    """Whatever an inbound stream's negotiation or handler raises ends that stream only.
+
+    py-libp2p runs each inbound stream in a task of its connection's nursery: an
+    exception that escapes it (a library parser choking on a peer's bytes) takes the
+    connection, then the swarm and the node down. fflnode's own handlers contain their
+    errors; this is the backstop for the library's (identify, ping, negotiation): the
+    stream is reset, and the peer is charged with an offence."""
+    swarm = host.get_network()
+    handler = swarm.common_stream_handler  # type: ignore[attr-defined]
+
+    async def contained(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as e:  # the peer's bytes made the library raise
+            peer = str(stream.muxed_conn.peer_id)
+            on_hostile(peer, "stream", f"inbound stream the library chokes on: {_kind(e)}")
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(STREAM_RESET_TIMEOUT_S),
+                suppress(Exception),
+            ):
+                await stream.reset()
+
+    swarm.common_stream_handler = contained  # type: ignore[attr-defined]
 
 
 # Each host's access gate, for the pubsub built on that host (build_pubsub).
