@@ -45,10 +45,12 @@ from libp2p.network.exceptions import SwarmException
 log = logging.getLogger(__name__)
 
 # Inbound streams one peer may have in flight here, over all protocols. An honest fflnode
-# peer holds about 6 (a GossipSub stream, a shard pull, a merge pull, a state pull, a
-# ping, an identify exchange), a few more while a slow round overlaps the next; go-libp2p
-# allows 256 per peer by default (PeerBaseLimit.StreamsInbound). 64 is 10x honest use
-# and bounds what one peer can make this node hold (each stream is a task and buffers).
+# peer holds about 6 by design (a GossipSub stream, a shard pull, a merge pull, a state
+# pull, a ping, an identify exchange), a few more while a slow round overlaps the next;
+# go-libp2p allows 256 per peer by default (PeerBaseLimit.StreamsInbound). Measured
+# without a limit: a yamux SYN flood (300 stream opens in one write) had 159 streams of
+# one peer negotiating in a daemon at once (tools/fuzz_daemon.py --seed 13, load ~15).
+# 64 is 10x honest use and bounds what one peer can make this node hold.
 MAX_INBOUND_STREAMS_PER_PEER = 64
 # ... and on any one protocol: an honest peer pipelines its pulls on one stream a peer
 # (fflnode.p2p.bulk), pings one at a time, keeps one GossipSub stream; go-libp2p allows
@@ -56,8 +58,8 @@ MAX_INBOUND_STREAMS_PER_PEER = 64
 # handlers pile up for a deadline while the peer retries.
 MAX_INBOUND_STREAMS_PER_PROTOCOL = 16
 # Inbound connections still in their handshake (TCP accepted, not yet muxed), in all.
-# go-libp2p's transient scope admits 32 inbound connections at its smallest (64 MB of
-# memory). A run's peers dial once each, and redial with backoff.
+# go-libp2p's transient scope admits 32 at its base (TransientBaseLimit.ConnsInbound),
+# more with memory. A run's peers dial once each, and redial with backoff.
 MAX_HANDSHAKES = 64
 # ... and from one IP address. go-libp2p allows 8 connections per IPv4 address, loopback
 # exempt. A testnet of 16 nodes on one address (tools/bench_testnet.py scaling) has 15
