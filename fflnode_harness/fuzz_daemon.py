@@ -1625,6 +1625,7 @@ class Attacker:
             header = line(MULTISTREAM[:-1])
             x = rng.random()
             if x < 0.35:  # a good header, then protocols this node does not speak
+                tail.pending = [("propose", "header")]  # the input taken before the open
                 await write_all(stream, header)
                 for i in range(rng.choice((1, 4, 10))):
                     if i:
