@@ -56,6 +56,7 @@ from fflnode.p2p.bulk import Traffic
 from fflnode.p2p.fastpath import Channel, FastPath
 from fflnode.p2p.gate import Gate, refusal
 from fflnode.p2p.host import build_host, build_pubsub, close_host, running_host
+from fflnode.p2p.limits import Limits
 from fflnode.p2p.membership import Membership
 from fflnode.p2p.reach import AddressGuard, Advertiser
 from fflnode.prism.writer import save_tensors
@@ -109,6 +110,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _stream_counts(host: Any) -> dict[str, int]:
+    """Open libp2p streams: in all, and the most held by one peer (over its connections),
+    and that peer's by direction and protocol ("top:inbound:/meshsub/1.1.0")."""
+    if host is None:
+        return {"all": 0, "peer_max": 0}
+    per_peer: dict[Any, list[Any]] = {
+        peer: [s for c in conns for s in c.get_streams()]
+        for peer, conns in list(host.get_network().connections.items())
+    }
+    counts = {"all": sum(len(v) for v in per_peer.values()), "peer_max": 0}
+    if per_peer:
+        top = max(per_peer.values(), key=len)
+        counts["peer_max"] = len(top)
+        for s in top:
+            key = f"top:{getattr(s, '_direction', '?')}:{s.get_protocol()}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -150,6 +170,9 @@ class Node:
         self.fast: FastPath | None = None  # node.fast_path's channel service, once serving
         self._merge: MergeSession | None = None  # the attempt inbound channels go to
         self.metrics_port: int | None = None
+        self.loop_lag = metrics.LoopLag()
+        self.limits = Limits()
+        self.host: Any = None
         self.adversary = comp.adversary  # resilience tests only: corrupted updates
         if self.adversary is not None:
             log.warning("adversary mode %r: this node sends corrupted updates", cfg.adversary.mode)
@@ -168,7 +191,15 @@ class Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(self.data_dir)
         advertiser = Advertiser(cfg.node.announce)
-        host = build_host(key_pair, psk=self.comp.psk, gate=self.gate, advertiser=advertiser)
+        host = build_host(
+            key_pair,
+            psk=self.comp.psk,
+            gate=self.gate,
+            advertiser=advertiser,
+            limits=self.limits,
+            on_hostile=lambda peer, reason, detail: self.traffic.reject(reason, peer, detail),
+        )
+        self.host = host
         # Addresses peers tell us pass the dial policy; the config's bootstrap is trusted.
         guard = AddressGuard(host, scopes=cfg.node.dial_scopes, trusted=bootstrap_addresses(cfg))
         self.peer_id = host.get_id()
@@ -210,6 +241,7 @@ class Node:
                 # decoded and admitted before GossipSub forwards it (issue 10)
                 pubsub.set_topic_validator(membership.topic, membership.validate, False)
                 await nursery.start(self.gate.run)
+                await nursery.start(self.loop_lag.run)
                 await nursery.start(membership.run)
                 if cfg.node.fast_path:
                     self.fast = FastPath(
@@ -422,6 +454,36 @@ class Node:
                     ({"state": st}, float(self.merge_state == st))
                     for st in ("pending", "running", "done", "failed")
                 ],
+            ),
+            S(
+                "fflnode_loop_lag_seconds",
+                "gauge",
+                "how late the event loop woke a sleeping task: worst since start, and over "
+                "the last 10 s",
+                [
+                    ({"window": "max"}, self.loop_lag.max_s),
+                    ({"window": "recent"}, self.loop_lag.recent_s()),
+                ],
+            ),
+            S(
+                "fflnode_inbound_refused_total",
+                "counter",
+                "inbound streams reset and connections closed at a limit, by kind "
+                "(streams-peer, streams-protocol, handshakes, handshakes-ip)",
+                [({"kind": k}, float(v)) for k, v in self.limits.refused.items()],
+            ),
+            S(
+                "fflnode_inbound_peak",
+                "gauge",
+                "the most inbound streams one peer held (in all; on one protocol), and "
+                "handshakes in progress, at any moment",
+                [({"of": k}, float(v)) for k, v in self.limits.peak.items()],
+            ),
+            S(
+                "fflnode_streams_open",
+                "gauge",
+                "libp2p streams open: in all, and the most any one peer holds",
+                [({"scope": k}, float(v)) for k, v in _stream_counts(self.host).items()],
             ),
             S(
                 "fflnode_peak_rss_bytes",

@@ -19,6 +19,12 @@ Theory of operation.
   after the input's last byte. An input whose stream neither answers nor closes within
   its handler's documented deadline (the constants under "limits") + SLACK_S is a hang;
   one that answered but is still open then "lingered" (counted with the hangs).
+* The attacker is one process and one trio loop, and a loop that runs late adds its
+  lateness to every latency it measures. It measures its own lag (a ticker) and reads
+  each daemon's (their /metrics), reports both per session and beside every hang, and
+  starts no episode while its own loop is over PACE_LAG_S late. Nothing is subtracted
+  from a latency and no deadline is shortened: pacing only spends the attacker's CPU on
+  fewer inputs, measured on time.
 * The oracle watches the processes, not fflnode's opinion of itself: both stay alive
   until they finish; their training rounds keep advancing (STATUS= lines on the notify
   socket); they exit 0 with equal merged hashes (result.json); their peak RSS (VmHWM,
@@ -58,7 +64,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +80,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.pubsub.pb import rpc_pb2
 
+from fflnode import metrics as fmetrics
 from fflnode.p2p import bulk as fbulk
 from fflnode.p2p import streams as fstreams
 from fflnode.p2p.gate import refusal
@@ -107,6 +114,12 @@ ROUND_STALL_LIMIT_S = 120.0
 STARTUP_TIMEOUT_S = 120.0  # torch + libp2p imports on a loaded 2-core machine
 FINISH_TIMEOUT_S = 600.0  # after fuzzing stops: the remaining rounds and the merge
 RSS_SAMPLE_S = 0.5  # VmHWM is a high-water mark: sampling often only adds detail
+# Each daemon's /metrics is read this often for its event-loop lag and open streams
+# (the daemon keeps its worst lag over 10 s, so nothing between two reads is lost).
+SCRAPE_S = 2.0
+# The attacker's own loop lag is kept this long, to say how late the attacker itself
+# was while an input hung (a hang lasts its deadline + SLACK_S, at most ~150 s).
+ATTACKER_LAG_KEEP_S = 300.0
 NOTIFY_BUFFER_BYTES = 4 << 20
 
 # What the daemon waits for before it gives up on us, per handler (their documentation):
@@ -121,6 +134,14 @@ IDPUSH_S = 10.0
 LPING_S = 10.0
 NEGOTIATE_S = 10.0
 UPGRADE_S = 10.0
+# exchange.round_timeout_s in the daemons' config. A member's pull of a round waits this
+# long for the round; a daemon pulling from a member allows it this long before its first
+# answer (bulk.pull's wait_s), on top of the transfer's own deadline.
+ROUND_TIMEOUT_S = 20.0
+# The daemon's documented deadline for a member's pull of our Delta, or ours of theirs:
+# the round's wait plus the transfer deadline of 1 MiB (a digits pull, state parts
+# included, is smaller).
+MEMBER_SHARD_S = fstreams.deadline_s(1 << 20, ROUND_TIMEOUT_S)
 # Streams that may legitimately stay open as long as the connection does: GossipSub's
 # streams are long-lived by design (a peer sends RPCs on one for hours), and a yamux
 # frame that began and stopped holds only the attacker's own connection.
@@ -170,6 +191,15 @@ STALL_SLOTS = 12
 # ~15 s, so ~1 % of answers stall and rounds keep moving).
 STALL_P = 0.04
 INSIDER_STALL_SHARE = 0.1
+# A worker starts no episode while the attacker's own event loop runs later than PACE_LAG_S
+# (its worst lag over the last PACE_WINDOW_S). One process cannot keep WORKERS episodes
+# going on a loaded machine, and a loop that runs late adds its lateness to every latency
+# it measures: at load ~15, the fuzz on one core, the attacker's loop was 14 s late while
+# the daemons' were under 3 s (tools/fuzz_daemon.py --seed 13, insider, holo). Pacing
+# spends the attacker's CPU on fewer inputs, measured on time; it never shortens a wait.
+PACE_LAG_S = 0.5
+PACE_WINDOW_S = 2.0
+PACE_POLL_S = 0.2  # how often a paced worker looks again
 
 
 # ----------------------------------------------------------------------------- records
@@ -209,6 +239,12 @@ class Stats:
     # the first traceback of each kind is kept for the report.
     attacker_errors: Counter = field(default_factory=Counter)
     attacker_tracebacks: dict[str, str] = field(default_factory=dict)
+    # The attacker's own event-loop lag (the session's meter), and the daemons' as read
+    # from their /metrics: a slow answer is only the daemon's if the attacker was on time.
+    lag: fmetrics.LoopLag | None = None
+    daemon_lag: Callable[[float, float], list[float]] | None = None
+    attacker_lag_max_s: float = 0.0
+    paced_s: float = 0.0  # worker-seconds spent waiting for the attacker's loop (pace)
 
     def record(
         self, protocol: str, kind: str, mutation: str, out: Outcome, label: str, waited: bool
@@ -229,7 +265,22 @@ class Stats:
             self.slowest_complete = Slowest(out.latency_s, text)
         if out.answer in ("hang", "lingered") and len(self.hangs) < 100:
             what = "no answer" if out.answer == "hang" else "still open"
-            self.hangs.append(f"{text}: {what} after {out.deadline_s} + {SLACK_S} s")
+            self.hangs.append(
+                f"{text}: {what} after {out.deadline_s} + {SLACK_S} s{self.lag_during(out)}"
+            )
+
+    def lag_during(self, out: Outcome) -> str:
+        """How late the attacker's and the daemons' loops ran while `out` waited."""
+        if self.lag is None:
+            return ""
+        now = trio.current_time()
+        t0 = now - out.latency_s
+        mine = self.lag.worst_between(t0, now)
+        theirs = self.daemon_lag(t0, now) if self.daemon_lag is not None else []
+        return (
+            f" (meanwhile loop lag: attacker {mine:.1f} s, daemons "
+            f"{', '.join(f'{x:.1f}' for x in theirs)} s)"
+        )
 
     @property
     def hang_count(self) -> int:
@@ -720,6 +771,12 @@ class Honest:
     ready: trio.Event = field(default_factory=trio.Event)
     rounds_at_fuzz_start: int = 0
     rounds_at_fuzz_end: int = 0
+    metrics_port: int = 0
+    # From /metrics every SCRAPE_S: (read at, worst loop lag over the daemon's last 10 s).
+    lag_reads: deque = field(default_factory=lambda: deque(maxlen=1000))
+    loop_lag_max_s: float = 0.0
+    streams_peer_max: int = 0  # the most streams one peer held open, at any read
+    streams_top: dict[str, int] = field(default_factory=dict)  # its streams, by protocol
 
     @property
     def data_dir(self) -> Path:
@@ -783,7 +840,7 @@ checkpoint_every = 50
 [exchange]
 codec = {json.dumps(codec)}
 ratio = 0.05
-round_timeout_s = 20.0
+round_timeout_s = {ROUND_TIMEOUT_S}
 
 [merge]
 timeout_s = 120.0
@@ -862,6 +919,7 @@ async def start_daemon(h: Honest, config: str, nursery: trio.Nursery) -> None:
         preexec_fn=_die_with_parent,
     )
     nursery.start_soon(_sample_rss, h)
+    nursery.start_soon(_scrape, h)
     node_json = h.data_dir / "node.json"
     with trio.fail_after(STARTUP_TIMEOUT_S):
         while not (node_json.exists() and h.ready.is_set()):
@@ -870,8 +928,39 @@ async def start_daemon(h: Honest, config: str, nursery: trio.Nursery) -> None:
             await trio.sleep(0.05)  # polling a file the daemon writes, under a deadline
     doc = json.loads(node_json.read_text())
     h.peer_id, h.addrs = doc["peer_id"], doc["addrs"]
+    h.metrics_port = int(str(doc.get("metrics") or ":0").rsplit(":", 1)[1])
     h.port = int(multiaddr.Multiaddr(h.addrs[0]).value_for_protocol("tcp"))
     h.last_advance = trio.current_time()
+
+
+async def _scrape(h: Honest) -> None:
+    """The daemon's own view of its event loop and streams, from its /metrics."""
+    while True:
+        await trio.sleep(SCRAPE_S)  # a sampling period, not synchronisation
+        if not h.metrics_port:
+            continue
+        try:
+            doc = fmetrics.parse(await fmetrics.fetch("127.0.0.1", h.metrics_port))
+        except (OSError, trio.TooSlowError, ValueError):
+            continue  # a busy or exiting daemon: the next read will do
+        lags = {k.get("window"): v for k, v in doc.get("fflnode_loop_lag_seconds", [])}
+        streams = {k.get("scope"): v for k, v in doc.get("fflnode_streams_open", [])}
+        if "recent" in lags:
+            h.lag_reads.append((trio.current_time(), lags["recent"]))
+        h.loop_lag_max_s = max(h.loop_lag_max_s, lags.get("max", 0.0))
+        if int(streams.get("peer_max", 0)) > h.streams_peer_max:
+            h.streams_peer_max = int(streams["peer_max"])
+            h.streams_top = {k[4:]: int(v) for k, v in streams.items() if k.startswith("top:")}
+
+
+def _daemon_lag(honest: list[Honest]) -> Callable[[float, float], list[float]]:
+    """Each daemon's worst loop lag reported over [t0, t1] (+ the daemon's 10 s window)."""
+
+    def worst(t0: float, t1: float) -> list[float]:
+        end = t1 + fmetrics.LOOP_LAG_WINDOW_S
+        return [max((v for t, v in h.lag_reads if t0 <= t <= end), default=0.0) for h in honest]
+
+    return worst
 
 
 def _die_with_parent() -> None:
@@ -1105,6 +1194,78 @@ def rpc_bytes(rpc: rpc_pb2.RPC) -> bytes:
     return varint(len(body)) + body
 
 
+class Tail:
+    """The end every episode shares, in one place: the inputs still owed an answer
+    (`pending`), sending the last input and waiting for the daemon's answer (`last`),
+    and what is recorded when the stream ends early or times out (`settle`).
+
+    Made by `Attacker.episode`, which also gives back the stall slot and lets go of the
+    stream (reset, or `close`) however the episode ends."""
+
+    def __init__(
+        self,
+        attacker: Attacker,
+        label: str,
+        stream: Any,
+        protocol: str,
+        deadline_s: float | None,
+        since: float | None,
+        half: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.attacker, self.label, self.stream, self.half = attacker, label, stream, half
+        self.protocol, self.deadline_s, self.since = protocol, deadline_s, since
+        self.pending: list[tuple[str, str]] = []  # (kind, mutation) sent, not yet answered
+        self.stalled = False  # holds a stall slot: the last input is left open on purpose
+
+    def stall(self, rng: random.Random, p: float = STALL_P) -> bool:
+        """Whether the last input stalls (takes one of the attacker's stall slots)."""
+        self.stalled = self.attacker.stall_wanted(rng, p)
+        return self.stalled
+
+    def record(self, kind: str, mutation: str, out: Outcome, waited: bool = False) -> None:
+        self.attacker.record(self.protocol, kind, mutation, out, self.label, waited)
+
+    async def last(
+        self,
+        kind: str,
+        mutation: str,
+        data: bytes,
+        deadline_s: float | None,
+        *,
+        rng: random.Random | None = None,
+        hold_s: float = 0.0,
+        waited: bool = False,
+        end_write: bool = True,
+    ) -> None:
+        """Send the episode's last input, half-close unless it stalls, and record what
+        the daemon did within `deadline_s` (+ SLACK_S) with every input still pending;
+        `end_write=False` leaves the write side open (the daemon is to end it)."""
+        self.pending.append((kind, mutation))
+        if data:
+            await write_all(self.stream, data, rng)
+        if end_write and not self.stalled:
+            await self.half(self.stream)
+        out = await until_end(self.stream, deadline_s, hold_s)
+        *before, _ = self.pending
+        self.pending = []
+        for k, m in before:  # sent on a stream that stays open: answered by not ending
+            self.record(k, m, Outcome("open", 0.0, deadline_s))
+        self.record(kind, mutation, out, self.stalled or waited)
+
+    def settle(self, answer: str) -> None:
+        """The stream ended ("reset", "close") or timed out ("hang") with inputs pending."""
+        if answer == "hang":
+            deadline = self.deadline_s or 0.0
+            out = Outcome("hang", deadline + SLACK_S, self.deadline_s)
+        else:
+            since = self.since
+            out = Outcome(answer, 0.0 if since is None else trio.current_time() - since,
+                          self.deadline_s)  # fmt: skip
+        pending, self.pending = self.pending, []
+        for kind, mutation in pending:
+            self.record(kind, mutation, out)
+
+
 # ----------------------------------------------------------------------------- attacker
 class OutOfBudget(Exception):
     """The session's input budget is spent: the episode stops where it is."""
@@ -1201,6 +1362,34 @@ class Attacker:
             return False
         return True
 
+    @contextlib.asynccontextmanager
+    async def episode(
+        self,
+        w: Worker | str,
+        stream: Any,
+        protocol: str,
+        deadline_s: float | None,
+        *,
+        since: float | None = None,
+        half: Callable[[Any], Awaitable[None]] = half_close,
+        close: Callable[[Any], Awaitable[None]] = abandon,
+    ) -> AsyncIterator[Tail]:
+        """An episode's inputs on `stream`: every path records each pending input once
+        (the stream ended early: its end, at `since`'s latency or 0; a deadline passed: a
+        hang), gives back the stall slot and lets go of the stream (`close`)."""
+        label = w if isinstance(w, str) else w.label()
+        tail = Tail(self, label, stream, protocol, deadline_s, since, half)
+        try:
+            yield tail
+        except Ended as e:
+            tail.settle(e.how)
+        except trio.TooSlowError:
+            tail.settle("hang")
+        finally:
+            if tail.stalled:
+                self.stall_slots.release()
+            await close(stream)
+
     # -- connections --
     async def ensure(self, t: Target) -> None:
         net = self.host.get_network()
@@ -1254,9 +1443,7 @@ class Attacker:
         stream = await self.opened(w, t, protocol, "open")
         if stream is None:
             return
-        stalled = False
-        pending: list[tuple[str, str]] = []
-        try:
+        async with self.episode(w, stream, protocol, MESSAGE_S) as tail:
             reader = FrameReader(stream)
             wait = self.get_wait_s(protocol)
             for _ in range(rng.choice((0, 1, 2, 4, 8))):
@@ -1268,7 +1455,7 @@ class Attacker:
                 granted = self.take_up_to(acks + gets)
                 gets = min(gets, granted)
                 acks = granted - gets
-                pending = [("ack", "ack-flood")] * acks + [("get", "valid")] * gets
+                tail.pending = [("ack", "ack-flood")] * acks + [("get", "valid")] * gets
                 data = b"".join(frame(pack(forge.ack(ok=rng.random() < 0.15))) for _ in range(acks))
                 data += b"".join(frame(pack(forge.get(protocol))) for _ in range(gets))
                 await write_all(stream, data)
@@ -1277,11 +1464,10 @@ class Attacker:
                     for _ in range(gets):
                         await reader.frame()
                 dt = trio.current_time() - t1
+                pending, tail.pending = tail.pending, []
                 for kind, how in pending:
                     answer = "reply" if kind == "get" else "open"
-                    out = Outcome(answer, dt, MESSAGE_S + gets * wait)
-                    self.record(protocol, kind, how, out, w.label(), waited=wait > 0)
-                pending = []
+                    tail.record(kind, how, Outcome(answer, dt, MESSAGE_S + gets * wait), wait > 0)
             x = rng.random()
             kind, doc = (
                 ("get", forge.get(protocol))
@@ -1290,53 +1476,23 @@ class Attacker:
             )
             mutation, body = w.mut(doc)
             how, data, _ = framings(rng, body)
-            stalled = self.stall_wanted(rng)
+            stalled = tail.stall(rng)
             self.take()
-            pending = [(kind, f"{mutation}/{how}")]
-            await write_all(stream, data, rng)
-            if stalled:
-                deadline = MESSAGE_S if ends_mid_frame(data) else IDLE_S
-            else:
-                await half_close(stream)
-                deadline = MESSAGE_S
-            out = await until_end(stream, deadline + wait)
-            self.record(protocol, kind, pending[0][1], out, w.label(), stalled or wait > 0)
-            pending = []
-        except Ended as e:
-            for kind, how in pending:  # the stream ended before their answer
-                self.record(protocol, kind, how, Outcome(e.how, 0.0, MESSAGE_S), w.label())
-        except trio.TooSlowError:
-            for kind, how in pending:
-                self.record(
-                    protocol, kind, how, Outcome("hang", MESSAGE_S + SLACK_S, MESSAGE_S), w.label()
-                )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            deadline = (MESSAGE_S if ends_mid_frame(data) else IDLE_S) if stalled else MESSAGE_S
+            await tail.last(kind, f"{mutation}/{how}", data, deadline + wait, rng=rng,
+                            waited=wait > 0)  # fmt: skip
 
     async def ep_fping(self, w: Worker, t: Target) -> None:
         rng = w.rng
         stream = await self.opened(w, t, PROTO_FPING, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_FPING, FPING_S) as tail:
             mutation, body = w.mut(w.forge.ping(), valid_p=0.2)
             how, data, _ = framings(rng, body)
             self.take()
-            stalled = self.stall_wanted(rng)
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, FPING_S)
-            self.record(PROTO_FPING, "ping", f"{mutation}/{how}", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_FPING, "ping", "write", Outcome(e.how, 0.0, FPING_S), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            tail.stall(rng)
+            await tail.last("ping", f"{mutation}/{how}", data, FPING_S, rng=rng)
 
     # -- libp2p's own protocols --
     async def ep_lping(self, w: Worker, t: Target) -> None:
@@ -1345,10 +1501,10 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_LPING, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_LPING, LPING_S) as tail:
             for _ in range(rng.choice((0, 1, 3))):  # honest pings first: each is echoed
                 self.take()
+                tail.pending = [("ping", "valid")]
                 payload = rng.randbytes(32)
                 await write_all(stream, payload)
                 t1 = trio.current_time()
@@ -1356,33 +1512,16 @@ class Attacker:
                 with trio.fail_after(LPING_S + SLACK_S):
                     while len(echo) < 32:
                         echo += await read_some(stream, 32 - len(echo))
+                tail.pending = []
                 kind = "ping" if echo == payload else "ping-wrong-echo"
-                self.record(
-                    PROTO_LPING,
-                    kind,
-                    "valid",
-                    Outcome("reply", trio.current_time() - t1, LPING_S),
-                    w.label(),
-                )
+                tail.record(kind, "valid", Outcome("reply", trio.current_time() - t1, LPING_S))
             size = rng.choice((0, 1, 16, 31, 33, 64, 4096, 70000))
-            stalled = size % 32 != 0 and self.stall_wanted(rng, 0.15)
+            if size % 32:
+                tail.stall(rng, 0.15)
             self.take()
-            await write_all(stream, rng.randbytes(size), rng)
-            if not stalled:
-                await half_close(stream)
             # Each whole 32 bytes is one ping, echoed under its own RESP_TIMEOUT.
-            out = await until_end(stream, LPING_S * (size // 32 + 1))
-            self.record(PROTO_LPING, "ping", f"{size}-bytes", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_LPING, "ping", "ended", Outcome(e.how, 0.0, LPING_S), w.label())
-        except trio.TooSlowError:
-            self.record(
-                PROTO_LPING, "ping", "valid", Outcome("hang", LPING_S + SLACK_S, LPING_S), w.label()
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            await tail.last("ping", f"{size}-bytes", rng.randbytes(size),
+                            LPING_S * (size // 32 + 1), rng=rng)  # fmt: skip
 
     async def ep_identify(self, w: Worker, t: Target) -> None:
         """/ipfs/id/1.0.0: the daemon writes its identify record and closes; garbage
@@ -1391,17 +1530,14 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_ID, "open")
         if stream is None:
             return
-        try:
+        async with self.episode(w, stream, PROTO_ID, NEGOTIATE_S) as tail:
             self.take()
             mutation = "valid"
             if rng.random() < 0.5:
                 mutation = "garbage-written"
                 with contextlib.suppress(Ended):
                     await write_all(stream, rng.randbytes(rng.choice((1, 100, 5000))))
-            out = await until_end(stream, NEGOTIATE_S)
-            self.record(PROTO_ID, "identify", mutation, out, w.label())
-        finally:
-            await abandon(stream)
+            await tail.last("identify", mutation, b"", NEGOTIATE_S, end_write=False)
 
     def _identify_record(self, rng: random.Random) -> tuple[str, bytes]:
         from libp2p.identity.identify.pb import identify_pb2
@@ -1449,8 +1585,7 @@ class Attacker:
         stream = await self.opened(w, t, PROTO_IDPUSH, "open")
         if stream is None:
             return
-        stalled = False
-        try:
+        async with self.episode(w, stream, PROTO_IDPUSH, IDPUSH_S) as tail:
             what, body = self._identify_record(rng)
             x = rng.random()
             if x < 0.7:
@@ -1463,19 +1598,10 @@ class Attacker:
                 how, data = "bad-varint", b"\xff" * rng.choice((3, 10, 11)) + body[:9]
             else:
                 how, data = "cut", (varint(len(body)) + body)[: rng.randint(1, 8)]
-            stalled = how in ("long-prefix", "cut") and self.stall_wanted(rng, 0.3)
+            if how in ("long-prefix", "cut"):
+                tail.stall(rng, 0.3)
             self.take()
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, IDPUSH_S)
-            self.record(PROTO_IDPUSH, "identify", f"{what}/{how}", out, w.label(), stalled)
-        except Ended as e:
-            self.record(PROTO_IDPUSH, "identify", "write", Outcome(e.how, 0.0, IDPUSH_S), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            await tail.last("identify", f"{what}/{how}", data, IDPUSH_S, rng=rng)
 
     async def ep_multistream(self, w: Worker, t: Target) -> None:
         """Multistream-select on a fresh yamux stream, by hand: unknown protocols (each
@@ -1494,12 +1620,12 @@ class Attacker:
             out = Outcome("refused", trio.current_time() - t0, NEGOTIATE_S)
             self.record("multistream", "open", type(e).__name__, out, w.label())
             return
-        stalled = False
         line = lambda s: varint(len(s) + 1) + s + b"\n"  # noqa: E731
-        try:
+        async with self.episode(w, stream, "multistream", NEGOTIATE_S) as tail:
             header = line(MULTISTREAM[:-1])
             x = rng.random()
             if x < 0.35:  # a good header, then protocols this node does not speak
+                tail.pending = [("propose", "header")]  # the input taken before the open
                 await write_all(stream, header)
                 for i in range(rng.choice((1, 4, 10))):
                     if i:
@@ -1507,22 +1633,16 @@ class Attacker:
                     proto = rng.choice(
                         (b"/nope/1.0.0", b"ls", b"/fflnode/shard/9.9.9", b"/" + b"x" * 2000, b"")
                     )
+                    tail.pending = [("propose", proto[:12].decode("latin1"))]
                     await write_all(stream, line(proto))
                     t1 = trio.current_time()
                     with trio.fail_after(NEGOTIATE_S + SLACK_S):
                         await read_some(stream)  # "na" (after the header, the first time)
                     dt = trio.current_time() - t1
-                    self.record(
-                        "multistream",
-                        "propose",
-                        proto[:12].decode("latin1"),
-                        Outcome("reply", dt, NEGOTIATE_S),
-                        w.label(),
-                    )
+                    (kind, mutation), tail.pending = tail.pending[0], []
+                    tail.record(kind, mutation, Outcome("reply", dt, NEGOTIATE_S))
                 self.take()
-                await half_close(stream)
-                out = await until_end(stream, NEGOTIATE_S)
-                self.record("multistream", "eof-after-na", "valid", out, w.label())
+                await tail.last("eof-after-na", "valid", b"", NEGOTIATE_S)
                 return
             variants = {
                 "garbage": lambda: rng.randbytes(rng.randint(1, 300)),
@@ -1539,28 +1659,9 @@ class Attacker:
             }
             name = rng.choice(list(variants))
             data = variants[name]()
-            stalled = name.startswith("cut") and self.stall_wanted(rng, 0.3)
-            await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
-            out = await until_end(stream, NEGOTIATE_S)
-            self.record("multistream", "negotiate", name, out, w.label(), stalled)
-        except Ended as e:
-            self.record(
-                "multistream", "negotiate", "write", Outcome(e.how, 0.0, NEGOTIATE_S), w.label()
-            )
-        except trio.TooSlowError:
-            self.record(
-                "multistream",
-                "propose",
-                "na",
-                Outcome("hang", NEGOTIATE_S + SLACK_S, NEGOTIATE_S),
-                w.label(),
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            if name.startswith("cut"):
+                tail.stall(rng, 0.3)
+            await tail.last("negotiate", name, data, NEGOTIATE_S, rng=rng)
 
     # -- GossipSub, raw RPCs on /meshsub --
     def _rpc(self, w: Worker) -> tuple[str, str, bytes]:
@@ -1637,13 +1738,11 @@ class Attacker:
         stream = await self.opened(w, t, proto, "open")
         if stream is None:
             return
-        stalled = False
-        pending: list[tuple[str, str]] = []
-        try:
+        async with self.episode(w, stream, proto, LONG_LIVED) as tail:
             batch = self.take_up_to(rng.randint(*PUBSUB_BATCH) + 1) - 1  # and the ending
             for _ in range(batch):
                 kind, mutation, data = self._rpc(w)
-                pending.append((kind, mutation))
+                tail.pending.append((kind, mutation))
                 await write_all(stream, data)
             body = rpc_bytes(
                 rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid="/x")])
@@ -1661,28 +1760,11 @@ class Attacker:
                 "cut-stall": lambda: body[: rng.randint(1, len(body) - 1)],
                 "eof": lambda: b"",
             }[ending]()
-            stalled = ending == "cut-stall" and self.stall_wanted(rng, 0.5)
-            if ending == "cut-stall" and not stalled:
+            if ending == "cut-stall" and not tail.stall(rng, 0.5):
                 ending = "cut-eof"
-            pending.append(("rpc-end", ending))
-            if data:
-                await write_all(stream, data, rng)
-            if not stalled:
-                await half_close(stream)
             # GossipSub streams are long-lived: no deadline applies, only a look.
-            hold = rng.choice((2.0, 5.0)) if stalled else 0.5
-            out = await until_end(stream, LONG_LIVED, hold_s=hold)
-            for kind, mutation in pending[:-1]:
-                self.record(proto, kind, mutation, Outcome("open", 0.0, LONG_LIVED), w.label())
-            self.record(proto, "rpc-end", ending, out, w.label(), stalled)
-            pending = []
-        except Ended as e:
-            for kind, mutation in pending:
-                self.record(proto, kind, mutation, Outcome(e.how, 0.0, LONG_LIVED), w.label())
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await abandon(stream)
+            hold = rng.choice((2.0, 5.0)) if tail.stalled else 0.5
+            await tail.last("rpc-end", ending, data, LONG_LIVED, rng=rng, hold_s=hold)
 
     # -- below libp2p: raw TCP, the Noise handshake, and inside the secure channel --
     async def ep_tcp(self, w: Worker, t: Target) -> None:
@@ -1721,8 +1803,9 @@ class Attacker:
                 w.label(),
             )
             return
-        stalled = False
-        try:
+        async with self.episode(w, sock, "tcp", UPGRADE_S, since=t0, half=SockStream.close_write,
+                                close=SockStream.aclose) as tail:  # fmt: skip
+            tail.pending = [("handshake", variant)]
             if variant == "garbage":
                 data = rng.randbytes(rng.choice((1, 19, 20, 21, 500, 2000)))
                 if data[:1] == b"\x13":
@@ -1737,7 +1820,7 @@ class Attacker:
                 await write_all(sock, header + line(proto))
             elif variant == "cut-header":
                 await write_all(sock, header[: rng.randint(1, len(header) - 1)])
-                stalled = self.stall_wanted(rng, 0.3)
+                tail.stall(rng, 0.3)
             elif variant != "eof":
                 await write_all(sock, header + line(b"/noise"))
                 await read_upto(sock, len(header) + len(line(b"/noise")), UPGRADE_S + SLACK_S)
@@ -1745,7 +1828,7 @@ class Attacker:
                     await write_all(sock, struct.pack(">H", 5) + rng.randbytes(5))
                 elif variant == "noise-lying-length":
                     await write_all(sock, b"\xff\xff" + rng.randbytes(rng.randint(0, 40)))
-                    stalled = self.stall_wanted(rng, 0.5)
+                    tail.stall(rng, 0.5)
                 else:  # a valid first message (an X25519 public key is any 32 bytes)
                     await write_all(sock, struct.pack(">H", 32) + rng.randbytes(32))
                     head = await read_upto(sock, 2, UPGRADE_S + SLACK_S)
@@ -1754,33 +1837,11 @@ class Attacker:
                     msg3 = rng.randbytes(rng.choice((0, 16, 48, 64, 200, 1000)))
                     if variant == "noise-msg3-cut":
                         await write_all(sock, struct.pack(">H", len(msg3) + 50) + msg3)
-                        stalled = self.stall_wanted(rng, 0.5)
+                        tail.stall(rng, 0.5)
                     else:
                         await write_all(sock, struct.pack(">H", len(msg3)) + msg3)
-            if not stalled:
-                await sock.close_write()
-            out = await until_end(sock, UPGRADE_S)
-            self.record("tcp", "handshake", variant, out, w.label(), stalled)
-        except Ended as e:
-            self.record(
-                "tcp",
-                "handshake",
-                variant,
-                Outcome(e.how, trio.current_time() - t0, UPGRADE_S),
-                w.label(),
-            )
-        except trio.TooSlowError:
-            self.record(
-                "tcp",
-                "handshake",
-                variant,
-                Outcome("hang", UPGRADE_S + SLACK_S, UPGRADE_S),
-                w.label(),
-            )
-        finally:
-            if stalled:
-                self.stall_slots.release()
-            await sock.aclose()
+            tail.pending = []
+            await tail.last("handshake", variant, b"", UPGRADE_S)
 
     async def ep_secure(self, w: Worker, t: Target) -> None:
         """A real Noise handshake, then garbage where multistream and yamux belong:
@@ -1803,7 +1864,9 @@ class Attacker:
         header = line(MULTISTREAM[:-1])
         variant = rng.choice(("garbage", "wrong-muxer", "yamux", "yamux", "yamux", "yamux"))
         deadline: float | None = UPGRADE_S
-        try:
+        async with self.episode(w, secure, "secure", UPGRADE_S, since=t0,
+                                close=close_secure) as tail:  # fmt: skip
+            tail.pending = [("frames", variant)]
             if variant == "garbage":
                 await write_all(secure, rng.randbytes(rng.randint(1, 500)))
             elif variant == "wrong-muxer":
@@ -1814,33 +1877,18 @@ class Attacker:
                     secure, len(header) + len(line(b"/yamux/1.0.0")), UPGRADE_S + SLACK_S
                 )
                 variant, frames = yamux_garbage(rng)
+                tail.pending = [("frames", variant)]
                 await write_all(secure, frames)
-                deadline = LONG_LIVED  # a live connection: the daemon may keep it
-            out = await until_end(secure, deadline, hold_s=rng.choice((0.5, 2.0)))
-            self.record("secure", "frames", variant, out, w.label())
-        except Ended as e:
-            self.record(
-                "secure",
-                "frames",
-                variant,
-                Outcome(e.how, trio.current_time() - t0, deadline),
-                w.label(),
-            )
-        except trio.TooSlowError:
-            self.record(
-                "secure",
-                "frames",
-                variant,
-                Outcome("hang", UPGRADE_S + SLACK_S, UPGRADE_S),
-                w.label(),
-            )
-        finally:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(1.0),
-                contextlib.suppress(Exception),
-            ):
-                await secure.close()
+                deadline = tail.deadline_s = LONG_LIVED  # a live connection: it may stay
+            tail.pending = []
+            hold = rng.choice((0.5, 2.0))
+            await tail.last("frames", variant, b"", deadline, hold_s=hold, end_write=False)
+
+
+async def close_secure(secure: Any) -> None:
+    """Close a secure session the attacker is done with (bounded)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await secure.close()
 
 
 YAMUX_HEADER = struct.Struct(">BBHII")  # version, type, flags, stream id, length
@@ -2276,7 +2324,8 @@ class Insider:
     async def serve(self, stream: INetStream) -> None:
         """Answer a daemon's pulls of our Delta, each answer hostile in one way."""
         reader = FrameReader(stream)
-        try:
+        label = f"insider serve {self.served + 1}"
+        async with self.attacker.episode(label, stream, SERVED, MESSAGE_S) as tail:
             for _ in range(16):  # a pull asks for a handful of chunks at most
                 with trio.move_on_after(IDLE_S):
                     doc = await reader.frame()
@@ -2290,22 +2339,14 @@ class Insider:
                 mutation, head, body, stall = hostile_answer(self.rng, self.mut, doc, template)
                 if stall and self.rng.random() >= INSIDER_STALL_SHARE:
                     mutation, body, stall = "short-body-close", body[: len(body) // 2], False
-                await write_all(stream, head + body)
                 self.served += 1
-                if stall:
-                    deadline = fstreams.deadline_s(max(1, len(body)))
-                else:
-                    await half_close(stream)
-                    deadline = MESSAGE_S
-                out = await until_end(stream, deadline)
-                self.attacker.record(
-                    SERVED, f"bulk:{what}", mutation, out, f"insider serve {self.served}", stall
-                )
+                # A stalled answer holds the daemon's pull until its deadline (the round's
+                # wait and the transfer's), not the short body's.
+                deadline = MEMBER_SHARD_S if stall else MESSAGE_S
+                # A stall here takes no stall slot: the daemon pulls, no worker waits.
+                await tail.last(f"bulk:{what}", mutation, head + body, deadline,
+                                waited=stall, end_write=not stall)  # fmt: skip
                 return
-        except Ended:
-            return
-        finally:
-            await abandon(stream)
 
     async def pong(self, stream: INetStream) -> None:
         """Answer membership pings honestly: a member that does not is disconnected."""
@@ -2351,6 +2392,7 @@ async def fuzz(
 
     async def worker(w: Worker) -> None:
         while not (stop.is_set() or attacker.budget.spent or until()):
+            await pace(attacker.stats)
             w.episode += 1
             w.forge.round, w.forge.codec, w.forge.numel = (
                 attacker.round,
@@ -2392,6 +2434,19 @@ async def fuzz(
                     w = Worker(k, rng, forge, Mutator(rng, forge), seed, session)
                     nursery.start_soon(worker, w)
             watcher.cancel_scope.cancel()
+
+
+async def pace(stats: Stats) -> None:
+    """Wait (bounded by the session's end) while the attacker's own loop runs late."""
+    lag = stats.lag
+    if lag is None:
+        return
+    while True:
+        now = trio.current_time()
+        if lag.worst_between(now - PACE_WINDOW_S, now) <= PACE_LAG_S:
+            return
+        stats.paced_s += PACE_POLL_S
+        await trio.sleep(PACE_POLL_S)  # a polling period while the loop catches up
 
 
 def new_identity(seed: int, session: int, n: int) -> Any:
@@ -2437,6 +2492,10 @@ class Verdict:
     honest_missing_rounds: list[int]
     identities: int
     insider_served: int = 0
+    attacker_lag_max_s: float = 0.0  # the attacker's own event loop, worst lateness
+    daemon_lag_max_s: list[float] = field(default_factory=list)  # each daemon's, worst
+    streams_peer_max: list[int] = field(default_factory=list)  # most streams one peer held
+    streams_top: list[dict[str, int]] = field(default_factory=list)  # those, by protocol
 
     @property
     def ok(self) -> bool:
@@ -2549,7 +2608,7 @@ async def _attack_insider(
         await pubsub.wait_until_ready()
         # The member's gets wait as a member's do: a round (exchange.round_timeout_s 20 s,
         # then the body), an agreement (merge.timeout_s 120 s).
-        waits = {PROTO_SHARD: 20.0 + fstreams.deadline_s(1 << 20), PROTO_MERGE: 120.0}
+        waits = {PROTO_SHARD: MEMBER_SHARD_S, PROTO_MERGE: 120.0}
         m = Attacker(member, mkey, targets, plan.run_id, stats, budget, member=True,
                      member_wait_s=waits, topics=topics)  # fmt: skip
         o = Attacker(outsider, okey, targets, plan.run_id, stats, budget, topics=topics)
@@ -2642,8 +2701,11 @@ async def run_session(
     t_fuzz0 = t_fuzz1 = 0.0
     served = 0
     t_start = trio.current_time()
+    lag = fmetrics.LoopLag(window_s=ATTACKER_LAG_KEEP_S)
+    stats.lag, stats.daemon_lag = lag, _daemon_lag(honest)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(lag.run)
             for h in honest:
                 boot = [honest[0].addrs[0]] if h.index else []
                 cfg = daemon_config(h, run_id=plan.run_id, nodes=nodes, rounds=plan.rounds,
@@ -2683,8 +2745,12 @@ async def run_session(
             if h.log_file is not None:
                 h.log_file.close()
     minutes = (trio.current_time() - t_start) / 60
-    return judge(plan, honest, problems, stats.total - inputs_before, t_fuzz1 - t_fuzz0,
-                 identities, minutes, served)  # fmt: skip
+    stats.lag = stats.daemon_lag = None
+    stats.attacker_lag_max_s = max(stats.attacker_lag_max_s, lag.max_s)
+    verdict = judge(plan, honest, problems, stats.total - inputs_before, t_fuzz1 - t_fuzz0,
+                    identities, minutes, served)  # fmt: skip
+    verdict.attacker_lag_max_s = lag.max_s
+    return verdict
 
 
 def judge(
@@ -2744,6 +2810,9 @@ def judge(
         honest_missing_rounds=missing,
         identities=len(identities),
         insider_served=served,
+        daemon_lag_max_s=[h.loop_lag_max_s for h in honest],
+        streams_peer_max=[h.streams_peer_max for h in honest],
+        streams_top=[h.streams_top for h in honest],
     )
 
 
@@ -2789,7 +2858,9 @@ async def campaign(
             f"session {index} {'ok' if verdict.ok else 'FAILED'}: {verdict.inputs:,} inputs "
             f"in {verdict.fuzz_seconds:.0f} s ({rate:.0f}/s), rounds during fuzzing "
             f"{verdict.rounds_during_fuzz}, peak RSS "
-            f"{', '.join(f'{m:.0f}' for m in verdict.vmhwm_mb)} MB; total {stats.total:,}"
+            f"{', '.join(f'{m:.0f}' for m in verdict.vmhwm_mb)} MB; loop lag attacker "
+            f"{verdict.attacker_lag_max_s:.1f} s, daemons "
+            f"{', '.join(f'{x:.1f}' for x in verdict.daemon_lag_max_s)} s; total {stats.total:,}"
         )
         for problem in verdict.problems:
             say(f"  problem: {problem}")
@@ -2843,6 +2914,10 @@ def summary(stats: Stats, verdicts: list[Verdict], wall_s: float) -> str:
         f"(per session {[v.rounds_during_fuzz for v in verdicts]}); rounds where an honest "
         f"peer's contribution was missing: {[v.honest_missing_rounds for v in verdicts]}",
         f"peak RSS (VmHWM): max {peak_rss:.0f} MB (bound {RSS_LIMIT_MB} MB)",
+        f"event-loop lag, worst: attacker {[round(v.attacker_lag_max_s, 1) for v in verdicts]} s, "
+        f"daemons {[[round(x, 1) for x in v.daemon_lag_max_s] for v in verdicts]} s; most "
+        f"streams one peer held open at a daemon {[v.streams_peer_max for v in verdicts]}; "
+        f"workers paced {stats.paced_s:,.0f} worker-s (attacker's loop over {PACE_LAG_S} s late)",
         f"log growth per daemon and session: lines {[v.log_lines for v in verdicts]}; most about "
         f"one attacker identity {per_peer} (bound {LOG_LINES_PER_PEER_FIXED} + "
         f"{LOG_LINES_PER_PEER_PER_MIN}/min); naming no peer "
@@ -2868,6 +2943,7 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
         "wall_s": wall_s,
         "fuzz_s": sum(v.fuzz_seconds for v in verdicts),
         "hangs": stats.hang_count,
+        "paced_s": stats.paced_s,
         "hang_examples": stats.hangs,
         "tried": {f"{p} {k}": n for (p, k), n in stats.tried.items()},
         "answers": {f"{p} {a}": n for (p, a), n in stats.answers.items()},
@@ -2898,6 +2974,10 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
                 "honest_missing_rounds": v.honest_missing_rounds,
                 "identities": v.identities,
                 "insider_served": v.insider_served,
+                "attacker_lag_max_s": v.attacker_lag_max_s,
+                "daemon_lag_max_s": v.daemon_lag_max_s,
+                "streams_peer_max": v.streams_peer_max,
+                "streams_top": v.streams_top,
             }
             for v in verdicts
         ],

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(fd.MODES), help="outsider,insider,ban")
     p.add_argument("--codecs", default=",".join(fd.CODECS), help="none,holo,topk")
     p.add_argument("--workers", type=int, default=fd.WORKERS, help="concurrent attacker tasks")
+    p.add_argument("--sessions", type=int, default=100, help="stop after this many sessions")
     a = p.parse_args(argv)
     modes = tuple(m for m in a.modes.split(",") if m)
     codecs = tuple(c for c in a.codecs.split(",") if c)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     stats, verdicts = trio.run(
         lambda: fd.campaign(
             a.inputs, a.seed, a.out, rounds=a.rounds, modes=modes, codecs=codecs,
-            workers=a.workers, say=lambda s: print(s, flush=True),
+            workers=a.workers, max_sessions=a.sessions, say=lambda s: print(s, flush=True),
         )
     )  # fmt: skip
     wall = time.monotonic() - t0

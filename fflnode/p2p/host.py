@@ -24,6 +24,9 @@ Owns every py-libp2p knob fflnode turns, in one place:
   tools/bench_bulk.py (256 MiB one way, 5 interleaved repeats, one run): the receiving
   end's CPU fell from 0.87 to 0.64 s, one stream went from 218 (191-312) to 317
   (205-412) MB/s.
+* What one peer or address may hold at once is bounded (fflnode.p2p.limits): inbound
+  streams in flight per peer and per protocol, handshakes in progress in all and per
+  IP; the excess is reset or closed at once and counted, never queued.
 * Every connection passes the access gate (fflnode.p2p.gate) at its security upgrade:
   a psk mismatch fails in milliseconds instead of a 10 s timeout, and only allowed,
   unbanned peers get a muxed connection. Pubsub messages whose origin or forwarder the
@@ -61,6 +64,8 @@ from libp2p.network.config import ConnectionConfig  # noqa: E402
 from libp2p.network.connection.raw_connection import RawConnection  # noqa: E402
 from libp2p.network.stream.exceptions import StreamError  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
+from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError  # noqa: E402
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
 from libp2p.pubsub.pb import rpc_pb2  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
@@ -72,6 +77,7 @@ from fflnode import __version__  # noqa: E402
 from fflnode.errors import bounded  # noqa: E402
 from fflnode.p2p import addrs  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
+from fflnode.p2p.limits import INBOUND_UPGRADE_TIMEOUT_S, NEGOTIATE_TIMEOUT_S, Limits  # noqa: E402
 from fflnode.p2p.reach import Advertiser  # noqa: E402
 
 # What identify tells other libp2p peers (js, go, py) this node is; the library would
@@ -102,6 +108,24 @@ def _maddr_or_none(raw: bytes) -> multiaddr.Multiaddr | None:
 _identify._mk_identify_protobuf = _identify_message
 _identify_push._mk_identify_protobuf = _identify_message  # imported by name there
 
+_library_multistream_read = MultiselectCommunicator.read
+
+
+async def _multistream_read(self: MultiselectCommunicator) -> str:
+    """py-libp2p 0.8.1 decodes each multistream line as UTF-8 and lets UnicodeDecodeError
+    escape: inbound, out of the stream's task into the connection's nursery, which takes
+    the whole swarm down (tools/fuzz_daemon.py --seed 13: one line of garbage on a new
+    stream, and the node exited 1); outbound, out of `new_stream` into the caller. Here
+    it is the library's own typed error, which both ends already handle (the stream is
+    reset, the negotiation fails)."""
+    try:
+        return await _library_multistream_read(self)
+    except UnicodeDecodeError as e:
+        raise MultiselectCommunicatorError(f"multistream line is not UTF-8: {e.reason}") from e
+
+
+MultiselectCommunicator.read = _multistream_read  # type: ignore[method-assign]
+
 # What py-libp2p's own pubsub stream handler catches (and handles) from its reader.
 LIBRARY_HANDLED_ERRORS = (StreamError, ParseError, IncompleteReadError)
 
@@ -114,6 +138,9 @@ _yamux.MAX_MESSAGE_SIZE = YAMUX_MAX_MESSAGE_SIZE
 # saved half as much CPU; 1 MiB no more than 256 KiB (tools/bench_bulk.py, same run).
 READ_AHEAD_BYTES = 256 << 10
 
+# Resetting a stream whose bytes broke the library sends one yamux frame: a peer that does
+# not read must not hold the stream's task longer than this.
+STREAM_RESET_TIMEOUT_S = 1.0
 # Closing the host tells peers we are gone; it takes ~0.1 s, never more than this.
 HOST_CLOSE_TIMEOUT_S = 2.0
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
@@ -146,13 +173,18 @@ def build_host(
     psk: str | None = None,
     gate: Gate | None = None,
     advertiser: Advertiser | None = None,
+    limits: Limits | None = None,
+    on_hostile: Callable[[str, str, str], None] | None = None,
 ) -> IHost:
     """A libp2p host offering only Noise and yamux, over TCP, behind an access gate.
 
     `psk`: the private-network key, 64 hex characters. `gate`: who may connect; the
     default admits everyone but still diagnoses a psk mismatch in milliseconds.
     `advertiser`: what the host announces in identify (and heartbeats read the same);
-    the default advertises concrete interface addresses, never a wildcard.
+    the default advertises concrete interface addresses, never a wildcard. `limits`:
+    inbound streams and handshakes one peer or address may hold (default: Limits()).
+    `on_hostile(peer, reason, detail)` hears of every inbound stream whose negotiation
+    or handler raised (the stream is reset; the swarm carries on).
     """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
     advertiser = advertiser or Advertiser([])
@@ -161,7 +193,14 @@ def build_host(
         sec_opt={NOISE_ID: noise},
         muxer_opt={_yamux.PROTOCOL_ID: _yamux.Yamux},
         psk=psk,
-        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
+        connection_config=ConnectionConfig(
+            min_connections=0,
+            low_watermark=0,
+            # Per-connection deadlines fflnode relies on, stated rather than inherited:
+            # an inbound handshake (Noise + yamux) and each stream's protocol negotiation.
+            inbound_upgrade_timeout=INBOUND_UPGRADE_TIMEOUT_S,
+            inbound_stream_protocol_negotiation_timeout=NEGOTIATE_TIMEOUT_S,
+        ),
         addrs_factory=advertiser,
     )
     advertiser.bind(host)
@@ -169,7 +208,36 @@ def build_host(
     gate = gate or Gate()
     gate.install(host, private=psk is not None)
     _GATES[host] = gate
+    _contain_inbound_streams(host, on_hostile or _ignore)
+    (limits or Limits()).install(host)  # outside the containment: refusals come first
     return host
+
+
+def _contain_inbound_streams(host: IHost, on_hostile: Callable[[str, str, str], None]) -> None:
+    """Whatever an inbound stream's negotiation or handler raises ends that stream only.
+
+    py-libp2p runs each inbound stream in a task of its connection's nursery: an
+    exception that escapes it (a library parser choking on a peer's bytes) takes the
+    connection, then the swarm and the node down. fflnode's own handlers contain their
+    errors; this is the backstop for the library's (identify, ping, negotiation): the
+    stream is reset, and the peer is charged with an offence."""
+    swarm = host.get_network()
+    handler = swarm.common_stream_handler  # type: ignore[attr-defined]
+
+    async def contained(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as e:  # the peer's bytes made the library raise
+            peer = str(stream.muxed_conn.peer_id)
+            on_hostile(peer, "stream", f"inbound stream the library chokes on: {_kind(e)}")
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(STREAM_RESET_TIMEOUT_S),
+                suppress(Exception),
+            ):
+                await stream.reset()
+
+    swarm.common_stream_handler = contained  # type: ignore[attr-defined]
 
 
 # Each host's access gate, for the pubsub built on that host (build_pubsub).
