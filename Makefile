@@ -30,8 +30,11 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(NATIVE_SRC)
 
 deps: native-deps $(STAMP)
 
+# Two workers: half the suite's wall time is waiting (start barriers, grace periods,
+# peers' processes), and every multi-process test must pass under load anyway. The
+# network-namespace tests share one bridge subnet, so they run on one worker.
 test: deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 testnet: deps
 	$(BIN)/fflnode testnet --nodes 4 --out $(TESTNET_OUT)

@@ -31,6 +31,10 @@ from fflnode_harness.netns import Bridge
 from fflnode_harness.testnet import merged_equals, reference_merge
 from tests.conftest import REPO, fflnode_cmd
 
+# One bridge subnet (198.51.100.0/24) and one stale-namespace sweep for all of these:
+# under pytest-xdist they run on one worker, one after another.
+pytestmark = pytest.mark.xdist_group("netns")
+
 AVAILABLE, WHY_NOT = netns.netns_available()
 if not AVAILABLE and os.environ.get("FFLNODE_REQUIRE_NETNS") == "1":
     raise RuntimeError(f"FFLNODE_REQUIRE_NETNS=1 but {WHY_NOT}")

@@ -20,6 +20,10 @@ import pytest
 from fflnode_harness import netns
 from fflnode_harness.netns import Bridge, NetnsError
 
+# One bridge subnet (198.51.100.0/24) and one stale-namespace sweep for all of these:
+# under pytest-xdist they run on one worker, one after another.
+pytestmark = pytest.mark.xdist_group("netns")
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 AVAILABLE, WHY_NOT = netns.netns_available()
