@@ -40,9 +40,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ from fflnode.errors import FflError, FormatError, WireError, short_peer
 from fflnode.p2p import bulk
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")  # a round contribution: a decoded Delta, or its encoded chunks
 
 SHARD_PROTOCOL = "/fflnode/shard/1.0.0"
 # Rounds kept in the outbox: a peer still counted on is at most one round behind (we
@@ -480,21 +482,9 @@ class Averaging(RoundExchange):
         if self.robust != "none":
             raise FflError(f"robust {self.robust!r} needs whole Deltas; only 'none' streams")
         pub = self.published[round]
-        contributions: dict[bytes, tuple[list[Encoded], int]] = {
-            self.me.to_bytes(): (pub.chunks, pub.start)
-        }
-
-        async def one(peer: ID) -> None:
-            got = await self.pull_encoded(peer, round, numel)
-            if got is not None:
-                contributions[peer.to_bytes()] = got
-
-        async with trio.open_nursery() as nursery:
-            for peer in self.peers:
-                if self.liveness.is_alive(peer):
-                    nursery.start_soon(one, peer)
-        majority = majority_start(s for _, s in contributions.values())
-        kept = {k: encs for k, (encs, s) in contributions.items() if s == majority}
+        contributions, kept = await self._pull_majority(
+            pub.chunks, pub.start, lambda peer: self.pull_encoded(peer, round, numel)
+        )
         order = sorted(kept)
         spans = self.spans(numel)
 
@@ -513,13 +503,26 @@ class Averaging(RoundExchange):
         round from the majority's state; ours is among them unless we are out of sync."""
         pub = self.published[round]
         assert pub.estimate is not None
-        contributions: dict[bytes, tuple[torch.Tensor, int]] = {
-            self.me.to_bytes(): (pub.estimate, pub.start)
-        }
         numel = pub.estimate.numel()
+        contributions, kept = await self._pull_majority(
+            pub.estimate, pub.start, lambda peer: self.pull_delta(peer, round, numel)
+        )
+        mean = await trio.to_thread.run_sync(self._mix, kept)
+        return mean, self._report(round, {k: s for k, (_, s) in contributions.items()}, kept)
+
+    async def _pull_majority(
+        self,
+        mine: _T,
+        start: int,
+        pull: Callable[[ID], Awaitable[tuple[_T, int] | None]],
+    ) -> tuple[dict[bytes, tuple[_T, int]], dict[bytes, _T]]:
+        """Every live peer's contribution to this round, pulled at once, beside ours
+        (`mine`, from start digest `start`): all of them with their start digests, and
+        those that started from the majority's state (the ones the mean is made of)."""
+        contributions: dict[bytes, tuple[_T, int]] = {self.me.to_bytes(): (mine, start)}
 
         async def one(peer: ID) -> None:
-            got = await self.pull_delta(peer, round, numel)
+            got = await pull(peer)
             if got is not None:
                 contributions[peer.to_bytes()] = got
 
@@ -528,9 +531,7 @@ class Averaging(RoundExchange):
                 if self.liveness.is_alive(peer):
                     nursery.start_soon(one, peer)
         majority = majority_start(s for _, s in contributions.values())
-        kept = {k: est for k, (est, s) in contributions.items() if s == majority}
-        mean = await trio.to_thread.run_sync(self._mix, kept)
-        return mean, self._report(round, {k: s for k, (_, s) in contributions.items()}, kept)
+        return contributions, {k: v for k, (v, s) in contributions.items() if s == majority}
 
     def _report(
         self, round: int, contributions: dict[bytes, int], kept: dict[bytes, object]
