@@ -11,7 +11,10 @@ consensus under churn"):
   partition) it would only train alone, and the rounds it ran ahead, announced once it
   is back, would make the majority jump forward and skip them. Back, it is behind: it
   jumps and resyncs as above. Cut off for longer than `quorum_wait_s`, it gives up
-  (QuorumLost: the run fails, a restart resumes from the checkpoint);
+  (QuorumLost: the run fails, a restart resumes from the checkpoint). A round in which
+  no peer's contribution arrived is evidence of a cut before liveness says so (its
+  deadlines adapt to load, so a pulled cable can take up to ~17 s to declare): the next
+  round waits for a quorum of members heard from since that round ended;
 * a node that started a round from a state other than the majority's does not apply
   its own mean but adopts a majority peer's state after the round, digest-verified;
 * after every `checkpoint_every` rounds the whole state goes to disk atomically, and a
@@ -122,6 +125,9 @@ class RoundRunner:
         self.quorum_wait_s = quorum_wait_s
         self.adversary = adversary  # fflnode_harness.adversary, resilience tests only
         self.next_round = 0
+        # set when a round received no peer's contribution: count only members heard
+        # from since then (trio time) towards the quorum of the next round
+        self._silent_since: float | None = None
         self.resumed_from: int | None = None
         self.jumps: list[tuple[int, int]] = []
         self._pending: checkpoint.Checkpoint | None = None
@@ -219,7 +225,10 @@ class RoundRunner:
                 r = self._caught_up(r)
                 if r >= self.rounds:
                     break
-                self.records.append(await self._round(r))
+                record = await self._round(r)
+                self.records.append(record)
+                if record.peers and not record.received:
+                    self._silent_since = trio.current_time()
                 due = (r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds
                 if due and self.streamed:
                     await trio.to_thread.run_sync(self._save_streamed, r)
@@ -233,14 +242,20 @@ class RoundRunner:
             nursery.cancel_scope.cancel()
 
     def reachable(self) -> int:
-        """The run's members this node sees alive, itself included."""
-        m = self.membership
-        return 1 + sum(1 for p in self.members if p != m.me and m.is_alive(p))
+        """The run's members this node sees alive, itself included (after a round that
+        received nothing, only those heard from since it ended)."""
+        m, since = self.membership, self._silent_since
+        return 1 + sum(
+            1
+            for p in self.members
+            if p != m.me and m.is_alive(p) and (since is None or m.heard_since(p, since))
+        )
 
     async def _await_quorum(self, r: int) -> None:
         """Return once a quorum of members is reachable; QuorumLost after quorum_wait_s."""
         seen = self.reachable()
         if seen >= self.quorum:
+            self._silent_since = None
             return
         log.warning(
             "round %d: %d of the run's %d members reachable, below the quorum %d: "
@@ -261,6 +276,7 @@ class RoundRunner:
                 "cut off from the run (check its network), or too many members are gone"
             )
         log.info("round %d: %d members reachable again", r, self.reachable())
+        self._silent_since = None
 
     def _caught_up(self, r: int) -> int:
         """The round to run now: r, or the round a majority of the run's other live

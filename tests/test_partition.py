@@ -3,6 +3,7 @@ majority of the run waits for it instead of training on alone."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -117,13 +118,18 @@ class Members:
 
     def __init__(self, me: str, alive: set[str]) -> None:
         self.me, self.alive = me, alive
+        self.heard: dict[str, float] = {}  # peer -> when it was last heard (trio time)
         self.changed = trio.Event()
 
     def is_alive(self, peer: str) -> bool:
         return peer in self.alive
 
+    def heard_since(self, peer: str, t: float) -> bool:
+        return self.heard.get(peer, -math.inf) >= t
+
     def back(self, peer: str) -> None:
         self.alive.add(peer)
+        self.heard[peer] = trio.current_time()
         self.changed.set()
 
     async def wait_until(self, predicate, timeout_s: float) -> bool:
@@ -174,3 +180,25 @@ async def test_a_node_cut_off_for_too_long_gives_up_on_the_run(autojump_clock):
     with pytest.raises(QuorumLost, match=r"round 5: only 1 of the run's 4 members reachable"):
         await runner(members, status)._await_quorum(5)
     assert trio.current_time() == pytest.approx(QUORUM_WAIT_S)
+
+
+async def test_after_a_round_that_received_nothing_only_members_heard_since_count(
+    autojump_clock,
+):
+    """A pulled cable shows first as a round in which no contribution arrived, while
+    liveness (its deadlines adapt to load) may still call every peer alive: the next
+    round waits for a quorum heard from since, and goes on once they speak again."""
+    members, status = Members("me", {"a", "b", "c"}), Status()
+    run = runner(members, status)
+    assert run.reachable() == 4
+    await trio.sleep(1.0)
+    run._silent_since = trio.current_time()  # what run() sets after such a round
+    assert run.reachable() == 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run._await_quorum, 5)
+        await trio.sleep(30.0)  # virtual time: still waiting, though all are "alive"
+        assert status.said == ["waiting for a quorum: 1/3 members reachable"]
+        members.back("a")
+        members.back("b")
+    assert run._silent_since is None and run.reachable() == 4  # the filter is lifted
+    assert trio.current_time() < 1.0 + QUORUM_WAIT_S

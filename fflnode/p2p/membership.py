@@ -87,12 +87,12 @@ MEMBER_TIMEOUT_S = OVERDUE_S + PING_TIMEOUT_S + HEARTBEAT_S
 # other every few seconds, and the start barrier, which needs all of them alive at
 # once, never formed. A frozen peer is still found within MAX_OVERDUE_S + the ping.
 JITTER_SIGMAS = 4.0
-MAX_OVERDUE_S = 20.0
+MAX_OVERDUE_S = 10.0
 GAP_EWMA_WEIGHT = 0.1  # of each new gap: the estimate follows load changes in ~10 beats
 # The ping deadline follows this node's measured round trips the same way: at least
 # PING_TIMEOUT_S, PING_RTT_FACTOR times the slowest recent answer, at most MAX_PING_S.
 PING_RTT_FACTOR = 3.0
-MAX_PING_S = 12.0
+MAX_PING_S = 8.0
 RTT_DECAY = 0.9  # per answered ping: the slowest recent answer fades in ~20 pings
 # A suspect is hung up on only if it stays silent this much longer. Being a suspect
 # already takes it out of `alive()` (no agreement, exchange or merge waits on it); the
@@ -237,6 +237,11 @@ class Membership:
     def ping_timeout_s(self) -> float:
         """The ping deadline: PING_RTT_FACTOR x the slowest recent answer, bounded."""
         return min(MAX_PING_S, max(PING_TIMEOUT_S, PING_RTT_FACTOR * self._slowest_rtt))
+
+    def heard_since(self, peer: ID, t: float) -> bool:
+        """Whether a heartbeat or a pong of `peer` arrived at or after trio time `t`."""
+        view = self.peers.get(peer)
+        return view is not None and view.last_seen >= t
 
     def member_timeout_s(self, view: PeerView) -> float:
         """Silence after which `view`'s peer is dead even unpinged: overdue, pinged, and
