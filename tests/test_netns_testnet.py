@@ -195,12 +195,22 @@ def test_a_node_whose_link_flaps_waits_catches_up_resyncs_and_merges(tmp_path: P
     nodes = report["nodes"]
     node = nodes[f"node{FLAPPED}"]
     assert node["flap"]["round_down"] >= FLAP_AT and "round_up" in node["flap"]
+    round_up = node["flap"]["round_up"]  # node 1's round when its link came back
     alone = [r["round"] for r in node["rounds"] if r["received"] == 0]
+    cut_off = [r for r in alone if r < round_up]
     adopted = [r["round"] for r in node["rounds"] if r["resynced_from"]]
-    assert len(alone) <= 1 and adopted and min(adopted) > max(alone, default=-1), node["rounds"]
+    # While cut off: the round in flight, and no other started.
+    assert len(cut_off) <= 1 and adopted and min(adopted) > max(cut_off, default=-1), node
+    # Back: it jumps forward to the majority's round. The others' rounds take ~0.3 s and
+    # heartbeats come each second, so it may land behind a fast majority and jump again;
+    # a round that got nothing after the link was back is one it ran behind them, and a
+    # jump follows it at once.
     jumps = node["catch_up_jumps"]
-    back_at = min(adopted)  # caught up to the majority's round, or was at most one behind
-    assert [back_at] == [to for _, to in jumps] or back_at <= max(alone, default=FLAP_AT) + 2
+    assert all(to > frm for frm, to in jumps), jumps
+    assert jumps or min(adopted) <= round_up + 2, node
+    for r in alone:
+        if r >= round_up:
+            assert any(frm == r + 1 for frm, _ in jumps), (r, jumps)
     assert node["rounds"][-1]["received"] == NODES - 1  # in step to the end
     for i in range(NODES):
         if i != FLAPPED:  # the majority trained every round, none skipped
