@@ -312,6 +312,43 @@ class RoundExchange:
     async def pull_delta(self, peer: ID, round: int, numel: int) -> tuple[torch.Tensor, int] | None:
         """A peer's decoded round-`round` Delta and the start digest it came with."""
         out = torch.empty(numel, dtype=torch.float32)
+
+        def keep(req: bulk.Request, enc: Encoded, decoded: torch.Tensor) -> None:
+            out[req.lo : req.hi] = decoded
+
+        start = await self._pull_round(peer, round, numel, keep)
+        return None if start is None else (out, start)
+
+    async def pull_encoded(
+        self, peer: ID, round: int, numel: int
+    ) -> tuple[list[Encoded], int] | None:
+        """A peer's round-`round` Delta as its encoded chunks (kept, not decoded: what a
+        node that streams its rounds holds, b/32 of |θ| per peer at b bits) and its start
+        digest. Every chunk is validated and decoded once on arrival, as pull_delta does,
+        so a chunk that would decode to a bad estimate is refused here, not mid-mean."""
+        chunks: list[Encoded | None] = [None] * len(self.spans(numel))
+
+        def keep(req: bulk.Request, enc: Encoded, decoded: torch.Tensor) -> None:
+            chunks[req.index] = enc
+
+        start = await self._pull_round(peer, round, numel, keep)
+        if start is None:
+            return None
+        if any(c is None for c in chunks):
+            self.traffic.reject("schema", str(peer), "a Delta with chunks missing")
+            return None
+        return [c for c in chunks if c is not None], start
+
+    async def _pull_round(
+        self,
+        peer: ID,
+        round: int,
+        numel: int,
+        keep: Callable[[bulk.Request, Encoded, torch.Tensor], None],
+    ) -> int | None:
+        """Pull `peer`'s round-`round` Delta chunk by chunk, each validated and decoded
+        once on arrival and handed to `keep(request, encoded, decoded)`; the one start
+        digest its chunks carry, or None (nothing pulled, or chunks that disagree)."""
         starts: set[int] = set()
 
         async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
@@ -322,7 +359,7 @@ class RoundExchange:
             starts.add(start)
             enc = Encoded(header.codec, dict(arrays), meta)
             ctx = self.ctx(round, req.index, req.lo, req.hi)
-            out[req.lo : req.hi] = await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
+            keep(req, enc, await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer)))
 
         requests = [
             bulk.Request(round, "delta", i, lo, hi, self.codec.name)
@@ -334,41 +371,7 @@ class RoundExchange:
             detail = f"a Delta whose chunks carry {len(starts)} start digests"
             self.traffic.reject("schema", str(peer), detail)
             return None
-        return out, starts.pop()
-
-    async def pull_encoded(
-        self, peer: ID, round: int, numel: int
-    ) -> tuple[list[Encoded], int] | None:
-        """A peer's round-`round` Delta as its encoded chunks (kept, not decoded: what a
-        node that streams its rounds holds, b/32 of |θ| per peer at b bits) and its start
-        digest. Every chunk is validated and decoded once on arrival, as pull_delta does,
-        so a chunk that would decode to a bad estimate is refused here, not mid-mean."""
-        spans = self.spans(numel)
-        chunks: list[Encoded | None] = [None] * len(spans)
-        starts: set[int] = set()
-
-        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            meta = dict(header.meta)
-            start = meta.pop(START_KEY, None)
-            if not isinstance(start, int):
-                raise WireError(str(peer), "schema", "delta without its start digest")
-            starts.add(start)
-            enc = Encoded(header.codec, dict(arrays), meta)
-            ctx = self.ctx(round, req.index, req.lo, req.hi)
-            await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
-            chunks[req.index] = enc
-
-        requests = [
-            bulk.Request(round, "delta", i, lo, hi, self.codec.name)
-            for i, (lo, hi) in enumerate(spans)
-        ]
-        if not await self.pull(peer, requests, on_piece, numel):
-            return None
-        if len(starts) != 1 or any(c is None for c in chunks):
-            detail = f"a Delta whose chunks carry {len(starts)} start digests"
-            self.traffic.reject("schema", str(peer), detail)
-            return None
-        return [c for c in chunks if c is not None], starts.pop()
+        return starts.pop()
 
     def _decode(self, enc: Encoded, ctx: ChunkContext, peer: str) -> torch.Tensor:
         try:
