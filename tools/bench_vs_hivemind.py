@@ -291,6 +291,7 @@ async def _fflnode_peer(a: argparse.Namespace) -> None:
                         seed=RUN_SEED,
                         exclude_outliers=cfg.exclude_outliers,
                         fastpath=fast,
+                        preopen=True,
                         on_phase=on_phase,
                         attempt=attempt,
                     )

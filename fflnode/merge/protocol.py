@@ -225,9 +225,15 @@ class MergeSession:
         attempt: int = 0,
         on_phase: Callable[[str], None] | None = None,
         fastpath: fastpath.FastPath | None = None,
+        preopen: bool = False,
     ) -> None:
         """`fastpath`: the node's FastPath, whose handler hands inbound channels to
-        `handle_channel`; None moves everything over libp2p streams (MERGE_PROTOCOL)."""
+        `handle_channel`; None moves everything over libp2p streams (MERGE_PROTOCOL).
+        `preopen`: open fast channels to members ahead of need (`_preopen`). Off in the
+        daemon: a channel a peer accepted before it moved to the next attempt stays with
+        its old session, and after a member was killed post-agreement the survivors'
+        attempt 1 waited on such channels until merge.timeout_s (2 of ~7 churn runs under
+        load). The merge benchmark, with no churn, turns it on."""
         self.host = host
         self.membership = membership
         self.run_id = run_id
@@ -239,6 +245,7 @@ class MergeSession:
         self.window = window
         self.piece_elems = piece_elems
         self.fastpath = fastpath
+        self.preopen = preopen
         # (peer, purpose) -> a channel opened ahead (`_preopen`), and when
         self._spares: dict[tuple[ID, str], tuple[fastpath.Channel, float]] = {}
         self.transfer_elems = self.piece_elems_for(len(run_members))  # set again on agreeing
@@ -373,7 +380,7 @@ class MergeSession:
         self.premerge_ready.set()
         try:
             async with trio.open_nursery() as opener:
-                if self.fastpath is not None:
+                if self.fastpath is not None and self.preopen:
                     opener.start_soon(self._preopen)
                 self.fingerprint = await self._fingerprint()
                 with trio.move_on_after(self.timeout_s) as deadline:
