@@ -30,11 +30,12 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(NATIVE_SRC)
 
 deps: native-deps $(STAMP)
 
-# Two workers: half the suite's wall time is waiting (start barriers, grace periods,
-# peers' processes), and every multi-process test must pass under load anyway. The
-# network-namespace tests share one bridge subnet, so they run on one worker.
+# One process. `-n 2 --dist loadgroup` (pytest-xdist, installed; the netns tests are
+# grouped for it) ran the suite in 603 s instead of ~900, but one of three such runs
+# lost a worker to a native abort (SIGABRT in a thread with no Python frame, during
+# tests/test_config.py) that is not diagnosed yet: not the default until it is.
 test: deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 testnet: deps
 	$(BIN)/fflnode testnet --nodes 4 --out $(TESTNET_OUT)
