@@ -433,13 +433,20 @@ class OutOfCoreTrainer(RoundState):
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _bind(self, k: int, slot: int) -> None:
-        """Point stage k's parameters into arena `slot`."""
+    def _stage_spans(self, k: int) -> Iterator[tuple[nn.Parameter, int, int, int]]:
+        """Stage k's parameters, each with where it lies in an arena slot (`pos`, in
+        parameter order), in canonical flat order from the stage's start (`off`), and
+        its size `n`."""
         pos = 0
         for p in self.stage_params[k]:
             n = _numel(self.shapes[id(p)])
-            p.data = self.arenas[slot]["w"][pos : pos + n].view(self.shapes[id(p)])
+            yield p, pos, self.flat_offset[id(p)] - self.stage_lo[k], n
             pos += n
+
+    def _bind(self, k: int, slot: int) -> None:
+        """Point stage k's parameters into arena `slot`."""
+        for p, pos, _, n in self._stage_spans(k):
+            p.data = self.arenas[slot]["w"][pos : pos + n].view(self.shapes[id(p)])
 
     def _unbind(self, k: int) -> None:
         for p in self.stage_params[k]:
@@ -785,23 +792,15 @@ class OutOfCoreTrainer(RoundState):
         """Stage k's weights in canonical (flat) order, in arena 1 (arena 0 reads)."""
         self._blockio.run(self._read_stage, k, 0, ("w",))
         src, dst = self.arenas[0]["w"], self.arenas[1]["w"]
-        pos = 0
-        for p in self.stage_params[k]:
-            n = _numel(self.shapes[id(p)])
-            off = self.flat_offset[id(p)] - self.stage_lo[k]
+        for _, pos, off, n in self._stage_spans(k):
             dst[off : off + n].copy_(src[pos : pos + n])
-            pos += n
         return dst[: self.stage_numel[k]]
 
     def _write_stage_flat(self, k: int) -> None:
         """Write stage k's weights from arena 1, in canonical order (as _stage_flat left them)."""
         src, dst = self.arenas[1]["w"], self.arenas[0]["w"]
-        pos = 0
-        for p in self.stage_params[k]:
-            n = _numel(self.shapes[id(p)])
-            off = self.flat_offset[id(p)] - self.stage_lo[k]
+        for _, pos, off, n in self._stage_spans(k):
             dst[pos : pos + n].copy_(src[off : off + n])
-            pos += n
         self._sync()  # the copies above have landed before the I/O thread reads arena 0
         self._blockio.run(self._write_stage, k, 0, ("w",))
 
