@@ -120,8 +120,15 @@ def test_a_run_secret_file_must_hold_64_hex_characters() -> None:
 # ------------------------------------------------------------------- real-host helpers
 async def start_host(stack: AsyncExitStack, traffic: Traffic, gate: Gate | None = None):
     host = build_host(create_new_key_pair(), gate=gate)
+    # All on 127.0.0.1: the one-IP settings a testnet uses. The production colocation
+    # threshold (3 per IP) scores a fourth local peer out of the mesh, and its heartbeats
+    # never reach us (pubsub does not replay its cache to late subscribers).
     pubsub, router = build_pubsub(
-        host, 3, lambda peer, reason, detail: traffic.reject(reason, peer, detail)
+        host,
+        3,
+        lambda peer, reason, detail: traffic.reject(reason, peer, detail),
+        mesh_diversity_ips=1,
+        ip_colocation_threshold=64,
     )
     await stack.enter_async_context(running_host(host, LISTEN))
     await stack.enter_async_context(background_trio_service(pubsub))
@@ -273,17 +280,35 @@ async def test_peers_with_another_descriptor_or_no_secret_are_never_admitted(cap
         us, m_us = nodes["us"]
         for name in cases:
             await connect(nodes[name][0], us)
-        refused = {"layout": "layout", "no-secret": "secret", "wrong-secret": "secret"}
+
+        def refusals(name: str) -> dict[str, str]:
+            return {str(k): r.field for k, r in nodes[name][1].refused.items()}
+
+        def peer(name: str) -> str:
+            return str(nodes[name][0].get_id())
+
+        # Refusal is mutual where both hold a secret or a layout: a peer that refuses our
+        # heartbeats scores us out of its mesh (each rejection costs us 10 points) and may
+        # stop publishing to us before its first heartbeat reached us. We keep publishing
+        # to it, so its refusal of us is certain; ours of it is certain only for the peer
+        # without a secret, which accepts our heartbeats.
         await until(
             lambda: (
-                {str(k): r.field for k, r in m_us.refused.items()}
-                == {str(nodes[n][0].get_id()): f for n, f in refused.items()}
+                refusals("us").get(peer("no-secret")) == "secret"
+                and refusals("layout").get(peer("us")) == "layout"
+                and refusals("wrong-secret").get(peer("us")) == "secret"
                 and len(m_us.alive()) == 1
             )
         )
         await trio.sleep(3 * 1.0)  # three more heartbeats each: still nobody else admitted
         assert m_us.alive() == [nodes["member"][0].get_id()]
+        expected = {peer("layout"): "layout", peer("no-secret"): "secret"}
+        expected[peer("wrong-secret")] = "secret"
+        assert refusals("us").items() <= expected.items()  # all we heard, for its reason
         lines = [r.getMessage() for r in caplog.records if r.name == "fflnode.test.us"]
-        assert any("model parameter layout" in line for line in lines)
-        assert any("run secret" in line for line in lines)
-        assert len(lines) == 3  # one line per refused peer, however many heartbeats
+        assert any("does not prove it holds the run secret" in line for line in lines)
+        # one line per refused peer, however many heartbeats
+        assert len(lines) == len(refusals("us"))
+        for name, why in (("layout", "model parameter layout"), ("wrong-secret", "is wrong")):
+            theirs = [r.getMessage() for r in caplog.records if r.name == f"fflnode.test.{name}"]
+            assert any(peer("us")[-6:] in line and why in line for line in theirs), theirs
