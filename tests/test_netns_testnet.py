@@ -202,15 +202,18 @@ def test_a_node_whose_link_flaps_waits_catches_up_resyncs_and_merges(tmp_path: P
     # While cut off: the round in flight, and no other started.
     assert len(cut_off) <= 1 and adopted and min(adopted) > max(cut_off, default=-1), node
     # Back: it jumps forward to the majority's round. The others' rounds take ~0.3 s and
-    # heartbeats come each second, so it may land behind a fast majority and jump again;
-    # a round that got nothing after the link was back is one it ran behind them, and a
-    # jump follows it at once.
+    # heartbeats come each second, so it may land behind a fast majority and jump again.
+    # A round that got nothing after the link was back is one it ran behind them: the
+    # next one either jumps to theirs (BEHIND_BY or more ahead) or, one behind, is in
+    # step with them (peers wait up to one round for a member; under load, the usual).
     jumps = node["catch_up_jumps"]
     assert all(to > frm for frm, to in jumps), jumps
     assert jumps or min(adopted) <= round_up + 2, node
+    ran = {x["round"]: x for x in node["rounds"]}
     for r in alone:
         if r >= round_up:
-            assert any(frm == r + 1 for frm, _ in jumps), (r, jumps)
+            jumped = any(frm == r + 1 for frm, _ in jumps)
+            assert jumped or ran[r + 1]["received"] > 0, (r, jumps, node["rounds"])
     assert node["rounds"][-1]["received"] == NODES - 1  # in step to the end
     for i in range(NODES):
         if i != FLAPPED:  # the majority trained every round, none skipped
