@@ -251,6 +251,7 @@ class Node:
                         listen_host=fast_path_host(listen),
                         port=cfg.node.fast_path_port,
                         on_reject=lambda peer, reason: self.traffic.reject(reason, peer),
+                        peer_log=self.traffic.peer_log,
                     )
                     await nursery.start(self.fast.serve)
                 if cfg.node.metrics:

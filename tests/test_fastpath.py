@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import random
 import ssl
@@ -28,6 +29,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from fflnode.errors import short_peer
 from fflnode.p2p import fastpath, libp2p_tls
 from fflnode.p2p.fastpath import (
     ACCEPT,
@@ -81,9 +83,7 @@ async def read_exactly(channel: Channel, n: int) -> bytes:
 
 
 @asynccontextmanager
-async def nodes(
-    *cert_keys: KeyPair | None, serve: bool = True
-) -> AsyncIterator[list[Node]]:
+async def nodes(*cert_keys: KeyPair | None, serve: bool = True) -> AsyncIterator[list[Node]]:
     """One node per argument; None: an honest node, a KeyPair: a node whose fast-path
     certificate is made from that key pair instead of its host's (a lying peer)."""
     async with AsyncExitStack() as stack:
@@ -243,6 +243,37 @@ async def test_wrong_token_is_refused() -> None:
             assert await connect_with(client, server, offer, wrong) == b""
     assert server.fast.stats.refused == {"token": 1}
     assert server.fast.stats.accepted == 0 and server.received == []
+
+
+async def test_a_flood_of_bad_requests_and_tokens_writes_a_line_per_sender(caplog) -> None:
+    """Every refusal is counted, but the log gets one line per sender and window: the
+    fuzzer (tools/fuzz_daemon.py) saw 46 lines about one attacker in 6 s when each
+    refusal was logged."""
+    caplog.set_level(logging.DEBUG, logger="fflnode.p2p.fastpath")
+    flood = 40
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with nodes(None, None) as (client, server):
+            for i in range(flood):  # malformed offer requests, from an authenticated peer
+                stream = await client.host.new_stream(server.id, [OFFER_PROTOCOL])
+                await stream.write(b"XXXX" + bytes([i]))
+                await stream.close()
+                with suppress(Exception), trio.move_on_after(2):  # reset or EOF: refused
+                    while await stream.read(1024):
+                        pass
+            offer, _ = await client.fast._ask(server.id)
+            wrong = bytes(b ^ 0xFF for b in offer.token)
+            for _ in range(flood):  # wrong tokens over real TLS, from one address
+                assert await connect_with(client, server, offer, wrong) == b""
+    assert server.fast.stats.refused == {"schema": flood, "token": flood}
+    assert len(server.rejects) == flood  # each bad request an offence against its peer
+    ours = [r for r in caplog.records if r.name == "fflnode.p2p.fastpath"]
+    lines = [r.getMessage() for r in ours if r.levelno >= logging.INFO]
+    lines = [x for x in lines if "listening on" not in x]
+    about_peer = [x for x in lines if x.startswith(short_peer(str(client.id)))]
+    about_address = [x for x in lines if x.startswith("127.0.0.1:")]
+    assert len(about_peer) == 1 and "fast-path magic" in about_peer[0], lines
+    assert len(about_address) == 1 and "token" in about_address[0], lines
+    assert len(lines) == 2, lines
 
 
 async def test_replayed_token_is_refused() -> None:

@@ -30,7 +30,8 @@ Promises:
   it (`stats.refused`, `on_reject`) and never issues it a token.
 * Every byte from a peer is hostile: offers and requests are size-capped before parsing,
   every read has a deadline, the listener bounds concurrent handshakes, and no exception
-  from peer input leaves a handler (each is logged and counted).
+  from peer input leaves a handler (each is counted, and logged through a PeerLog: one
+  line per peer, or per source IP before TLS has named a peer, per window).
 Must never: give a channel to a peer other than the one that was offered it; reuse a
 token; fall back silently after a peer proved dishonest.
 Control traffic stays on standard libp2p; only bulk bytes take this path.
@@ -55,6 +56,7 @@ from libp2p.peer.id import ID
 
 from fflnode.errors import FflError, short_peer
 from fflnode.p2p import libp2p_tls, streams
+from fflnode.p2p.peerlog import PeerLog
 from fflnode.p2p.tlsstream import TlsStream
 
 log = logging.getLogger(__name__)
@@ -364,7 +366,9 @@ class FastPath:
     the TLS listener binds, e.g. "0.0.0.0"; clients connect to the IP their libp2p
     connection to us uses, so bind where peers reach the libp2p host. `port` 0 lets the
     kernel choose. `on_reject(peer, reason)`: told of every refused peer (the gate's
-    offence counter, as Traffic.on_reject).
+    offence counter, as Traffic.on_reject). `peer_log`: where lines about what a peer
+    or an address did wrong go, rate-limited per key (the node's, shared with its other
+    protocols; default: one of its own on this module's logger).
     """
 
     def __init__(
@@ -377,6 +381,7 @@ class FastPath:
         port: int = 0,
         protocol: str = FALLBACK_PROTOCOL,
         on_reject: OnReject | None = None,
+        peer_log: PeerLog | None = None,
     ) -> None:
         self.host = host
         self.key_pair = key_pair
@@ -385,6 +390,7 @@ class FastPath:
         self.port = port
         self.protocol = protocol
         self.on_reject = on_reject
+        self.peer_log = peer_log or PeerLog(log)
         self.stats = Stats()
         self.identity: libp2p_tls.TlsIdentity | None = None
         self._chain: Path | None = None
@@ -444,12 +450,8 @@ class FastPath:
                 self._failed_until[peer_id] = trio.current_time() + RETRY_FAST_AFTER_S
             if not fallback:
                 raise FastPathError(peer, e.reason, e.detail) from None
-            log.info(
-                "fast path to %s unavailable (%s: %s); using a libp2p stream",
-                short_peer(peer),
-                e.reason,
-                e.detail,
-            )
+            text = f"fast path unavailable ({e.reason}: {e.detail}); using a libp2p stream"
+            self._log(peer, "fallback", text, logging.INFO)
             stream = await self.host.new_stream(peer_id, [self.protocol])
             return Libp2pChannel(stream, peer_id)
         except FastPathError as e:
@@ -566,7 +568,7 @@ class FastPath:
             await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
         if liar is not None:
             self._reject(liar)
-            log.warning("refused a fast-path request: %s", liar)
+            self._log(peer, liar.reason, f"refused a fast-path request: {liar}")
 
     def _offer_for(self, peer_id: ID, cert: bytes) -> bytes:
         """An encoded offer (and its pending token) for `peer_id`, or a refusal."""
@@ -598,7 +600,7 @@ class FastPath:
                 try:
                     tcp = await listener.accept()
                 except OSError as e:  # EMFILE and friends: back off, keep serving
-                    log.warning("fast-path listener: accept failed: %s", e)
+                    self._log("listener", "accept", f"fast-path listener: accept failed: {e}")
                     await trio.sleep(0.1)
                     continue
                 try:
@@ -624,16 +626,16 @@ class FastPath:
             await self.handler(channel.peer_id, channel)
         except FastPathError as e:
             self._reject(e)
-            log.warning("refused a fast-path connection from %s: %s", address, e)
+            self._log(e.peer, e.reason, f"refused a fast-path connection from {address}: {e}")
         except FflError as e:  # the handler's verdict on what the peer sent (WireError...)
-            peer = short_peer(str(channel.peer_id)) if channel else address
-            log.warning("fast-path channel from %s: %s", peer, e)
+            who = str(channel.peer_id) if channel else _ip(address)
+            self._log(who, "channel", f"fast-path channel from {address}: {e}")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             peer = short_peer(str(channel.peer_id)) if channel else address
             log.debug("fast-path channel from %s ended: %s", peer, e)
         except trio.TooSlowError:
-            peer = short_peer(str(channel.peer_id)) if channel else address
-            log.warning("fast-path channel from %s timed out", peer)
+            who = str(channel.peer_id) if channel else _ip(address)
+            self._log(who, "timeout", f"fast-path channel from {address} timed out")
         finally:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
@@ -659,12 +661,14 @@ class FastPath:
             return None
         except (ssl.SSLError, trio.BrokenResourceError) as e:
             self.stats.count(self.stats.refused, "tls")
-            log.info("fast-path connection from %s failed TLS: %s", address, e)
+            text = f"fast-path connection from {address} failed TLS: {e}"
+            self._log(_ip(address), "tls", text, logging.INFO)
             return None
         match = self._take(cert, token)
         if match is None:
             self.stats.count(self.stats.refused, "token")
-            log.warning("fast-path connection from %s: unknown, expired or reused token", address)
+            text = f"fast-path connection from {address}: unknown, expired or reused token"
+            self._log(_ip(address), "token", text)
             return None
         _check_session(channel, match.cert, str(match.peer))
         channel.peer_id = match.peer
@@ -689,18 +693,23 @@ class FastPath:
             await self.handler(peer_id, channel)
         except FastPathError as e:
             self._reject(e)
-            log.warning("fallback channel from %s: %s", short_peer(str(peer_id)), e)
+            self._log(str(peer_id), e.reason, f"fallback channel: {e}")
         except FflError as e:  # the handler's verdict on what the peer sent (WireError...)
-            log.warning("fallback channel from %s: %s", short_peer(str(peer_id)), e)
+            self._log(str(peer_id), "channel", f"fallback channel: {e}")
         except (trio.BrokenResourceError, trio.ClosedResourceError, *streams.STREAM_ERRORS) as e:
             log.debug("fallback channel from %s ended: %s", short_peer(str(peer_id)), e)
         except trio.TooSlowError:
-            log.warning("fallback channel from %s timed out", short_peer(str(peer_id)))
+            self._log(str(peer_id), "timeout", "fallback channel timed out")
         else:
             await channel.aclose()
             return
         channel._broken = True
         await channel.aclose()
+
+    def _log(self, who: str, kind: str, text: str, level: int = logging.WARNING) -> None:
+        """A line about what `who` (a peer ID, or a source IP before TLS named a peer)
+        did: the first is written, the rest held back and counted for a window."""
+        self.peer_log.log(who, f"fastpath-{kind}", text, level)
 
     def _reject(self, e: FastPathError) -> None:
         self.stats.count(self.stats.refused, e.reason)
@@ -731,6 +740,12 @@ def _remote_ip(stream: INetStream) -> str | None:
     except Exception:  # transports raise assorted types for a socket already gone
         return None
     return str(remote[0]) if remote else None
+
+
+def _ip(address: str) -> str:
+    """The source IP of a "host:port" from _address: what an unauthenticated connection's
+    lines are counted against (its port changes with every connection)."""
+    return address.rsplit(":", 1)[0]
 
 
 def _address(tcp: trio.SocketStream) -> str:
