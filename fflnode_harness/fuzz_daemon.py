@@ -59,6 +59,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -82,6 +83,8 @@ from libp2p.pubsub.pb import rpc_pb2
 
 from fflnode import metrics as fmetrics
 from fflnode.p2p import bulk as fbulk
+from fflnode.p2p import fastpath as ffast
+from fflnode.p2p import libp2p_tls as ftls
 from fflnode.p2p import streams as fstreams
 from fflnode.p2p.gate import refusal
 from fflnode.p2p.host import build_host, running_host
@@ -154,6 +157,12 @@ PROTO_FPING = "/fflnode/ping/1.0.0"
 PROTO_ID = "/ipfs/id/1.0.0"
 PROTO_IDPUSH = "/ipfs/id/push/1.0.0"
 PROTO_LPING = "/ipfs/ping/1.0.0"
+PROTO_FASTOFFER = ffast.OFFER_PROTOCOL
+PROTO_FASTFALLBACK = ffast.FALLBACK_PROTOCOL
+FASTTLS = "fastpath-tls"  # the fast path's TCP port: the stats' name for it
+# The offer stream's and the TLS port's deadlines (fflnode.p2p.fastpath).
+FASTOFFER_S = ffast.OFFER_TIMEOUT_S
+FASTTLS_S = ffast.HANDSHAKE_TIMEOUT_S
 PROTO_MESH11 = "/meshsub/1.1.0"
 PROTO_MESH10 = "/meshsub/1.0.0"
 MULTISTREAM = b"/multistream/1.0.0\n"
@@ -175,6 +184,11 @@ FAMILY_WEIGHTS = {
     "multistream": 7,
     "tcp": 5,
     "secure": 4,
+    # The bulk fast path `fflnode run` serves by default: its offer protocol, its TLS
+    # port (each input there costs a TLS handshake) and its libp2p fallback.
+    "fastoffer": 4,
+    "fasttls": 4,
+    "fastfallback": 3,
 }
 # RPCs one pubsub stream carries before the episode ends it with garbage. GossipSub
 # scores each invalid message -10 and drops a publisher's messages below -50 before
@@ -239,6 +253,9 @@ class Stats:
     # the first traceback of each kind is kept for the report.
     attacker_errors: Counter = field(default_factory=Counter)
     attacker_tracebacks: dict[str, str] = field(default_factory=dict)
+    # A security promise broken (a channel for a stranger, a wrong or a reused token):
+    # each fails the run, like a hang.
+    violations: list[str] = field(default_factory=list)
     # The attacker's own event-loop lag (the session's meter), and the daemons' as read
     # from their /metrics: a slow answer is only the daemon's if the attacker was on time.
     lag: fmetrics.LoopLag | None = None
@@ -1329,6 +1346,11 @@ class Attacker:
         self.round = 0  # the daemons' round, fed by the session
         self.codec = "none"
         self.numel = 1024
+        # The fast path: our libp2p-TLS identity, a stranger's (a certificate no offer
+        # named), and per daemon the client contexts pinning its certificate.
+        self.tls: ftls.TlsIdentity | None = None
+        self.stranger: ftls.TlsIdentity | None = None
+        self.tls_contexts: dict[tuple[str, bytes], ssl.SSLContext] = {}
 
     # -- bookkeeping --
     def take(self) -> None:
@@ -1436,16 +1458,21 @@ class Attacker:
     def get_wait_s(self, protocol: str) -> float:
         return self.member_wait_s.get(protocol, 0.0) if self.member else 0.0
 
-    async def ep_serve(self, w: Worker, t: Target, protocol: str) -> None:
+    async def ep_serve(self, w: Worker, t: Target, protocol: str, served: str = "") -> None:
         """Valid requests and ack floods first (they keep the stream), then one hostile
-        message that ends it (or stalls it open)."""
-        rng, forge = w.rng, w.forge
+        message that ends it (or stalls it open). `served`: the bulk protocol behind
+        `protocol` when they differ (the fast path's fallback serves merge requests)."""
         stream = await self.opened(w, t, protocol, "open")
         if stream is None:
             return
+        await self.serve_inputs(w, stream, protocol, served or protocol)
+
+    async def serve_inputs(self, w: Worker, stream: Any, protocol: str, served: str) -> None:
+        """ep_serve's inputs on an open stream (libp2p, or a fast-path TLS channel)."""
+        rng, forge = w.rng, w.forge
         async with self.episode(w, stream, protocol, MESSAGE_S) as tail:
             reader = FrameReader(stream)
-            wait = self.get_wait_s(protocol)
+            wait = self.get_wait_s(served)
             for _ in range(rng.choice((0, 1, 2, 4, 8))):
                 # An ack flood and a get that proves the handler read it, or gets alone,
                 # pipelined (the handler reads several per stream); taken from the budget
@@ -1457,7 +1484,7 @@ class Attacker:
                 acks = granted - gets
                 tail.pending = [("ack", "ack-flood")] * acks + [("get", "valid")] * gets
                 data = b"".join(frame(pack(forge.ack(ok=rng.random() < 0.15))) for _ in range(acks))
-                data += b"".join(frame(pack(forge.get(protocol))) for _ in range(gets))
+                data += b"".join(frame(pack(forge.get(served))) for _ in range(gets))
                 await write_all(stream, data)
                 t1 = trio.current_time()
                 with trio.fail_after(MESSAGE_S + gets * wait + SLACK_S):
@@ -1470,7 +1497,7 @@ class Attacker:
                     tail.record(kind, how, Outcome(answer, dt, MESSAGE_S + gets * wait), wait > 0)
             x = rng.random()
             kind, doc = (
-                ("get", forge.get(protocol))
+                ("get", forge.get(served))
                 if x < 0.6
                 else (("ack", forge.ack()) if x < 0.8 else ("other", forge.other_kind()))
             )
@@ -1884,6 +1911,205 @@ class Attacker:
             hold = rng.choice((0.5, 2.0))
             await tail.last("frames", variant, b"", deadline, hold_s=hold, end_write=False)
 
+    # -- the fast path (fflnode.p2p.fastpath) --
+    async def identities(self) -> tuple[ftls.TlsIdentity, ftls.TlsIdentity]:
+        if self.tls is None or self.stranger is None:
+            stranger_keys = create_new_key_pair(os.urandom(32))
+            self.tls = await trio.to_thread.run_sync(ftls.TlsIdentity.generate, self.key_pair)
+            self.stranger = await trio.to_thread.run_sync(ftls.TlsIdentity.generate, stranger_keys)
+        return self.tls, self.stranger
+
+    def tls_context(self, who: ftls.TlsIdentity, server_cert: bytes) -> ssl.SSLContext:
+        """A client context presenting `who`'s certificate, pinning the daemon's."""
+        key = (str(who.peer_id), server_cert)
+        ctx = self.tls_contexts.get(key)
+        if ctx is None:
+            with who.chain_file() as chain:
+                ctx = ftls.client_context(chain, server_cert)
+            self.tls_contexts[key] = ctx
+        return ctx
+
+    def offer_request(self, rng: random.Random, cert: bytes, other: bytes) -> tuple[str, bytes]:
+        """A request for an offer: ours, or one of the ways to get it wrong."""
+        what = rng.choice(
+            ("valid", "valid", "other-peer-cert", "flipped-cert", "bad-magic", "garbage",
+             "length-over", "length-under", "length-huge", "cut", "empty", "oversized",
+             "trailing")
+        )  # fmt: skip
+        n = ffast.U16.pack
+        if what == "valid":
+            return what, ffast.encode_request(cert)
+        if what == "other-peer-cert":  # a valid certificate proving another peer ID
+            return what, ffast.encode_request(other)
+        if what == "flipped-cert":
+            raw = bytearray(cert)
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            return what, ffast.encode_request(bytes(raw))
+        if what == "bad-magic":
+            return what, b"FFP2" + n(len(cert)) + cert
+        if what == "garbage":
+            return what, rng.randbytes(rng.choice((1, 5, 64, 1000)))
+        if what == "length-over":
+            return what, ffast.MAGIC + n(len(cert) + 1) + cert
+        if what == "length-under":
+            return what, ffast.MAGIC + n(len(cert) - 1) + cert
+        if what == "length-huge":
+            return what, ffast.MAGIC + n(0xFFFF) + cert
+        if what == "cut":
+            data = ffast.encode_request(cert)
+            return what, data[: rng.randrange(1, len(data))]
+        if what == "empty":
+            return what, b""
+        if what == "oversized":
+            return what, ffast.MAGIC + n(0xFFFF) + rng.randbytes(ffast.MAX_REQUEST_BYTES + 100)
+        return what, ffast.encode_request(cert) + rng.randbytes(rng.choice((1, 100)))
+
+    async def ep_fastoffer(self, w: Worker, t: Target) -> None:
+        """/fflnode/fastpath/1.0.0: one request (honest, or mutated), then the daemon's
+        offer, refusal or reset; stalled requests wait out the offer deadline."""
+        rng = w.rng
+        ours, stranger = await self.identities()
+        stream = await self.opened(w, t, PROTO_FASTOFFER, "open")
+        if stream is None:
+            return
+        async with self.episode(w, stream, PROTO_FASTOFFER, FASTOFFER_S) as tail:
+            what, data = self.offer_request(rng, ours.cert_der, stranger.cert_der)
+            self.take()
+            tail.stall(rng)
+            await tail.last("request", what, data, FASTOFFER_S, rng=rng)
+
+    async def ask_offer(self, w: Worker, t: Target) -> ffast.Offer | None:
+        """An honest request for an offer (an input, recorded): the daemon's offer, or
+        None when it refused (busy: this identity holds its live offers) or failed."""
+        ours, _ = await self.identities()
+        stream = await self.opened(w, t, PROTO_FASTOFFER, "open")
+        if stream is None:
+            return None
+        self.take()
+        t0 = trio.current_time()
+        answer, offer = "reply", None
+        try:
+            with trio.fail_after(FASTOFFER_S + SLACK_S):
+                await write_all(stream, ffast.encode_request(ours.cert_der))
+                await half_close(stream)
+                data = b""
+                with contextlib.suppress(Ended):
+                    while len(data) <= ffast.MAX_REPLY_BYTES:
+                        data += await read_some(stream)
+            reply = ffast.decode_reply(data, str(t.peer)) if data else None
+            offer = reply if isinstance(reply, ffast.Offer) else None
+            answer = "reply" if data else "close"
+        except trio.TooSlowError:
+            answer = "hang"
+        except ffast.FastPathError:
+            answer = "reply"  # answered; not ours to judge (the oracle is the daemon's)
+        finally:
+            await abandon(stream)
+        out = Outcome(answer, trio.current_time() - t0, FASTOFFER_S)
+        self.record(PROTO_FASTOFFER, "request", "valid", out, w.label())
+        return offer
+
+    async def ep_fasttls(self, w: Worker, t: Target) -> None:
+        """The fast path's TLS port, reached with a real offer: garbage, a stalled or
+        broken TLS handshake, a stranger's certificate, a wrong or reused token, TLS
+        records torn by raw bytes, and a real channel carrying hostile merge requests."""
+        rng = w.rng
+        offer = await self.ask_offer(w, t)
+        if offer is None:
+            return
+        ours, stranger = await self.identities()
+        variant = rng.choice(
+            ("garbage", "stall", "client-hello-cut", "stranger-cert", "wrong-token",
+             "token-cut", "torn-records", "channel", "channel", "reuse-token")
+        )  # fmt: skip
+        uses = 2 if variant == "reuse-token" else 1
+        for use in range(uses):
+            kind = "reuse" if use else variant
+            tcp = await self.tls_connect(w, offer.port, kind)
+            if tcp is None:
+                return
+            await self.tls_input(w, tcp, offer, kind, ours, stranger)
+
+    async def tls_connect(self, w: Worker, port: int, kind: str) -> trio.SocketStream | None:
+        self.take()
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(FASTTLS_S + SLACK_S):
+                return await trio.open_tcp_stream("127.0.0.1", port)
+        except (OSError, trio.TooSlowError) as e:
+            out = Outcome("refused", trio.current_time() - t0, FASTTLS_S)
+            self.record(FASTTLS, kind, f"connect:{type(e).__name__}", out, w.label())
+            return None
+
+    async def tls_input(
+        self,
+        w: Worker,
+        tcp: trio.SocketStream,
+        offer: ffast.Offer,
+        kind: str,
+        ours: ftls.TlsIdentity,
+        stranger: ftls.TlsIdentity,
+    ) -> None:
+        """One input on a fresh TCP connection to the TLS port (its budget taken). A
+        stranger's certificate, a wrong token or a reused one must never be ACCEPTed:
+        that is a violation (Stats.violations), whatever else the daemon does."""
+        rng = w.rng
+        sock = SockStream(tcp)
+        t0 = trio.current_time()
+        who = stranger if kind == "stranger-cert" else ours
+        close = SockStream.aclose
+        half = SockStream.close_write
+        async with self.episode(
+            w, sock, FASTTLS, FASTTLS_S, since=t0, half=half, close=close
+        ) as tail:
+            tail.pending = [("connection", kind)]
+            if kind == "garbage":
+                await write_all(sock, rng.randbytes(rng.choice((1, 5, 300, 5000))))
+            elif kind == "stall":
+                tail.stall(rng, 1.0)
+            elif kind == "client-hello-cut":  # a TLS record header promising more
+                header = b"\x16\x03\x01\x02\x00"
+                await write_all(sock, header + rng.randbytes(rng.randint(0, 100)))
+                tail.stall(rng, 0.5)
+            else:
+                ctx = self.tls_context(who, offer.cert)
+                channel = ffast.FastChannel(tcp, ctx, server_side=False)
+                try:
+                    with trio.fail_after(FASTTLS_S + SLACK_S):
+                        await channel.do_handshake()
+                except (ssl.SSLError, trio.BrokenResourceError):
+                    raise Ended("close") from None  # the daemon refused the handshake
+                channel.peer_id = self.me
+                stream = ffast.ChannelStream(channel)
+                token = offer.token
+                if kind == "wrong-token":
+                    token = rng.randbytes(ffast.TOKEN_BYTES)
+                elif kind == "token-cut":
+                    token = token[: rng.randrange(ffast.TOKEN_BYTES)]
+                    tail.stall(rng, 1.0)
+                if kind == "torn-records":  # raw bytes where TLS records belong
+                    await write_all(sock, rng.randbytes(rng.choice((5, 64, 2000))))
+                else:
+                    await write_all(stream, token)
+                if kind in ("stranger-cert", "wrong-token", "reuse"):
+                    tail.pending = []
+                    out = await until_end(stream, FASTTLS_S)
+                    if out.answer in ("reply", "lingered"):
+                        self.stats.violations.append(
+                            f"{FASTTLS} {kind}: the daemon ACCEPTed a channel [{w.label()}]"
+                        )
+                    tail.record("connection", kind, out, tail.stalled)
+                    return
+                if kind == "channel":  # the merge's channel: its bulk protocol, attacked
+                    answer = await read_upto(stream, len(ffast.ACCEPT), FASTTLS_S + SLACK_S)
+                    tail.pending = []
+                    ok = "accepted" if answer == ffast.ACCEPT else "wrong-answer"
+                    tail.record(kind, ok, Outcome("reply", trio.current_time() - t0, FASTTLS_S))
+                    await self.serve_inputs(w, stream, FASTTLS, PROTO_MERGE)
+                    return
+            tail.pending = []
+            await tail.last("connection", kind, b"", FASTTLS_S)
+
 
 async def close_secure(secure: Any) -> None:
     """Close a secure session the attacker is done with (bounded)."""
@@ -1967,6 +2193,9 @@ EPISODES: dict[str, Callable[[Attacker, Worker, Target], Awaitable[None]]] = {
     "multistream": Attacker.ep_multistream,
     "tcp": Attacker.ep_tcp,
     "secure": Attacker.ep_secure,
+    "fastoffer": Attacker.ep_fastoffer,
+    "fasttls": Attacker.ep_fasttls,
+    "fastfallback": lambda a, w, t: a.ep_serve(w, t, PROTO_FASTFALLBACK, PROTO_MERGE),
 }
 
 
@@ -2629,7 +2858,7 @@ async def _attack_insider(
                 await trio.sleep(0.5)  # a period
 
         nursery.start_soon(follow)
-        member_families = {"shard": 10, "merge": 1, "fping": 2}
+        member_families = {"shard": 10, "merge": 1, "fping": 2, "fasttls": 1}
         outsider_families = {k: v for k, v in plan.families.items() if k not in ("shard", "merge")}
         async with trio.open_nursery() as fuzzers:
             fuzzers.start_soon(
@@ -2840,6 +3069,7 @@ async def campaign(
     modes: tuple[str, ...] = MODES,
     codecs: tuple[str, ...] = CODECS,
     workers: int = WORKERS,
+    families: dict[str, int] | None = None,
     max_sessions: int = 100,
     say: Callable[[str], None] = print,
 ) -> tuple[Stats, list[Verdict]]:
@@ -2851,6 +3081,8 @@ async def campaign(
             break
         mode, codec = schedule(index, modes, codecs)
         plan = Plan(mode, codec, rounds, seed, index, out, workers)
+        if families is not None:
+            plan.families = dict(families)
         verdict = await run_session(plan, Budget(inputs - stats.total), stats, say)
         verdicts.append(verdict)
         rate = verdict.inputs / max(verdict.fuzz_seconds, 1e-9)
@@ -2905,6 +3137,8 @@ def summary(stats: Stats, verdicts: list[Verdict], wall_s: float) -> str:
         f"tracebacks or 'node crashed': {tracebacks}",
         f"hangs: {stats.hang_count} (no answer, or still open, {SLACK_S:.0f} s past the "
         f"handler's documented deadline)",
+        f"security violations (a fast channel for a stranger, a wrong or a reused token): "
+        f"{len(stats.violations)}",
         f"slowest handler: {stats.slowest_any.latency_s * 1000:,.0f} ms "
         f"({stats.slowest_any.label})",
         f"slowest answer to an input that owed no wait (no stall, no member's wait): "
@@ -2934,6 +3168,8 @@ def summary(stats: Stats, verdicts: list[Verdict], wall_s: float) -> str:
             rows.append(f"PROBLEM session {v.plan.index} ({v.plan.mode}): {p}")
     for h in stats.hangs[:10]:
         rows.append(f"HANG {h}")
+    for x in stats.violations[:10]:
+        rows.append(f"VIOLATION {x}")
     return "\n".join(rows)
 
 
@@ -2945,6 +3181,7 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
         "hangs": stats.hang_count,
         "paced_s": stats.paced_s,
         "hang_examples": stats.hangs,
+        "violations": stats.violations,
         "tried": {f"{p} {k}": n for (p, k), n in stats.tried.items()},
         "answers": {f"{p} {a}": n for (p, a), n in stats.answers.items()},
         "mutations": dict(stats.mutations),
@@ -2953,6 +3190,7 @@ def summary_json(stats: Stats, verdicts: list[Verdict], wall_s: float) -> dict[s
         "slowest_complete": [stats.slowest_complete.latency_s, stats.slowest_complete.label],
         "identities": stats.identities,
         "attacker_errors": dict(stats.attacker_errors),
+        "attacker_tracebacks": stats.attacker_tracebacks,
         "sessions": [
             {
                 "mode": v.plan.mode,

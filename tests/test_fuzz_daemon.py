@@ -6,7 +6,8 @@ this process attacks them with SAMPLE_INPUTS structure-aware hostile inputs, gen
 without fflnode's validators, on every protocol they speak (fflnode's shard, merge and
 ping, GossipSub's /meshsub publishes of every announcement kind, identify and its push,
 libp2p ping, multistream negotiation, raw TCP before and inside the Noise handshake, and
-yamux frames inside the secure channel). The mode is "insider": the attacker is also
+yamux frames inside the secure channel, and the bulk fast path: its offer protocol,
+its TLS port and its libp2p fallback). The mode is "insider": the attacker is also
 the run's third member, answering the daemons' pulls of its Delta with hostile holo
 bodies. The oracle is the fuzzer's own (fflnode_harness.fuzz_daemon): both daemons stay
 alive and keep completing rounds, exit 0 with equal merged hashes, stay under the RSS
@@ -43,6 +44,9 @@ PROTOCOLS = {
     "multistream",
     "tcp",
     "secure",
+    fd.PROTO_FASTOFFER,
+    fd.PROTO_FASTFALLBACK,
+    fd.FASTTLS,
 }
 
 
@@ -57,6 +61,7 @@ def test_daemons_keep_training_and_merge_equal_under_hostile_inputs_on_every_pro
     table = fd.summary(stats, [verdict], 0.0)
     assert verdict.ok, table
     assert stats.hang_count == 0, table
+    assert not stats.violations, table
     assert stats.total >= SAMPLE_INPUTS // 2, table  # the run may end before the budget
     assert PROTOCOLS.issubset(p for p, _ in stats.tried), table
     assert min(verdict.rounds_during_fuzz) > 0, table

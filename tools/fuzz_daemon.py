@@ -41,11 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codecs", default=",".join(fd.CODECS), help="none,holo,topk")
     p.add_argument("--workers", type=int, default=fd.WORKERS, help="concurrent attacker tasks")
     p.add_argument("--sessions", type=int, default=100, help="stop after this many sessions")
+    p.add_argument(
+        "--families", default="",
+        help="attack families, default all: " + ",".join(fd.FAMILY_WEIGHTS),
+    )  # fmt: skip
     a = p.parse_args(argv)
     modes = tuple(m for m in a.modes.split(",") if m)
     codecs = tuple(c for c in a.codecs.split(",") if c)
     if not set(modes) <= set(fd.MODES) or not set(codecs) <= set(fd.CODECS):
         p.error(f"--modes from {fd.MODES}, --codecs from {fd.CODECS}")
+    families = None
+    if a.families:
+        names = [f for f in a.families.split(",") if f]
+        if not set(names) <= set(fd.FAMILY_WEIGHTS):
+            p.error(f"--families from {tuple(fd.FAMILY_WEIGHTS)}")
+        families = {f: fd.FAMILY_WEIGHTS[f] for f in names}
     if a.rounds <= fd.LEAVE_BEFORE_END_ROUNDS * 2:
         p.error(f"--rounds must exceed {fd.LEAVE_BEFORE_END_ROUNDS * 2} (the insider leaves early)")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: fd.campaign(
             a.inputs, a.seed, a.out, rounds=a.rounds, modes=modes, codecs=codecs,
             workers=a.workers, max_sessions=a.sessions, say=lambda s: print(s, flush=True),
+            families=families,
         )
     )  # fmt: skip
     wall = time.monotonic() - t0
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = fd.summary_json(stats, verdicts, wall) | {"seed": a.seed, "argv": sys.argv[1:]}
     (a.out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
     ok = all(v.ok for v in verdicts) and stats.hang_count == 0 and stats.total >= a.inputs
+    ok = ok and not stats.violations
     return 0 if ok else 1
 
 
