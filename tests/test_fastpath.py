@@ -276,6 +276,33 @@ async def test_a_flood_of_bad_requests_and_tokens_writes_a_line_per_sender(caplo
     assert len(lines) == 2, lines
 
 
+async def test_an_unforeseen_exception_in_a_channel_ends_only_that_channel() -> None:
+    """Channels run in the FastPath's own nursery: an exception nobody foresaw (here the
+    handler's ValueError) must end that channel, counted, and never the server."""
+    body = random_body(4096)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with nodes(None, None) as (client, server):
+            echo_handler = server.fast.handler
+            calls = 0
+
+            async def flaky(peer: ID, channel: Channel) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise ValueError("a parser choked")
+                await echo_handler(peer, channel)
+
+            server.fast.handler = flaky
+            first = await client.fast.open(server.id)
+            assert first.fast
+            with pytest.raises((trio.BrokenResourceError, AssertionError)):
+                await round_trip(first, body)
+            second = await client.fast.open(server.id)  # the server still serves
+            assert second.fast and await round_trip(second, body) == body
+    assert server.fast.stats.refused == {"unexpected-error": 1}
+    assert server.rejects == [(str(client.id), "unexpected-error")]
+
+
 async def test_replayed_token_is_refused() -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with nodes(None, None) as (client, server):
