@@ -151,7 +151,7 @@ def states_of(
             raise ConfigError(
                 f"{cfg.source}: states.federate 'on' needs the model in memory, and "
                 f"train.memory_budget_mb = {cfg.train.memory_budget_mb} streams it out of "
-                "core; raise the budget or set states.federate = \"off\""
+                'core; raise the budget or set states.federate = "off"'
             )
         return None
     return plan_states(cfg, loaded, None if trainer is None else trainer.model)

@@ -41,8 +41,8 @@ def test_good_config_loads_with_defaults(tmp_path: Path):
         (GOOD.replace("seed = 1", 'seed = "1"'), "run.seed"),
         (GOOD.replace("seed = 1\n", ""), "run.seed"),
         (GOOD.replace("nodes = 2", "nodes = 0"), "run.nodes"),
-        (GOOD + '[exchange]\ncodec = 3\n', "exchange.codec"),
-        (GOOD.replace('[run]', 'oops = 1\n[run]'), "node.oops"),
+        (GOOD + "[exchange]\ncodec = 3\n", "exchange.codec"),
+        (GOOD.replace("[run]", "oops = 1\n[run]"), "node.oops"),
         (GOOD + "[train]\npartition_index = 5\n", "train.partition_index"),
     ],
 )
@@ -57,7 +57,10 @@ def test_bad_config_names_the_key(tmp_path: Path, edit: str, key: str):
 def test_daemon_reports_bad_config_in_one_line_with_exit_2(tmp_path: Path):
     path = write(tmp_path, GOOD.replace("rounds = 3", "rounds = 'three'"))
     proc = subprocess.run(
-        fflnode_cmd("run", "--config", str(path)), capture_output=True, text=True, cwd=REPO,
+        fflnode_cmd("run", "--config", str(path)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         timeout=120,
     )
     assert proc.returncode == 2
@@ -65,8 +68,11 @@ def test_daemon_reports_bad_config_in_one_line_with_exit_2(tmp_path: Path):
     assert len(lines) == 1, proc.stderr
     assert "run.rounds" in lines[0] and "Traceback" not in proc.stderr
     missing = subprocess.run(
-        fflnode_cmd("run", "--config", str(tmp_path / "absent.toml")), capture_output=True,
-        text=True, cwd=REPO, timeout=120,
+        fflnode_cmd("run", "--config", str(tmp_path / "absent.toml")),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert missing.returncode == 2 and "cannot read config" in missing.stderr
 

@@ -12,8 +12,13 @@ from fflnode import config
 from tests.conftest import PYTHON, REPO
 
 REQUIRED_UNIT_LINES = [
-    "Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
-    "ProtectSystem=strict", "ReadWritePaths=/var/lib/fflnode", "PrivateTmp=yes",
+    "Type=notify",
+    "WatchdogSec=",
+    "Restart=on-failure",
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ReadWritePaths=/var/lib/fflnode",
+    "PrivateTmp=yes",
     "User=fflnode",
 ]
 
@@ -38,7 +43,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
     unit = unit.replace("/opt/fflnode/.venv/bin/fflnode", str(fflnode))
     path = tmp_path / "fflnode.service"
     path.write_text(unit)
-    proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
+    )
     problems = [ln for ln in proc.stderr.splitlines() if "fflnode.service" in ln]
     assert proc.returncode == 0 and not problems, proc.stderr

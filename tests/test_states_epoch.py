@@ -67,9 +67,7 @@ def test_composition_over_each_contexts_holders_is_the_centralized_reading():
     reads = {0: peers, 1: peers[:2], 2: peers[2:]}
     segments = {(c, p): torch.randn(1, 3 + c + k, 8) for c in reads for k, p in enumerate(peers)}
     with torch.no_grad():
-        per_context = {
-            c: {p: (layer(segments[c, p])[1],) for p in who} for c, who in reads.items()
-        }
+        per_context = {c: {p: (layer(segments[c, p])[1],) for p in who} for c, who in reads.items()}
         central = {
             c: layer(torch.cat([segments[c, p] for p in sorted(who)], dim=1))[1]
             for c, who in reads.items()

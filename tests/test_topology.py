@@ -14,8 +14,9 @@ def graph(kind: str, r: int, degree: int = 2, members=MEMBERS, seed: int = 3):
     return {m: neighbours(kind, members, m, r, seed, degree) for m in members}
 
 
-@pytest.mark.parametrize("kind, degree", [("ring", 2), ("random-regular", 3), ("random-regular", 4),
-                                          ("complete", 7)])
+@pytest.mark.parametrize(
+    "kind, degree", [("ring", 2), ("random-regular", 3), ("random-regular", 4), ("complete", 7)]
+)
 def test_graphs_are_regular_and_symmetric(kind: str, degree: int):
     for r in range(5):
         g = graph(kind, r, degree)

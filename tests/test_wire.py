@@ -42,7 +42,12 @@ def test_every_kind_round_trips():
         "merge.ready": dict(run=RUN, members=["a", "b"], shards=2, stage="lock"),
         "merge.hash": dict(run=RUN, hash="a" * 64, digest="b" * 64),
         "states.ready": dict(
-            run=RUN, epoch=0, attempt=1, members=["a", "b"], stage="lock", contexts=9,
+            run=RUN,
+            epoch=0,
+            attempt=1,
+            members=["a", "b"],
+            stage="lock",
+            contexts=9,
             held=b"\xff\x01",
         ),  # fmt: skip
         "states.hash": dict(run=RUN, epoch=2, attempt=0, hash="a" * 64, digest="b" * 64),
