@@ -371,6 +371,9 @@ async def test_busy_server_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
                 await client.fast.open(server.id, fallback=False)
     assert e.value.reason == "refused" and "busy" in str(e.value)
     assert client.fast.stats.fallbacks == {"refused": 2}
+    # Our fallback is news, not an offence: it has its own log window and leaves the
+    # peer log (shared with the node's other protocols) free for warnings about it.
+    assert client.fast.fallback_log.written == 1 and client.fast.peer_log.written == 0
 
 
 async def test_peer_without_fast_path_gets_the_fallback_protocol() -> None:

@@ -391,6 +391,9 @@ class FastPath:
         self.protocol = protocol
         self.on_reject = on_reject
         self.peer_log = peer_log or PeerLog(log)
+        # Our own fallbacks (a peer busy, its port unreachable) are news about the path,
+        # not offences: their own window, so they never hold back a warning about a peer.
+        self.fallback_log = PeerLog(log)
         self.stats = Stats()
         self.identity: libp2p_tls.TlsIdentity | None = None
         self._chain: Path | None = None
@@ -451,7 +454,7 @@ class FastPath:
             if not fallback:
                 raise FastPathError(peer, e.reason, e.detail) from None
             text = f"fast path unavailable ({e.reason}: {e.detail}); using a libp2p stream"
-            self._log(peer, "fallback", text, logging.INFO)
+            self.fallback_log.log(peer, "fastpath-fallback", text, logging.INFO)
             stream = await self.host.new_stream(peer_id, [self.protocol])
             return Libp2pChannel(stream, peer_id)
         except FastPathError as e:
