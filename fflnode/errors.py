@@ -25,6 +25,9 @@ class IdentityError(FflError):
 MAX_DETAIL_CHARS = 240
 # Characters of one untrusted string `shown` in a message.
 MAX_SHOWN_CHARS = 48
+# Characters of an unanticipated exception's message in a log line about the peer
+# whose input raised it: its gist, well inside MAX_DETAIL_CHARS.
+MAX_ERROR_CHARS = 120
 
 
 def shown(value: object) -> str:
@@ -50,6 +53,12 @@ def shown(value: object) -> str:
     if isinstance(value, list | tuple | dict | set | frozenset):
         return f"<{type(value).__name__} of {len(value)}>"
     return f"<{type(value).__name__}>"
+
+
+def error_kind(error: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """An exception's type and its message, bounded: what a log line about untrusted
+    input says of an exception nobody anticipated."""
+    return f"{type(error).__name__}: {bounded(str(error), limit)}"
 
 
 def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:

@@ -275,9 +275,8 @@ class ShardedAveraging(Averaging):
                     self.traffic.reject_error(e, f"shard {s} result")
         # About the owner, so through the peer log: a member that never serves its shard
         # must not write a line a round (the fuzzer's insider drew 400 in 400 rounds).
-        peer_log = self.traffic.peer_log
         text = f"round {round}: reducing its shard {s} ourselves"
-        peer_log.log(str(owner), "reduce-self", text, logging.INFO)
+        self.traffic.peer_log.log(str(owner), "reduce-self", text, logging.INFO)
         try:
             return await self.reduce(round, s, numel)
         except ShardUnavailable as e:  # nobody's contribution: not one peer's doing

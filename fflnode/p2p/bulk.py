@@ -24,7 +24,15 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from fflnode import wire
-from fflnode.errors import FflError, PeerUnavailable, WireError, bounded, short_peer, shown
+from fflnode.errors import (
+    FflError,
+    PeerUnavailable,
+    WireError,
+    bounded,
+    error_kind,
+    short_peer,
+    shown,
+)
 from fflnode.p2p import streams
 from fflnode.p2p.peerlog import PeerLog
 
@@ -95,8 +103,7 @@ class Traffic:
         self.reject(
             "unexpected",
             peer,
-            f"{where}: handling this peer's input raised {type(error).__name__}: "
-            f"{bounded(str(error), 120)}",
+            f"{where}: handling this peer's input raised {error_kind(error)}",
         )
 
     @property

@@ -54,7 +54,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-from fflnode.errors import FflError, bounded, short_peer
+from fflnode.errors import FflError, error_kind, short_peer
 from fflnode.p2p import libp2p_tls, streams
 from fflnode.p2p.peerlog import PeerLog
 from fflnode.p2p.tlsstream import TlsStream
@@ -645,7 +645,7 @@ class FastPath:
             self.stats.count(self.stats.refused, "unexpected-error")
             if channel is not None and self.on_reject is not None:
                 self.on_reject(who, "unexpected-error")
-            self._log(who, "error", f"fast-path channel from {address}: {_kind(e)}")
+            self._log(who, "error", f"fast-path channel from {address}: {error_kind(e)}")
         finally:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
@@ -750,10 +750,6 @@ def _remote_ip(stream: INetStream) -> str | None:
     except Exception:  # transports raise assorted types for a socket already gone
         return None
     return str(remote[0]) if remote else None
-
-
-def _kind(error: BaseException) -> str:
-    return f"{type(error).__name__}: {bounded(str(error), 120)}"
 
 
 def _ip(address: str) -> str:

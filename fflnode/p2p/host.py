@@ -74,7 +74,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID  # noqa: E40
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 
 from fflnode import __version__  # noqa: E402
-from fflnode.errors import bounded  # noqa: E402
+from fflnode.errors import error_kind  # noqa: E402
 from fflnode.p2p import addrs  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
 from fflnode.p2p.limits import INBOUND_UPGRADE_TIMEOUT_S, NEGOTIATE_TIMEOUT_S, Limits  # noqa: E402
@@ -141,6 +141,9 @@ READ_AHEAD_BYTES = 256 << 10
 # Resetting a stream whose bytes broke the library sends one yamux frame: a peer that does
 # not read must not hold the stream's task longer than this.
 STREAM_RESET_TIMEOUT_S = 1.0
+# Characters of a library exception's message in the line about the peer whose bytes
+# raised it: enough for the exception to be recognised (fuzzer findings were shorter).
+LIBRARY_ERROR_CHARS = 80
 # Closing the host tells peers we are gone; it takes ~0.1 s, never more than this.
 HOST_CLOSE_TIMEOUT_S = 2.0
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
@@ -229,7 +232,11 @@ def _contain_inbound_streams(host: IHost, on_hostile: Callable[[str, str, str], 
             await handler(stream)
         except Exception as e:  # the peer's bytes made the library raise
             peer = str(stream.muxed_conn.peer_id)
-            on_hostile(peer, "stream", f"inbound stream the library chokes on: {_kind(e)}")
+            on_hostile(
+                peer,
+                "stream",
+                f"inbound stream the library chokes on: {error_kind(e, LIBRARY_ERROR_CHARS)}",
+            )
             with (
                 trio.CancelScope(shield=True),
                 trio.move_on_after(STREAM_RESET_TIMEOUT_S),
@@ -357,7 +364,11 @@ class GuardedPubsub(Pubsub):
             raise  # stream_handler resets the stream and forgets the peer
         except Exception as e:  # DecodeError and whatever else the peer's bytes caused
             peer = stream.muxed_conn.peer_id
-            self.on_hostile(str(peer), "pubsub", f"pubsub RPC the library chokes on: {_kind(e)}")
+            self.on_hostile(
+                str(peer),
+                "pubsub",
+                f"pubsub RPC the library chokes on: {error_kind(e, LIBRARY_ERROR_CHARS)}",
+            )
             with trio.CancelScope(shield=True), suppress(Exception):
                 await stream.reset()
             self._handle_dead_peer(peer)
@@ -369,7 +380,9 @@ class GuardedPubsub(Pubsub):
             await super().push_msg(msg_forwarder, msg)
         except Exception as e:  # e.g. a key that fails to deserialize in signature checks
             self.on_hostile(
-                str(msg_forwarder), "pubsub", f"pubsub message the library chokes on: {_kind(e)}"
+                str(msg_forwarder),
+                "pubsub",
+                f"pubsub message the library chokes on: {error_kind(e, LIBRARY_ERROR_CHARS)}",
             )
 
     async def _replay_recent_messages(self, peer_id: ID, topic: str) -> None:
@@ -380,10 +393,6 @@ class GuardedPubsub(Pubsub):
         each HEARTBEAT_S until it is moot (heartbeats, start, merge and state proposals
         and hashes), so a newly subscribed peer misses nothing a replay would give it."""
         return None
-
-
-def _kind(error: BaseException) -> str:
-    return f"{type(error).__name__}: {bounded(str(error), 80)}"
 
 
 # Peer scoring (GossipSub v1.1). The library's defaults score nothing and graylist no
