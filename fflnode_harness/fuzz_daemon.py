@@ -1351,6 +1351,7 @@ class Attacker:
         self.tls: ftls.TlsIdentity | None = None
         self.stranger: ftls.TlsIdentity | None = None
         self.tls_contexts: dict[tuple[str, bytes], ssl.SSLContext] = {}
+        self.tls_made = trio.Lock()  # made once: every offer names the same certificate
 
     # -- bookkeeping --
     def take(self) -> None:
@@ -1913,10 +1914,14 @@ class Attacker:
 
     # -- the fast path (fflnode.p2p.fastpath) --
     async def identities(self) -> tuple[ftls.TlsIdentity, ftls.TlsIdentity]:
-        if self.tls is None or self.stranger is None:
-            stranger_keys = create_new_key_pair(os.urandom(32))
-            self.tls = await trio.to_thread.run_sync(ftls.TlsIdentity.generate, self.key_pair)
-            self.stranger = await trio.to_thread.run_sync(ftls.TlsIdentity.generate, stranger_keys)
+        """Ours and the stranger's, made by the first worker that asks. Made twice, an
+        offer could name one certificate of ours and the channel present the other."""
+        async with self.tls_made:
+            if self.tls is None or self.stranger is None:
+                stranger_keys = create_new_key_pair(os.urandom(32))
+                make = ftls.TlsIdentity.generate
+                self.tls = await trio.to_thread.run_sync(make, self.key_pair)
+                self.stranger = await trio.to_thread.run_sync(make, stranger_keys)
         return self.tls, self.stranger
 
     def tls_context(self, who: ftls.TlsIdentity, server_cert: bytes) -> ssl.SSLContext:
