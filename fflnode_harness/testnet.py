@@ -403,7 +403,7 @@ class Testnet:
             self.procs[i].stop_at = r
         for i, (r, seconds) in parse_flaps(args.flap, args.nodes).items():
             self.procs[i].flap_at, self.procs[i].flap_s = r, seconds
-        self.baseline: dict[str, Any] | None = None
+        self.baselines: dict[str, dict[str, Any]] = {}
         self.bootstrap: list[str] = []
 
     def say(self, text: str) -> None:
@@ -652,23 +652,42 @@ class Testnet:
                 proc.process.kill()
 
     async def _baseline(self) -> None:
+        """Two centralized baselines on the union of the data, trained beside the nodes:
+        "centralized", synchronous data-parallel training with the run's steps (rounds x
+        local steps), each on the mean gradient of one batch per node, so the samples and
+        the step count of the run; and "centralized_sequential", one worker taking all
+        nodes x rounds x local steps steps one batch at a time: the same samples in N times
+        the sequential steps, a bar no N-node run of the same steps is meant to reach."""
         import torch
 
+        a = self.args
+        torch.set_num_threads(1)  # one core for each baseline, like each node
+        steps = a.rounds * a.local_steps
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._train_baseline, "centralized", steps, a.nodes)
+            nursery.start_soon(self._train_baseline, "centralized_sequential", a.nodes * steps, 1)
+
+    async def _train_baseline(self, key: str, steps: int, batches_per_step: int) -> None:
         from fflnode.train.task import load_task
         from fflnode.train.trainer import settings_from, train_centralized
 
         a = self.args
-        steps = a.nodes * a.rounds * a.local_steps
         # The nodes' own task and training settings: same model, data, schedule.
         cfg = node_config(a, 0, self.out, [])
         loaded = load_task(cfg.train.task, cfg.task, Path.cwd())
         settings = settings_from(cfg.train, a.seed, a.rounds)
         t0 = time.perf_counter()
-        torch.set_num_threads(1)  # one core for the baseline, like each node
-        metrics, _ = await trio.to_thread.run_sync(train_centralized, loaded, settings, steps)
-        self.baseline = {"metrics": metrics, "steps": steps, "seconds": time.perf_counter() - t0}
+        metrics, _ = await trio.to_thread.run_sync(
+            train_centralized, loaded, settings, steps, batches_per_step
+        )
+        self.baselines[key] = {
+            "metrics": metrics,
+            "steps": steps,
+            "batches_per_step": batches_per_step,
+            "seconds": time.perf_counter() - t0,
+        }
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self.say(f"  baseline: centralized {shown} after {steps} steps")
+        self.say(f"  baseline: {key} {shown} after {steps} steps x {batches_per_step} batches")
 
     # ------------------------------------------------------------------ checking
     def _report(self, wall: float) -> dict[str, Any]:
@@ -786,7 +805,8 @@ class Testnet:
             "nodes": nodes,
             "merge": merge,
             "states": states,
-            "centralized": self.baseline,
+            "centralized": self.baselines.get("centralized"),
+            "centralized_sequential": self.baselines.get("centralized_sequential"),
             "wall_seconds": wall,
         }
 
@@ -1145,13 +1165,17 @@ def print_summary(report: dict[str, Any], plotted: bool = True) -> None:
         d = m["consensus_distance"]
         note = "nodes were identical: the merge changed nothing" if d == 0 else "before the merge"
         print(f"consensus distance   {d:.4g}  (max ||theta_i - mean|| / ||mean||; {note})")
-    cen = report.get("centralized")
-    if cen:
+    for key, label in (("centralized", "centralized"), ("centralized_sequential", "  sequential")):
+        cen = report.get(key)
+        if not cen:
+            continue
         shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(cen["metrics"], primary))
         gap = ""
         if primary and primary in merged_metrics and primary in cen["metrics"]:
-            gap = f"  ({compare(primary, merged_metrics[primary], cen['metrics'][primary])})"
-        print(f"centralized          {shown}  ({cen['steps']} steps){gap}")
+            gap = f"; {compare(primary, merged_metrics[primary], cen['metrics'][primary])}"
+        per_step = cen.get("batches_per_step", 1)
+        steps = f"{cen['steps']} steps x {per_step} batch{'es' if per_step > 1 else ''}"
+        print(f"{label:<21}{shown}  ({steps}{gap})")
     total = sum(r.get("bytes_sent", 0) for r in report["nodes"].values())
     print(f"bytes moved          {total / 1e6:.2f} MB sent in total")
     if report.get("states") is not None:

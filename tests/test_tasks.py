@@ -245,3 +245,42 @@ def test_fflnode_run_imports_no_harness_plotting_or_scikit_learn(tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "BAD []" in proc.stdout, proc.stdout
+
+
+def test_the_data_parallel_baseline_steps_on_the_mean_gradient_of_one_batch_per_node():
+    """`train_centralized(..., steps, batches_per_step=N)` is N-worker synchronous
+    data-parallel training: each Adam step on the mean of N consecutive batches'
+    gradients. Checked against per-batch gradients averaged by hand."""
+    from fflnode.train.task import build_model, federated_parameters, load_task
+    from fflnode.train.trainer import CENTRAL_LR, TrainSettings, train_centralized
+
+    loaded = load_task("digits", {}, REPO)
+    settings = TrainSettings(
+        seed=5, local_steps=1, inner_lr=0.1, outer_lr=1.0, outer_momentum=0.0,
+        lr_schedule="constant",
+    )  # fmt: skip
+    _, model = train_centralized(loaded, settings, 1, 3)
+
+    ref = build_model(loaded, settings.seed)
+    params = [p for _, p in federated_parameters(ref)]
+    batches = loaded.task.train_data(0, 1, settings.seed)
+    grads = []
+    for _ in range(3):
+        ref.zero_grad(set_to_none=True)
+        loaded.task.loss(ref, next(batches)).backward()
+        grads.append([p.grad.clone() for p in params])
+    for p, *gs in zip(params, *grads, strict=True):
+        p.grad = sum(gs) / 3
+    lr = float(getattr(loaded.task, "baseline_lr", CENTRAL_LR))
+    torch.optim.Adam(params, lr=lr).step()
+    # Adam's first step is about lr * sign(g): a gradient near zero, summed in another
+    # order, moves its coordinate by a fraction of lr, so that is the tolerance.
+    atol = 1e-2 * lr
+    got = [p for _, p in federated_parameters(model)]
+    for a, b in zip(got, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    # One batch's step is another model: the N batches are really in the step.
+    _, one = train_centralized(loaded, settings, 1, 1)
+    pairs = zip(federated_parameters(one), got, strict=True)
+    apart = max(float((a - b).abs().max()) for (_, a), b in pairs)
+    assert apart > 10 * atol

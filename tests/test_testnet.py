@@ -36,8 +36,13 @@ def test_three_node_testnet_trains_merges_and_reports(tmp_path: Path):
     assert merge["shards"] == 3 and len(merge["participants"]) == 3
     assert 0.0 <= merge["merged_metrics"]["accuracy"] <= 1.0
     assert merge["consensus_distance"] == 0.0  # the complete graph keeps nodes identical
-    assert report["centralized"]["steps"] == 3 * 3 * 5
-    assert set(report["centralized"]["metrics"]) == {"accuracy", "loss"}
+    # Data-parallel: the run's 3 x 5 steps, a batch per node in each; sequential: all 45.
+    assert report["centralized"]["steps"] == 3 * 5
+    assert report["centralized"]["batches_per_step"] == 3
+    assert report["centralized_sequential"]["steps"] == 3 * 3 * 5
+    assert report["centralized_sequential"]["batches_per_step"] == 1
+    for key in ("centralized", "centralized_sequential"):
+        assert set(report[key]["metrics"]) == {"accuracy", "loss"}
     peer_ids = set()
     for name in ("node0", "node1", "node2"):
         node = report["nodes"][name]

@@ -9,8 +9,10 @@
 Every row is one `fflnode testnet` run (real processes, real sockets) with the same seed,
 task, rounds, local steps and recipe; only the codec (or the attack and the defence)
 changes. A run must end with the merged hashes agreeing with the testnet's own
-reference, or the benchmark stops. The first run also trains the centralized baseline
-(same model, the union of the data, the same total steps); its metrics head the table.
+reference, or the benchmark stops. The first run also trains the centralized baselines
+(same model, the union of the data): data-parallel (the run's steps, a batch per node in
+each: the same samples and steps) and sequential (N x the steps, one batch each). The
+"vs central" column compares with the data-parallel one; both are printed below.
 
 Recipe: DiLoCo (inner Adam, H local steps; outer Nesterov SGD lr 0.7, momentum 0.9),
 complete graph. Bytes are the exchange's (the /fflnode/shard/1.0.0 protocol, summed over
@@ -85,6 +87,17 @@ def shown(name: str, value: float) -> str:
     return f"{100 * value:.2f}%" if "accuracy" in name else f"{value:.4g}"
 
 
+def gap(name: str, value: float, central: dict | None) -> str:
+    """Merged against the data-parallel centralized baseline: points of accuracy, else
+    the relative difference."""
+    if not central or name not in central["metrics"]:
+        return "-"
+    c = central["metrics"][name]
+    if "accuracy" in name:
+        return f"{100 * (value - c):+.2f} pts"
+    return f"{100 * (value - c) / c:+.1f}%"
+
+
 def codecs(args: argparse.Namespace, tmp: Path) -> None:
     n, r, h = args.nodes, args.rounds, args.local_steps
     # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
@@ -108,10 +121,10 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         f"task {args.task}, {n} nodes, {r} rounds x {h} local steps, {p} parameters, "
         f"seed {args.seed}"
     )
-    head = f"{'codec':<22}{'merged':>11}{'exchange MB':>13}{'vs none':>9}"
+    head = f"{'codec':<22}{'merged':>11}{'vs central':>12}{'exchange MB':>13}{'vs none':>9}"
     head += f"{'vs FedAvg (computed)':>22}{'wall s':>8}"
     print(head)
-    base, central = None, None
+    base, central, sequential = None, None, None
     for name, extra in rows:
         slug = "".join(c if c.isalnum() else "-" for c in name)
         task = ["--task", args.task, "--seed", str(args.seed)]
@@ -126,18 +139,22 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
             continue
         report = res["report"]
         central = central or report.get("centralized")
+        sequential = sequential or report.get("centralized_sequential")
         metric, value = primary(report)
         b = res["exchange_bytes"]
         base = base or (b if name == "none" else None)
         vs_none = f"{base / b:.1f}x" if base else "-"
         print(
-            f"{name:<22}{shown(metric, value):>11}{b / 1e6:>13.3f}{vs_none:>9}"
+            f"{name:<22}{shown(metric, value):>11}{gap(metric, value, central):>12}"
+            f"{b / 1e6:>13.3f}{vs_none:>9}"
             f"{server / b:>21.0f}x{res['wall']:>8.0f}",
             flush=True,
         )
-    if central:
-        shown_c = ", ".join(f"{k} {shown(k, v)}" for k, v in central["metrics"].items())
-        print(f"centralized baseline ({central['steps']} steps): {shown_c}")
+    for label, cen in (("data-parallel", central), ("sequential", sequential)):
+        if cen:
+            shown_c = ", ".join(f"{k} {shown(k, v)}" for k, v in cen["metrics"].items())
+            steps = f"{cen['steps']} steps x {cen.get('batches_per_step', 1)} batches"
+            print(f"centralized baseline, {label} ({steps}): {shown_c}")
 
 
 def run_dense(out: Path, nodes: int, rounds: int, extra: list[str]) -> dict:

@@ -351,19 +351,29 @@ def node_trainer(
 
 
 def train_centralized(
-    loaded: LoadedTask, settings: TrainSettings, total_steps: int
+    loaded: LoadedTask, settings: TrainSettings, steps: int, batches_per_step: int = 1
 ) -> tuple[dict[str, float], nn.Module]:
-    """The baseline: the same model on the union of all node data (partition 0 of 1) for
-    `total_steps` Adam steps, the optimizer a centralized trainer would use, on the same
-    schedule as the federated outer optimizer; returns (metrics, model)."""
+    """A baseline: the same model on the union of all node data (partition 0 of 1) for
+    `steps` Adam steps, the optimizer a centralized trainer would use, on the same
+    schedule as the federated outer optimizer; returns (metrics, model).
+
+    Each step takes the mean gradient of `batches_per_step` consecutive batches (the mean
+    of their losses, backpropagated one batch at a time): with N batches it is
+    synchronous data-parallel training on N workers, the step count and samples of an
+    N-node run; with 1 it is a single worker taking every step in sequence."""
+    if steps < 0 or batches_per_step < 1:
+        raise ValueError(f"baseline of {steps} steps x {batches_per_step} batches")
     lr = float(getattr(loaded.task, "baseline_lr", CENTRAL_LR))  # a task may tune its own
     settings = dataclasses.replace(settings, inner_optimizer="adam", inner_lr=lr)
     trainer = node_trainer(loaded, settings, 0, 1)
-    if settings.lr_schedule == "constant":
-        trainer.inner_steps(total_steps)
-    else:
-        for t in range(total_steps):
-            for group in trainer.inner.param_groups:
-                group["lr"] = scheduled_lr(lr, settings.lr_schedule, t, total_steps)
-            trainer.inner_steps(1)
+    trainer.model.train()
+    task = loaded.task
+    for t in range(steps):
+        for group in trainer.inner.param_groups:
+            group["lr"] = scheduled_lr(lr, settings.lr_schedule, t, steps)
+        trainer.inner.zero_grad(set_to_none=True)
+        for _ in range(batches_per_step):
+            loss = task.loss(trainer.model, next(trainer.batches))  # type: ignore[union-attr]
+            (loss / batches_per_step if batches_per_step > 1 else loss).backward()
+        trainer.inner.step()
     return trainer.evaluate(), trainer.model
