@@ -23,7 +23,7 @@ from fflnode.errors import ConfigError
 from fflnode.states_phase import StatesPlan, plan_states
 from fflnode.tensors import FlatLayout
 from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
-from fflnode.train.task import LoadedTask, build_model, load_task, task_chain
+from fflnode.train.task import LoadedTask, build_model, build_skeleton, load_task, task_chain
 from fflnode.train.trainer import (
     BatchStream,
     LocalTrainer,
@@ -167,12 +167,17 @@ def make_trainer(
     budget = t.memory_budget_mb << 20
     if budget:
         pin_allocator()  # before the model is built (see fflnode.train.outofcore)
-    model = build_model(loaded, settings.seed)
+    # A task that initialises stage by stage is sized from its skeleton (no storage), and
+    # streamed out of core without ever being whole in memory.
+    staged = build_skeleton(loaded, settings.seed) if budget else None
+    model = build_model(loaded, settings.seed) if staged is None else staged[0]
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batches = BatchStream(lambda: loaded.task.train_data(partition, nodes, settings.seed))  # type: ignore[union-attr]
     if not budget or in_memory_bytes(numel, settings.inner_optimizer) <= budget:
+        if staged is not None:
+            model = build_model(loaded, settings.seed)
         return LocalTrainer(loaded, model, settings, batches)
-    chain = task_chain(loaded, model)
+    chain = task_chain(loaded, model) if staged is None else staged[1]
     if chain is None:
         need = in_memory_bytes(numel, settings.inner_optimizer)
         raise ConfigError(

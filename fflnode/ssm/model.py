@@ -194,6 +194,31 @@ class SSDModel(nn.Module):
         return self.forward_with_states(x)[0]
 
 
+@torch.no_grad()
+def initialise(module: nn.Module) -> None:
+    """(Re)initialise in place every parameter under `module` with the distributions the
+    constructors use, drawn from torch's generator in module order: for a stage allocated
+    from the meta device (fflnode.train.task.init_stage). Refuses a module it does not
+    know, rather than leave its tensors undefined."""
+    done: set[int] = set()  # tensors initialised (FieldEmbedding's, in its ParameterList)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+            if isinstance(m, PositionalLinear):
+                m.pos.zero_()
+        elif isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+        elif isinstance(m, SSDLayer):
+            m.reset_heads()
+        elif isinstance(m, FieldEmbedding):
+            m.reset_tables()
+        own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        if isinstance(m, nn.Linear | RMSNorm | SSDLayer | FieldEmbedding):
+            done.update(id(t) for t in m.parameters())
+        elif any(id(t) not in done for t in own):
+            raise TypeError(f"no initialisation for {type(m).__name__}")
+
+
 class FieldEmbedding(nn.Module):
     """x (b, T, F) int64 -> Σ_f E_f[x[..., f]] (b, T, D): one table per token field.
 
@@ -204,6 +229,9 @@ class FieldEmbedding(nn.Module):
     def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
         super().__init__()
         self.tables = nn.ParameterList(nn.Parameter(torch.empty(v, d_model)) for v in vocab_sizes)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
         for table in self.tables:
             nn.init.uniform_(table, -math.sqrt(3.0), math.sqrt(3.0))
 

@@ -127,6 +127,20 @@ def segment_log_decay(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return (dt * A).sum(dim=1)
 
 
+def head_init(
+    nheads: int, a_init_range: tuple[float, float], dt_init_range: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's per-head initialisation, drawn on the CPU from torch's generator:
+    (A_log with A ~ U(a_init_range), dt_bias = softplus⁻¹(dt), dt log-uniform)."""
+    lo, hi = a_init_range
+    A = torch.empty(nheads, device="cpu").uniform_(lo, hi)
+    dt_lo, dt_hi = dt_init_range
+    dt = torch.exp(
+        torch.rand(nheads, device="cpu") * (math.log(dt_hi) - math.log(dt_lo)) + math.log(dt_lo)
+    )
+    return torch.log(A), dt + torch.log(-torch.expm1(-dt))
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · weight over the last dimension."""
 
@@ -171,18 +185,22 @@ class SSDLayer(nn.Module):
         # These per-head vectors are drawn on the CPU even when the module is built on the
         # meta device (streamed.py's skeletons): meta versions of these ops pull in ~70 MB
         # of torch's Python decompositions, which a memory-budgeted streamer cannot afford.
-        lo, hi = a_init_range
-        A = torch.empty(self.nheads, device="cpu").uniform_(lo, hi)
-        self.A_log = nn.Parameter(torch.log(A))
-        dt_lo, dt_hi = dt_init_range
-        dt = torch.exp(
-            torch.rand(self.nheads, device="cpu") * (math.log(dt_hi) - math.log(dt_lo))
-            + math.log(dt_lo)
-        )
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        self.a_init_range, self.dt_init_range = a_init_range, dt_init_range
+        A_log, dt_bias = head_init(self.nheads, a_init_range, dt_init_range)
+        self.A_log = nn.Parameter(A_log)
+        self.dt_bias = nn.Parameter(dt_bias)
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = RMSNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Redraw this layer's own per-head parameters (A_log, dt_bias, D) in place, as
+        the constructor draws them (its Linear and RMSNorm children reset themselves)."""
+        A_log, dt_bias = head_init(self.nheads, self.a_init_range, self.dt_init_range)
+        self.A_log.copy_(A_log)
+        self.dt_bias.copy_(dt_bias)
+        self.D.fill_(1.0)
 
     @property
     def state_shape(self) -> tuple[int, int, int]:

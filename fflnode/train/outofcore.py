@@ -55,8 +55,10 @@ read_state serves start.i, m.i, v.i to resyncing peers until the next outer step
 A pass holds arena 0 and 1's w (one stage each) and ROUND_CHUNK_BUFFERS chunks: checked
 against the budget at load. Still |θ|-sized, in RAM: state_vectors()/load_state_vectors()
 (a resync, a resume from a checkpoint), flat()/state_tensors() (the final merge's
-premerge file, a gossip or sharded or robust round, which do not stream), and the
-model, built whole once at start before it is written out.
+premerge file, a gossip or sharded or robust round, which do not stream). The model is
+not: a task with `init_stage` (the text LM) hands over its meta-device skeleton, and each
+stage is allocated, initialised, written to the block file and released in turn
+(`_write_initial`); a task without it is built whole once at start, then written out.
 
 Must never: hold more than two stages' weights and state at once, or change the result
 of a step from the in-memory trainer's beyond what the micro-batch split implies.
@@ -90,8 +92,10 @@ from fflnode.train.task import (
     LoadedTask,
     as_metrics,
     batch_rows,
+    check_materialized,
     federated_buffers,
     federated_parameters,
+    materialize_stage,
     slice_rows,
 )
 from fflnode.train.trainer import BatchStream, OuterOptimizer, RoundState, TrainSettings
@@ -261,8 +265,10 @@ class OutOfCoreTrainer(RoundState):
         self.params = [p for _, p in named]
         self.buffers = federated_buffers(model)
         self.shapes = {id(p): tuple(p.shape) for p in self.params}
-        # Arenas, activations and compute live on the model's device (the CPU here).
-        self.device = self.params[0].device
+        # Arenas, activations and compute live on the model's device (the CPU here); a
+        # skeleton's (meta) stages are materialized on the CPU one at a time.
+        self.skeleton = any(p.is_meta for p in self.params)
+        self.device = torch.device("cpu") if self.skeleton else self.params[0].device
         self.flat_offset: dict[int, int] = {}
         pos = 0
         for p in self.params:
@@ -325,6 +331,8 @@ class OutOfCoreTrainer(RoundState):
         self._spill: BlockFile | None = None
         self._spill_numel = 0
         if sample_batch is not None:  # check the budget now, not at the first step
+            if any(p.is_meta for p in chain.stages[0].module.parameters()):
+                materialize_stage(loaded, chain.stages[0], settings.seed, self.device)
             with torch.no_grad():
                 h = chain.stages[0](chain.model_input(sample_batch))
             rows = batch_rows(sample_batch)
@@ -388,9 +396,14 @@ class OutOfCoreTrainer(RoundState):
 
     # -- the block file --
     def _write_initial(self) -> None:
-        """Write every stage's weights (and zero optimizer state), release the storage."""
+        """Write every stage's weights (and zero optimizer state), release the storage. A
+        skeleton's stage is materialized (allocated and initialised by the task) just
+        before it is written, so the model is never whole in memory."""
         arena = self.arenas[0]
         for k, ps in enumerate(self.stage_params):
+            stage = self.chain.stages[k]
+            if any(t.is_meta for t in [*stage.module.parameters(), *stage.module.buffers()]):
+                materialize_stage(self.loaded, stage, self.s.seed, self.device)
             n = self.stage_numel[k]
             pos = 0
             for p in ps:
@@ -401,6 +414,8 @@ class OutOfCoreTrainer(RoundState):
             self._blockio.run(self._write_stage, k, 0, self.kinds)
             for p in ps:
                 p.data = torch.empty(0, device=self.device)
+        if self.skeleton:
+            check_materialized(self.loaded, self.model)
         pin_allocator()
 
     async def _read_stage(self, k: int, slot: int, kinds: tuple[str, ...]) -> None:

@@ -37,6 +37,15 @@ of the federated ones, `model_input(batch)` (the first stage's input) and
   rows along dimension 0;
 * every federated parameter belongs to exactly one stage (check_chain verifies it).
 
+A task with blocks may also initialise them one at a time, so that a model bigger than
+the node's memory is never built whole: `init_stage(module, name, seed)` fills, in place,
+every parameter and buffer of stage `name` (allocated, contents undefined). fflnode then
+builds the model on torch's meta device (no storage), and each stage is allocated and
+initialised on its own, under torch's generator seeded from (run seed, stage name)
+(`stage_seed`): the same bits whether the model is built whole in memory or stage by
+stage into an out-of-core trainer's block file. Every parameter and buffer must then be
+in a stage, and `build_model` must not read tensor values (they are meta).
+
 A merge-only task (the built-in `synthetic`, for merge benchmarks) implements
 MergeOnlyTask instead: no training, it writes its premerge weights piece by piece.
 
@@ -56,6 +65,7 @@ import failure, missing attribute, bad options, a model that is not float32.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -346,7 +356,23 @@ def _import_file(spec: str, path: Path) -> Any:
 # ----------------------------------------------------------------------------- models
 def build_model(loaded: LoadedTask, seed: int) -> nn.Module:
     """The task's model from `seed`, built on the CPU under torch's seeded generator (so
-    CPU and GPU nodes start from the same bits), checked to be federatable."""
+    CPU and GPU nodes start from the same bits), checked to be federatable. A task that
+    initialises stage by stage (`init_stage`) is built from its skeleton, one stage at a
+    time, with the bits an out-of-core trainer gives the same stages."""
+    staged = build_skeleton(loaded, seed)
+    if staged is not None:
+        model, chain = staged
+        for stage in chain.stages:
+            materialize_stage(loaded, stage, seed)
+        check_materialized(loaded, model)
+        return model
+    model = _built(loaded, seed)
+    check_federatable(model, f"task {loaded.spec!r} ({loaded.source})")
+    return model
+
+
+def _built(loaded: LoadedTask, seed: int) -> nn.Module:
+    """task.build_model(seed) under torch's generator seeded with `seed`."""
     task = loaded.task
     assert isinstance(task, Task)
     with torch.random.fork_rng(devices=[]):
@@ -363,8 +389,70 @@ def build_model(loaded: LoadedTask, seed: int) -> nn.Module:
             f"task {loaded.spec!r} ({loaded.source}): build_model returned "
             f"{type(model).__name__}, not a torch.nn.Module"
         )
-    check_federatable(model, f"task {loaded.spec!r} ({loaded.source})")
     return model
+
+
+def build_skeleton(loaded: LoadedTask, seed: int) -> tuple[nn.Module, BlockChain] | None:
+    """The task's model on torch's meta device (shapes, no storage) and its chain, when
+    the task declares blocks and `init_stage`; None otherwise. Stages become real one at
+    a time through materialize_stage."""
+    if getattr(loaded.task, "init_stage", None) is None:
+        return None
+    if getattr(loaded.task, "blocks", None) is None:
+        raise ConfigError(
+            f"task {loaded.spec!r} ({loaded.source}): init_stage() needs blocks() to say "
+            "what a stage is"
+        )
+    with torch.device("meta"):
+        model = _built(loaded, seed)
+    check_federatable(model, f"task {loaded.spec!r} ({loaded.source})")
+    chain = task_chain(loaded, model)
+    assert chain is not None
+    return model, chain
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """Torch's generator seed for initialising stage `name`: from the run seed and the
+    stage's name alone, so its bits do not depend on which stages were built before."""
+    digest = hashlib.sha256(f"fflnode-stage/{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def materialize_stage(
+    loaded: LoadedTask, stage: Stage, seed: int, device: torch.device | str = "cpu"
+) -> None:
+    """Give every parameter and buffer of `stage` storage on `device` (the same tensor
+    objects: torch.utils.swap_tensors keeps ties and references), then let the task's
+    init_stage fill them under torch's generator seeded with stage_seed(seed, name)."""
+    seen: set[int] = set()
+    for t in [*stage.module.parameters(), *stage.module.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        fresh = torch.empty(t.shape, dtype=t.dtype, device=device)
+        if isinstance(t, nn.Parameter):
+            fresh = nn.Parameter(fresh, requires_grad=t.requires_grad)
+        torch.utils.swap_tensors(t, fresh)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(stage_seed(seed, stage.name))
+        try:
+            loaded.task.init_stage(stage.module, stage.name, seed)  # type: ignore[union-attr]
+        except Exception as e:  # user code
+            raise ConfigError(
+                f"task {loaded.spec!r} ({loaded.source}): init_stage({stage.name!r}) raised "
+                f"{type(e).__name__}: {e}"
+            ) from None
+
+
+def check_materialized(loaded: LoadedTask, model: nn.Module) -> None:
+    """After every stage was materialized: nothing left on the meta device."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ConfigError(
+                f"task {loaded.spec!r} ({loaded.source}): {name} is in no stage of blocks(), "
+                "so init_stage() never gave it values; with init_stage every parameter and "
+                "buffer must be in a stage"
+            )
 
 
 def federated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

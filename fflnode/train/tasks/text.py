@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fflnode.errors import ConfigError
-from fflnode.ssm.model import SSDConfig, SSDModel
+from fflnode.ssm.model import SSDConfig, SSDModel, initialise
 from fflnode.ssm.states import LayerState, StateShape, batch_for, stack_layers, unstack_layers
 from fflnode.train.task import BlockChain, Stage
 
@@ -132,6 +132,12 @@ class TextTask:
 
     def build_model(self, seed: int) -> nn.Module:
         return SSDModel(self.config())
+
+    def init_stage(self, module: nn.Module, name: str, seed: int) -> None:
+        """A stage's weights, drawn as SSDModel's constructor draws them (fflnode seeds
+        the generator per stage): the model is never built whole, so a node can train
+        one bigger than its memory (fflnode.train.task, "init_stage")."""
+        initialise(module)
 
     def node_documents(self, partition: int, nodes: int, seed: int) -> list[int]:
         """Indices (into `documents()`) of the documents this partition trains on."""
