@@ -114,7 +114,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         ("dense per-step (H=1)", ["DENSE"]),
     ]
     if args.only:
-        rows = [row for row in rows if row[0].split()[0] in args.only]
+        rows = [row for row in rows if row[0].split()[0] in args.only or row[0] in args.only]
     p = params(args.task)
     server = r * h * n * 2 * 4 * p
     print(
@@ -128,6 +128,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     for name, extra in rows:
         slug = "".join(c if c.isalnum() else "-" for c in name)
         task = ["--task", args.task, "--seed", str(args.seed)]
+        task += [word for kv in args.set for word in ("--set", kv)]  # after DILOCO: wins
         if central is not None:
             task.append("--no-baseline")  # the same baseline: trained once, in the first run
         if extra == ["DENSE"]:  # one local step per round, the default (FedOpt) recipe
@@ -279,9 +280,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--local-steps", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--only", nargs="*", help="rows to run (codec names, or run-name parts)")
+    ap.add_argument(
+        "--only", nargs="*", help="rows: a codec or a whole row name (codecs), run-name parts"
+    )
     ap.add_argument("--alpha", type=float, default=0.5, help="digits: Dirichlet alpha")
     ap.add_argument("--task", default="digits", help="the testnet's --task (digits, text, ...)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="codecs: a config override for every row, e.g. train.inner_lr=0.01 (the recipe)",
+    )
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
     with tempfile.TemporaryDirectory(prefix="fflnode-bench-") as tmp:
