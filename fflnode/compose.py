@@ -178,6 +178,7 @@ def make_trainer(
             model = build_model(loaded, settings.seed)
         return LocalTrainer(loaded, model, settings, batches)
     chain = task_chain(loaded, model) if staged is None else staged[1]
+    check_rounds_stream(cfg)
     if chain is None:
         need = in_memory_bytes(numel, settings.inner_optimizer)
         raise ConfigError(
@@ -196,8 +197,52 @@ def make_trainer(
         micro_batch=t.micro_batch,
         backend=cfg.prism.backend,
         chunk_elems=cfg.exchange.chunk_elems,  # the round passes go chunk by chunk
+        round_held=lambda numel: held_encodings(cfg, numel),
         sample_batch=next(iter(loaded.task.train_data(partition, nodes, settings.seed))),  # type: ignore[union-attr]
     )
+
+
+def check_rounds_stream(cfg: Config) -> None:
+    """An out-of-core node's rounds must go chunk by chunk from its block file: the plain
+    mean of all-gathered Deltas over the complete graph (fflnode.rounds `_streams`). A
+    reduce-scatter, gossip or robust round holds |θ|-sized vectors in RAM, past any
+    budget that made the node stream; refused at load rather than run out of memory."""
+    e, r = cfg.exchange, cfg.run
+    why = (
+        "its rounds reduce-scatter exact Deltas (exchange.scheme 'auto' with codec 'none' "
+        'resolves to it; set exchange.scheme = "all-gather", every node the same, or a '
+        "lossy codec such as 'holo')"
+        if reduce_scatters(cfg)
+        else f"run.topology {r.topology!r} gossips (use 'complete')"
+        if r.topology != "complete"
+        else f"exchange.robust {e.robust!r} needs whole Deltas (use 'none')"
+        if e.robust != "none"
+        else f"adversary.mode {cfg.adversary.mode!r} rewrites whole Deltas"
+        if cfg.adversary.mode != "none"
+        else None
+    )
+    if why is not None and r.rounds:
+        raise ConfigError(
+            f"{cfg.source}: train.memory_budget_mb = {cfg.train.memory_budget_mb} streams the "
+            f"model out of core, but {why}: such a round holds the whole Delta in memory"
+        )
+
+
+def held_encodings(cfg: Config, numel: int) -> int:
+    """Bytes of encoded Deltas an all-gather round keeps in RAM: this node's own for the
+    last KEEP_ROUNDS rounds (peers may still pull them) and one from each peer (kept
+    until the mean is formed), each |θ| encoded chunk by chunk."""
+    from fflnode.codecs import ChunkContext
+    from fflnode.exchange import KEEP_ROUNDS
+
+    codec, chunk = codec_of(cfg), cfg.exchange.chunk_elems
+    sizes = {min(chunk, numel - lo) for lo in range(0, numel, chunk)} if numel else set()
+    per = {
+        n: codec.encode(torch.zeros(n), ChunkContext(cfg.run.seed, 0, 0, n)).wire_bytes
+        for n in sizes
+    }
+    one = sum(per[min(chunk, numel - lo)] for lo in range(0, numel, chunk))
+    return (KEEP_ROUNDS + cfg.run.nodes - 1) * one
 
 
 def store_options(cfg: Config) -> dict[str, object]:

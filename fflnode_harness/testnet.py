@@ -496,6 +496,9 @@ class Testnet:
         nursery.start_soon(self._supervise, proc, conf_path)
         with trio.move_on_after(NOTIFY_TIMEOUT_S):
             await proc.ready.wait()
+            if proc.done.is_set():  # it died before READY (a refused config): say why
+                self.say(f"  {proc.name:>6}: ended before READY: {last_line(proc.data_dir)}")
+                return False
             return True
         self.say(
             f"  {proc.name:>6}: not READY within {NOTIFY_TIMEOUT_S:.0f} s (a loaded machine, "
@@ -809,6 +812,21 @@ class Testnet:
             "centralized_sequential": self.baselines.get("centralized_sequential"),
             "wall_seconds": wall,
         }
+
+
+LOG_TAIL_BYTES = 4096  # enough for a node's last line (a ConfigError is one line)
+
+
+def last_line(data_dir: Path) -> str:
+    """The last non-empty line of a node's log: why a node that ended early ended."""
+    try:
+        with open(data_dir / "node.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError as e:
+        return f"(no log: {e.strerror})"
+    return next((line.strip() for line in reversed(lines) if line.strip()), "(empty log)")
 
 
 async def terminate_then_kill(process: trio.Process) -> None:

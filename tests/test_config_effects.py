@@ -1014,10 +1014,11 @@ def test_memory_budget_mb_and_micro_batch_choose_and_shape_the_trainer(tmp_path:
         return compose(load(
             where, run={"nodes": 1},
             train={"task": "text", "inner_optimizer": "adam", "memory_budget_mb": budget,
-                   "micro_batch": micro_batch},
+                   "micro_batch": micro_batch, "outer_optimizer": "sgd"},
             task={"seq_len": 32, "batch_size": 4, "d_model": 256, "n_layers": 8, "d_state": 8},
-            # the round's chunk passes must fit the budget too (fflnode.train.outofcore)
-            exchange={"chunk_elems": 1 << 18},
+            # the round's chunk passes must fit the budget too (fflnode.train.outofcore),
+            # and only an all-gather of compressed Deltas streams (compose)
+            exchange={"chunk_elems": 1 << 18, "codec": "holo", "bits": 1},
         )).trainer  # fmt: skip
 
     assert isinstance(trainer(0), LocalTrainer)  # no budget: in memory

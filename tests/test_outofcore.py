@@ -347,8 +347,11 @@ rounds = 1
 [train]
 task = "text"
 inner_optimizer = "adam"
+outer_optimizer = "sgd"
 memory_budget_mb = {budget}
 [exchange]
+codec = "holo"
+bits = 1
 chunk_elems = {chunk_elems}
 [task]
 seq_len = 32
@@ -412,6 +415,52 @@ def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path)
         compose(node_config(tmp_path, 8, d_model=256))
 
 
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (('codec = "holo"', 'codec = "none"'), "reduce-scatter exact Deltas"),
+        (("seed = 1", 'seed = 1\ntopology = "ring"'), "topology 'ring' gossips"),
+    ],
+)
+def test_a_round_that_cannot_stream_is_refused_for_an_out_of_core_node(
+    tmp_path: Path, change: tuple[str, str], words: str
+) -> None:
+    """Only an all-gathered plain mean streams from the block file: a node streaming its
+    model would hold the whole Delta in RAM in any other round, so it is refused at load
+    with the setting to change."""
+    from fflnode import config
+    from fflnode.compose import compose
+
+    path = tmp_path / "node.toml"
+    text = NODE_TOML.format(budget=64, d_model=256, chunk_elems=NODE_CHUNK_ELEMS)
+    path.write_text(text.replace(*change))
+    with pytest.raises(ConfigError, match=words):
+        compose(config.load(path))
+
+
+def test_encoded_deltas_are_counted_in_the_budget(tmp_path: Path) -> None:
+    """The exchange keeps this node's encoded Deltas for KEEP_ROUNDS rounds and one per
+    peer: at 1 bit they fit beside the trainer; at 8 bits, with 8 nodes, they do not."""
+    from fflnode import config
+    from fflnode.compose import compose, held_encodings
+    from fflnode.exchange import KEEP_ROUNDS
+
+    cfg = node_config(tmp_path, 64, d_model=256)
+    trainer = compose(cfg).trainer
+    try:
+        numel = trainer.numel
+        assert KEEP_ROUNDS * numel // 8 <= trainer.encodings <= 1.1 * KEEP_ROUNDS * numel / 8
+    finally:
+        trainer.close()
+    path = tmp_path / "node.toml"
+    text = path.read_text().replace("bits = 1", "bits = 8").replace("nodes = 1", "nodes = 16")
+    path.write_text(text)
+    wide = config.load(path)
+    assert held_encodings(wide, numel) > 64 << 20
+    with pytest.raises(ConfigError, match="MiB of encoded Deltas"):
+        compose(wide)
+
+
 def test_exchange_chunks_too_big_for_the_rounds_passes_are_refused_at_load(
     tmp_path: Path,
 ) -> None:
@@ -425,7 +474,9 @@ def test_exchange_chunks_too_big_for_the_rounds_passes_are_refused_at_load(
 
 # ----------------------------------------------------------------------------- testnet
 TESTNET_TIMEOUT_S = 480  # 2 nodes x 2 rounds of a 3M-parameter model: ~1-2 min here
-TESTNET_BUDGET_MB = 40
+# 38 MiB of arenas and pools, and 3 MiB of 2-bit encoded Deltas (4 rounds of this
+# node's and one from the peer) that the exchange keeps beside them.
+TESTNET_BUDGET_MB = 44
 # The recipe and data both runs share: only the model's size and the budget differ.
 TESTNET_COMMON = (
     "--rounds", "2", "--local-steps", "2", "--task", "text",
@@ -442,7 +493,7 @@ TESTNET_COMMON = (
 def test_two_node_testnet_trains_out_of_core_within_its_budget_and_merges_exactly(
     tmp_path: Path,
 ) -> None:
-    """d_model 192, 8 blocks, Adam: 3M parameters, 48 MB in memory, over a 40 MiB budget:
+    """d_model 192, 8 blocks, Adam: 3M parameters, 48 MB in memory, over a 44 MiB budget:
     both nodes stream their blocks and their rounds, exchange holo-encoded deltas and
     merge exactly, and each node's peak RSS (VmHWM) stays within the budget + the peak
     of a baseline node (the same run with a 1-block d_model-16 model in memory, measured

@@ -98,3 +98,29 @@ def test_a_node_not_ready_in_time_is_one_line_and_a_report_not_a_traceback(
     assert "node0: not READY within 0 s" in said and "Traceback" not in said, said
     assert "metrics.png" not in said  # --no-plot: no plot is promised
     assert json.loads((out / "report.json").read_text())["ok"] is False
+
+
+def test_a_node_whose_config_is_refused_is_named_with_its_reason_not_a_traceback(
+    tmp_path: Path,
+):
+    """A node that exits before READY (here: the daemon refuses an out-of-core budget too
+    small for its encoded Deltas, a check only the node can make) is one line carrying
+    the node's own last words; the testnet stops and exits 1 with its report."""
+    out = tmp_path / "net"
+    proc = subprocess.run(
+        fflnode_cmd(
+            "testnet", "--nodes", "2", "--rounds", "1", "--task", "text",
+            "--task-option", "seq_len=32", "--task-option", "batch_size=4",
+            "--task-option", "d_model=192", "--task-option", "n_layers=8",
+            "--set", 'train.outer_optimizer="sgd"', "--set", 'states.federate="off"',
+            "--set", 'train.inner_optimizer="adam"', "--codec", "holo", "--bits", "2",
+            "--set", "train.memory_budget_mb=40", "--set", "exchange.chunk_elems=262144",
+            "--no-baseline", "--no-plot", "--out", str(out),
+        ),
+        capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    said = [line for line in proc.stdout.splitlines() if "ended before READY" in line]
+    assert len(said) == 1 and "encoded Deltas" in said[0], proc.stdout
+    assert json.loads((out / "report.json").read_text())["ok"] is False

@@ -29,8 +29,11 @@ number of per-parameter tensors (1 for SGD, 3 for Adam), the arenas hold 2·s·B
 whole batch; the backward pass holds the output gradient, the input gradient, the input
 and a prefetched input (4·A), plus a micro-batch's autograd working set; what is left of
 the budget keeps the latest boundaries resident (the backward pass wants them first), the
-rest are spilled. Plus both block files' Prism pools. `peak_held` counts every tensor the
-trainer allocates, at its peak; tests check it and the process's RSS against the budget.
+rest are spilled. Plus both block files' Prism pools. The budget the plan spends is what
+is left after the exchange's encoded Deltas (`round_held`, from compose.held_encodings),
+which stay in RAM through a round and the next one's steps. `peak_held` counts every
+tensor the trainer allocates, at its peak; tests check it and the process's RSS against
+the budget.
 
 Equivalence. With M = N, a step runs the same operations in the same order as
 LocalTrainer's (the chain's contract), and a gradient reaching a tensor used in two places
@@ -256,6 +259,7 @@ class OutOfCoreTrainer(RoundState):
         backend: str | None = "auto",
         sample_batch: Any = None,
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        round_held: Callable[[int], int] | None = None,
     ) -> None:
         self.loaded, self.task, self.s, self.batches = loaded, loaded.task, settings, batches
         self.model, self.chain = model, chain
@@ -330,6 +334,9 @@ class OutOfCoreTrainer(RoundState):
         self.plan: MemoryPlan | None = None
         self._spill: BlockFile | None = None
         self._spill_numel = 0
+        # The exchange keeps encoded Deltas in RAM through the round and the next one's
+        # inner steps (compose.held_encodings): they come out of the budget first.
+        self.encodings = round_held(self.numel) if round_held is not None else 0
         if sample_batch is not None:  # check the budget now, not at the first step
             if any(p.is_meta for p in chain.stages[0].module.parameters()):
                 materialize_stage(loaded, chain.stages[0], settings.seed, self.device)
@@ -337,32 +344,35 @@ class OutOfCoreTrainer(RoundState):
                 h = chain.stages[0](chain.model_input(sample_batch))
             rows = batch_rows(sample_batch)
             lo, hi = self._micro_batches(rows)[0]
-            self.plan = plan_memory(
-                memory_budget,
-                self.largest,
-                len(self.kinds),
-                h.numel() * h.element_size(),
-                len(chain.stages) - 1,
-                rows,
-                hi - lo,
-            )
+            shape = (self.largest, len(self.kinds), h.numel() * h.element_size())
+            rest = (len(chain.stages) - 1, rows, hi - lo)
             del h
+            plan = plan_memory(memory_budget, *shape, *rest)  # the minimum, alone
+            fixed = plan.arenas + plan.pools
             round_pass = ROUND_CHUNK_BUFFERS * FLOAT_BYTES * self.chunk_elems
-            if (
-                self.streams_rounds
-                and self.plan.arenas + self.plan.pools + round_pass > memory_budget
-            ):
-                fits = (memory_budget - self.plan.arenas - self.plan.pools) // (
-                    ROUND_CHUNK_BUFFERS * FLOAT_BYTES
-                )
+            if self.streams_rounds and fixed + round_pass > memory_budget:
+                fits = (memory_budget - fixed) // (ROUND_CHUNK_BUFFERS * FLOAT_BYTES)
                 raise ConfigError(
                     f"train.memory_budget_mb: {memory_budget >> 20} MiB cannot hold a round's "
-                    f"chunk-by-chunk passes: {self.plan.arenas >> 20} MiB of stage arenas, "
-                    f"{self.plan.pools >> 20} MiB of I/O pools and {round_pass >> 20} MiB for "
+                    f"chunk-by-chunk passes: {plan.arenas >> 20} MiB of stage arenas, "
+                    f"{plan.pools >> 20} MiB of I/O pools and {round_pass >> 20} MiB for "
                     f"{ROUND_CHUNK_BUFFERS} buffers of exchange.chunk_elems = {chunk_elems}; "
                     f"set exchange.chunk_elems to at most {max(fits, 0)} (every node of the "
                     "run the same) or raise the budget"
                 )
+            # Inner steps hold the working set, round passes the chunk buffers; encoded
+            # Deltas stay through both.
+            busiest = fixed + max(plan.working, round_pass if self.streams_rounds else 0)
+            if busiest + self.encodings > memory_budget:
+                raise ConfigError(
+                    f"train.memory_budget_mb: {memory_budget >> 20} MiB cannot hold "
+                    f"{busiest >> 20} MiB of stage arenas, I/O pools and a step's or a "
+                    f"round's buffers beside {self.encodings >> 20} MiB of encoded Deltas "
+                    "(this node's for the last rounds and one per peer); choose a codec with "
+                    'fewer bits (exchange.codec = "holo", exchange.bits = 1) or raise the '
+                    "budget"
+                )
+            self.plan = plan_memory(memory_budget - self.encodings, *shape, *rest)
         self._blockio = BlockIO()
         regions = {
             f"{k}.{kind}": max(n, 1) for k, n in enumerate(self.stage_numel) for kind in self.kinds
@@ -478,7 +488,7 @@ class OutOfCoreTrainer(RoundState):
         plan = self.plan
         if plan is None or plan.boundary != nbytes:
             plan = plan_memory(
-                self.memory_budget,
+                self.memory_budget - self.encodings,
                 self.largest,
                 len(self.kinds),
                 nbytes,
