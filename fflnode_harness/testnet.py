@@ -1085,14 +1085,14 @@ def fmt_metric(name: str, v: float | None) -> str:
     return f"{100 * v:.2f}%" if "accuracy" in name else f"{v:.4g}"
 
 
-def compare(name: str, merged: float, central: float) -> str:
+def compare(name: str, merged: float, central: float, against: str = "centralized") -> str:
     from fflnode.train.task import higher_is_better
 
     if "accuracy" in name:
-        return f"merged - centralized = {100 * (merged - central):+.1f} pts"
+        return f"merged - {against} = {100 * (merged - central):+.1f} pts"
     rel = (merged - central) / abs(central) if central else float("inf")
     better = "better" if (merged > central) == higher_is_better(name) else "worse"
-    return f"merged {abs(100 * rel):.1f} % {better} than centralized"
+    return f"merged {abs(100 * rel):.1f} % {better} than {against}"
 
 
 def rejoin_summary(node: dict[str, Any]) -> str:
@@ -1190,7 +1190,8 @@ def print_summary(report: dict[str, Any], plotted: bool = True) -> None:
         shown = ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in ordered(cen["metrics"], primary))
         gap = ""
         if primary and primary in merged_metrics and primary in cen["metrics"]:
-            gap = f"; {compare(primary, merged_metrics[primary], cen['metrics'][primary])}"
+            value, base = merged_metrics[primary], cen["metrics"][primary]
+            gap = f"; {compare(primary, value, base, label.strip())}"
         per_step = cen.get("batches_per_step", 1)
         steps = f"{cen['steps']} steps x {per_step} batch{'es' if per_step > 1 else ''}"
         print(f"{label:<21}{shown}  ({steps}{gap})")
