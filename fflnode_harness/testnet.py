@@ -660,28 +660,35 @@ class Testnet:
         local steps), each on the mean gradient of one batch per node, so the samples and
         the step count of the run; and "centralized_sequential", one worker taking all
         nodes x rounds x local steps steps one batch at a time: the same samples in N times
-        the sequential steps, a bar no N-node run of the same steps is meant to reach."""
+        the sequential steps, a bar no N-node run of the same steps is meant to reach.
+        Both are built here, one after the other (building draws from torch's global
+        generator), and trained in threads."""
         import torch
 
-        a = self.args
-        torch.set_num_threads(1)  # one core for each baseline, like each node
-        steps = a.rounds * a.local_steps
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._train_baseline, "centralized", steps, a.nodes)
-            nursery.start_soon(self._train_baseline, "centralized_sequential", a.nodes * steps, 1)
-
-    async def _train_baseline(self, key: str, steps: int, batches_per_step: int) -> None:
         from fflnode.train.task import load_task
-        from fflnode.train.trainer import settings_from, train_centralized
+        from fflnode.train.trainer import centralized_trainer, settings_from
 
         a = self.args
         # The nodes' own task and training settings: same model, data, schedule.
         cfg = node_config(a, 0, self.out, [])
         loaded = load_task(cfg.train.task, cfg.task, Path.cwd())
         settings = settings_from(cfg.train, a.seed, a.rounds)
+        torch.set_num_threads(1)  # one core for each baseline, like each node
+        steps = a.rounds * a.local_steps
+        plans = (("centralized", steps, a.nodes), ("centralized_sequential", a.nodes * steps, 1))
+        async with trio.open_nursery() as nursery:
+            for key, n, per_step in plans:
+                trainer = centralized_trainer(loaded, settings)
+                nursery.start_soon(self._train_baseline, key, trainer, n, per_step)
+
+    async def _train_baseline(
+        self, key: str, trainer: Any, steps: int, batches_per_step: int
+    ) -> None:
+        from fflnode.train.trainer import run_centralized
+
         t0 = time.perf_counter()
         metrics, _ = await trio.to_thread.run_sync(
-            train_centralized, loaded, settings, steps, batches_per_step
+            run_centralized, trainer, steps, batches_per_step
         )
         self.baselines[key] = {
             "metrics": metrics,

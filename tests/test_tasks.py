@@ -282,5 +282,5 @@ def test_the_data_parallel_baseline_steps_on_the_mean_gradient_of_one_batch_per_
     # One batch's step is another model: the N batches are really in the step.
     _, one = train_centralized(loaded, settings, 1, 1)
     pairs = zip(federated_parameters(one), got, strict=True)
-    apart = max(float((a - b).abs().max()) for (_, a), b in pairs)
+    apart = max(float((a - b).detach().abs().max()) for (_, a), b in pairs)
     assert apart > 10 * atol

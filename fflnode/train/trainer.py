@@ -350,12 +350,21 @@ def node_trainer(
     return LocalTrainer(loaded, model, settings, batches)
 
 
-def train_centralized(
-    loaded: LoadedTask, settings: TrainSettings, steps: int, batches_per_step: int = 1
+def centralized_trainer(loaded: LoadedTask, settings: TrainSettings) -> LocalTrainer:
+    """A baseline's trainer: the same model on the union of all node data (partition 0
+    of 1), with the Adam a centralized trainer would use. Building it draws from torch's
+    global generator (build_model), so build baselines one at a time: train them in
+    threads only once built."""
+    lr = float(getattr(loaded.task, "baseline_lr", CENTRAL_LR))  # a task may tune its own
+    settings = dataclasses.replace(settings, inner_optimizer="adam", inner_lr=lr)
+    return node_trainer(loaded, settings, 0, 1)
+
+
+def run_centralized(
+    trainer: LocalTrainer, steps: int, batches_per_step: int = 1
 ) -> tuple[dict[str, float], nn.Module]:
-    """A baseline: the same model on the union of all node data (partition 0 of 1) for
-    `steps` Adam steps, the optimizer a centralized trainer would use, on the same
-    schedule as the federated outer optimizer; returns (metrics, model).
+    """Train a centralized_trainer for `steps` Adam steps on the same schedule as the
+    federated outer optimizer; returns (metrics, model).
 
     Each step takes the mean gradient of `batches_per_step` consecutive batches (the mean
     of their losses, backpropagated one batch at a time): with N batches it is
@@ -363,17 +372,21 @@ def train_centralized(
     N-node run; with 1 it is a single worker taking every step in sequence."""
     if steps < 0 or batches_per_step < 1:
         raise ValueError(f"baseline of {steps} steps x {batches_per_step} batches")
-    lr = float(getattr(loaded.task, "baseline_lr", CENTRAL_LR))  # a task may tune its own
-    settings = dataclasses.replace(settings, inner_optimizer="adam", inner_lr=lr)
-    trainer = node_trainer(loaded, settings, 0, 1)
+    lr, schedule, task = trainer.s.inner_lr, trainer.s.lr_schedule, trainer.task
     trainer.model.train()
-    task = loaded.task
     for t in range(steps):
         for group in trainer.inner.param_groups:
-            group["lr"] = scheduled_lr(lr, settings.lr_schedule, t, steps)
+            group["lr"] = scheduled_lr(lr, schedule, t, steps)
         trainer.inner.zero_grad(set_to_none=True)
         for _ in range(batches_per_step):
             loss = task.loss(trainer.model, next(trainer.batches))  # type: ignore[union-attr]
             (loss / batches_per_step if batches_per_step > 1 else loss).backward()
         trainer.inner.step()
     return trainer.evaluate(), trainer.model
+
+
+def train_centralized(
+    loaded: LoadedTask, settings: TrainSettings, steps: int, batches_per_step: int = 1
+) -> tuple[dict[str, float], nn.Module]:
+    """A centralized baseline built and trained (see run_centralized)."""
+    return run_centralized(centralized_trainer(loaded, settings), steps, batches_per_step)
