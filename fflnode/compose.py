@@ -178,7 +178,6 @@ def make_trainer(
             model = build_model(loaded, settings.seed)
         return LocalTrainer(loaded, model, settings, batches)
     chain = task_chain(loaded, model) if staged is None else staged[1]
-    check_rounds_stream(cfg)
     if chain is None:
         need = in_memory_bytes(numel, settings.inner_optimizer)
         raise ConfigError(
@@ -186,7 +185,8 @@ def make_trainer(
             f"MiB in memory, over train.memory_budget_mb = {t.memory_budget_mb}, and task "
             f"{t.task!r} declares no blocks() to stream it by (fflnode.train.task)"
         )
-    return OutOfCoreTrainer(
+    check_rounds_stream(cfg)
+    trainer = OutOfCoreTrainer(
         loaded,
         model,
         chain,
@@ -200,6 +200,15 @@ def make_trainer(
         round_held=lambda numel: held_encodings(cfg, numel),
         sample_batch=next(iter(loaded.task.train_data(partition, nodes, settings.seed))),  # type: ignore[union-attr]
     )
+    if cfg.run.rounds and not trainer.streams_rounds:
+        trainer.close()
+        raise ConfigError(
+            f"{cfg.source}: task {t.task!r}'s blocks() are not contiguous ranges of the "
+            "federated parameters in canonical (name) order, so its rounds cannot stream "
+            "chunk by chunk from the block file and would hold the whole Delta in memory: "
+            "name the parameters so that each stage's sort together"
+        )
+    return trainer
 
 
 def check_rounds_stream(cfg: Config) -> None:
@@ -242,7 +251,9 @@ def held_encodings(cfg: Config, numel: int) -> int:
         for n in sizes
     }
     one = sum(per[min(chunk, numel - lo)] for lo in range(0, numel, chunk))
-    return (KEEP_ROUNDS + cfg.run.nodes - 1) * one
+    # A lone node holds one more for a moment: the new encoding before publish drops
+    # the oldest.
+    return (KEEP_ROUNDS + max(cfg.run.nodes - 1, 1)) * one
 
 
 def store_options(cfg: Config) -> dict[str, object]:

@@ -65,10 +65,13 @@ def test_chain_with_a_shared_parameter_is_refused() -> None:
 
 class StagedTask:
     """Two Linear stages initialised by init_stage; `stray` adds a buffer outside them,
-    `broken` makes init_stage raise."""
+    `broken` makes init_stage raise, `lazy` makes it skip stage "1", `twins` names both
+    stages "0"."""
 
-    def __init__(self, stray: bool = False, broken: bool = False) -> None:
-        self.stray, self.broken = stray, broken
+    def __init__(
+        self, stray: bool = False, broken: bool = False, lazy: bool = False, twins: bool = False
+    ) -> None:
+        self.stray, self.broken, self.lazy, self.twins = stray, broken, lazy, twins
 
     def build_model(self, seed: int) -> nn.Module:
         model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -79,10 +82,11 @@ class StagedTask:
     def init_stage(self, module: nn.Module, name: str, seed: int) -> None:
         if self.broken:
             raise RuntimeError("no weights today")
-        module.reset_parameters()
+        if not (self.lazy and name == "1"):
+            module.reset_parameters()
 
     def blocks(self, model: nn.Module) -> BlockChain:
-        stages = (Stage("0", model[0]), Stage("1", model[1]))
+        stages = (Stage("0", model[0]), Stage("0" if self.twins else "1", model[1]))
         return BlockChain(stages, lambda b: b, lambda out, b: out.pow(2).mean())
 
     def train_data(self, partition: int, nodes: int, seed: int):
@@ -122,6 +126,10 @@ def test_init_stage_errors_are_one_line_naming_the_task() -> None:
         build_model(staged(StagedTask(stray=True)), 1)
     with pytest.raises(ConfigError, match=r"'staged'.*init_stage\('0'\) raised RuntimeError"):
         build_model(staged(StagedTask(broken=True)), 1)
+    with pytest.raises(ConfigError, match=r"init_stage\('1'\) left 1.weight unset"):
+        build_model(staged(StagedTask(lazy=True)), 1)
+    with pytest.raises(ConfigError, match="names two stages '0'"):
+        build_model(staged(StagedTask(twins=True)), 1)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -438,9 +446,29 @@ def test_a_round_that_cannot_stream_is_refused_for_an_out_of_core_node(
         compose(config.load(path))
 
 
+def test_stages_that_are_not_contiguous_in_the_flat_order_are_refused_with_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain whose stages are not contiguous ranges of the canonical flat vector cannot
+    stream its rounds (OutOfCoreTrainer.streams_rounds); compose refuses it when the run
+    has rounds. The text LM's stages are contiguous, so a trainer that says otherwise
+    stands in for such a task."""
+    from fflnode import compose as composemod
+    from fflnode.train.outofcore import OutOfCoreTrainer
+
+    class Scattered(OutOfCoreTrainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.streams_rounds = False
+
+    monkeypatch.setattr(composemod, "OutOfCoreTrainer", Scattered)
+    with pytest.raises(ConfigError, match="not contiguous ranges"):
+        composemod.compose(node_config(tmp_path, 64, d_model=256))
+
+
 def test_encoded_deltas_are_counted_in_the_budget(tmp_path: Path) -> None:
     """The exchange keeps this node's encoded Deltas for KEEP_ROUNDS rounds and one per
-    peer: at 1 bit they fit beside the trainer; at 8 bits, with 8 nodes, they do not."""
+    peer: at 1 bit they fit beside the trainer; at 8 bits, with 16 nodes, they do not."""
     from fflnode import config
     from fflnode.compose import compose, held_encodings
     from fflnode.exchange import KEEP_ROUNDS
@@ -449,7 +477,8 @@ def test_encoded_deltas_are_counted_in_the_budget(tmp_path: Path) -> None:
     trainer = compose(cfg).trainer
     try:
         numel = trainer.numel
-        assert KEEP_ROUNDS * numel // 8 <= trainer.encodings <= 1.1 * KEEP_ROUNDS * numel / 8
+        kept = KEEP_ROUNDS + 1  # a lone node: ours for KEEP_ROUNDS, and the one being made
+        assert kept * numel // 8 <= trainer.encodings <= 1.1 * kept * numel / 8
     finally:
         trainer.close()
     path = tmp_path / "node.toml"

@@ -213,8 +213,10 @@ def initialise(module: nn.Module) -> None:
         elif isinstance(m, FieldEmbedding):
             m.reset_tables()
         own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-        if isinstance(m, nn.Linear | RMSNorm | SSDLayer | FieldEmbedding):
-            done.update(id(t) for t in m.parameters())
+        if isinstance(m, nn.Linear | RMSNorm | SSDLayer):
+            done.update(id(t) for t in own)  # their children are visited on their own
+        elif isinstance(m, FieldEmbedding):
+            done.update(id(t) for t in m.parameters())  # its tables sit in a ParameterList
         elif any(id(t) not in done for t in own):
             raise TypeError(f"no initialisation for {type(m).__name__}")
 

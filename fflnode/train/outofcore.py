@@ -272,6 +272,7 @@ class OutOfCoreTrainer(RoundState):
         # Arenas, activations and compute live on the model's device (the CPU here); a
         # skeleton's (meta) stages are materialized on the CPU one at a time.
         self.skeleton = any(p.is_meta for p in self.params)
+        self.materialized: set[int] = set()  # skeleton stages given storage and values
         self.device = torch.device("cpu") if self.skeleton else self.params[0].device
         self.flat_offset: dict[int, int] = {}
         pos = 0
@@ -338,8 +339,8 @@ class OutOfCoreTrainer(RoundState):
         # inner steps (compose.held_encodings): they come out of the budget first.
         self.encodings = round_held(self.numel) if round_held is not None else 0
         if sample_batch is not None:  # check the budget now, not at the first step
-            if any(p.is_meta for p in chain.stages[0].module.parameters()):
-                materialize_stage(loaded, chain.stages[0], settings.seed, self.device)
+            if self.skeleton:
+                self._materialize(0)
             with torch.no_grad():
                 h = chain.stages[0](chain.model_input(sample_batch))
             rows = batch_rows(sample_batch)
@@ -411,9 +412,8 @@ class OutOfCoreTrainer(RoundState):
         before it is written, so the model is never whole in memory."""
         arena = self.arenas[0]
         for k, ps in enumerate(self.stage_params):
-            stage = self.chain.stages[k]
-            if any(t.is_meta for t in [*stage.module.parameters(), *stage.module.buffers()]):
-                materialize_stage(self.loaded, stage, self.s.seed, self.device)
+            if self.skeleton:
+                self._materialize(k)
             n = self.stage_numel[k]
             pos = 0
             for p in ps:
@@ -427,6 +427,14 @@ class OutOfCoreTrainer(RoundState):
         if self.skeleton:
             check_materialized(self.loaded, self.model)
         pin_allocator()
+
+    def _materialize(self, k: int) -> None:
+        """Give skeleton stage k its storage and the task's values, once (every stage,
+        even one whose tensors the skeleton already holds on the CPU: the in-memory
+        build initialises every stage, so the bits must come from init_stage here too)."""
+        if k not in self.materialized:
+            materialize_stage(self.loaded, self.chain.stages[k], self.s.seed, self.device)
+            self.materialized.add(k)
 
     async def _read_stage(self, k: int, slot: int, kinds: tuple[str, ...]) -> None:
         n = max(self.stage_numel[k], 1)

@@ -154,6 +154,10 @@ def check_chain(chain: BlockChain, model: nn.Module, where: str) -> None:
     """Every federated parameter in exactly one stage, and nothing else trainable there."""
     if not chain.stages:
         raise ConfigError(f"{where}: blocks() declared no stage")
+    names = [stage.name for stage in chain.stages]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"{where}: blocks() names two stages {twice!r}; names must differ")
     owner: dict[int, str] = {}
     for stage in chain.stages:
         for p in stage.module.parameters():
@@ -430,6 +434,8 @@ def materialize_stage(
             continue
         seen.add(id(t))
         fresh = torch.empty(t.shape, dtype=t.dtype, device=device)
+        if fresh.is_floating_point():
+            fresh.fill_(float("nan"))  # what init_stage leaves unset shows (checked below)
         if isinstance(t, nn.Parameter):
             fresh = nn.Parameter(fresh, requires_grad=t.requires_grad)
         torch.utils.swap_tensors(t, fresh)
@@ -442,6 +448,13 @@ def materialize_stage(
                 f"task {loaded.spec!r} ({loaded.source}): init_stage({stage.name!r}) raised "
                 f"{type(e).__name__}: {e}"
             ) from None
+    named = [*stage.module.named_parameters(), *stage.module.named_buffers()]
+    for name, t in named:
+        if t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise ConfigError(
+                f"task {loaded.spec!r} ({loaded.source}): init_stage({stage.name!r}) left "
+                f"{stage.name}.{name} unset (NaN); it must fill every parameter and buffer"
+            )
 
 
 def check_materialized(loaded: LoadedTask, model: nn.Module) -> None:
