@@ -93,6 +93,8 @@ def gap(name: str, value: float, central: dict | None) -> str:
     if not central or name not in central["metrics"]:
         return "-"
     c = central["metrics"][name]
+    if not c:
+        return "-"
     if "accuracy" in name:
         return f"{100 * (value - c):+.2f} pts"
     return f"{100 * (value - c) / c:+.1f}%"
@@ -128,7 +130,8 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     for name, extra in rows:
         slug = "".join(c if c.isalnum() else "-" for c in name)
         task = ["--task", args.task, "--seed", str(args.seed)]
-        task += [word for kv in args.set for word in ("--set", kv)]  # after DILOCO: wins
+        if extra != ["DENSE"]:  # the DiLoCo recipe's overrides (after DILOCO: they win)
+            task += [word for kv in args.set for word in ("--set", kv)]
         if central is not None:
             task.append("--no-baseline")  # the same baseline: trained once, in the first run
         if extra == ["DENSE"]:  # one local step per round, the default (FedOpt) recipe
@@ -290,7 +293,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="codecs: a config override for every row, e.g. train.inner_lr=0.01 (the recipe)",
+        help="codecs: a recipe override for every DiLoCo row (not the dense one)",
     )
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
