@@ -23,7 +23,14 @@ from fflnode.errors import ConfigError
 from fflnode.states_phase import StatesPlan, plan_states
 from fflnode.tensors import FlatLayout
 from fflnode.train.outofcore import OutOfCoreTrainer, in_memory_bytes, pin_allocator
-from fflnode.train.task import LoadedTask, build_model, build_skeleton, load_task, task_chain
+from fflnode.train.task import (
+    LoadedTask,
+    build_model,
+    build_skeleton,
+    load_task,
+    materialize_model,
+    task_chain,
+)
 from fflnode.train.trainer import (
     BatchStream,
     LocalTrainer,
@@ -174,8 +181,8 @@ def make_trainer(
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batches = BatchStream(lambda: loaded.task.train_data(partition, nodes, settings.seed))  # type: ignore[union-attr]
     if not budget or in_memory_bytes(numel, settings.inner_optimizer) <= budget:
-        if staged is not None:
-            model = build_model(loaded, settings.seed)
+        if staged is not None:  # it fits after all: the skeleton, made whole
+            model = materialize_model(loaded, *staged, settings.seed)
         return LocalTrainer(loaded, model, settings, batches)
     chain = task_chain(loaded, model) if staged is None else staged[1]
     if chain is None:
@@ -244,13 +251,14 @@ def held_encodings(cfg: Config, numel: int) -> int:
     from fflnode.codecs import ChunkContext
     from fflnode.exchange import KEEP_ROUNDS
 
-    codec, chunk = codec_of(cfg), cfg.exchange.chunk_elems
-    sizes = {min(chunk, numel - lo) for lo in range(0, numel, chunk)} if numel else set()
-    per = {
-        n: codec.encode(torch.zeros(n), ChunkContext(cfg.run.seed, 0, 0, n)).wire_bytes
-        for n in sizes
-    }
-    one = sum(per[min(chunk, numel - lo)] for lo in range(0, numel, chunk))
+    codec = codec_of(cfg)
+
+    def encoded(n: int) -> int:  # a chunk's encoding depends on its length only
+        return codec.encode(torch.zeros(n), ChunkContext(cfg.run.seed, 0, 0, n)).wire_bytes
+
+    full, rest = divmod(numel, cfg.exchange.chunk_elems)
+    one = full * encoded(cfg.exchange.chunk_elems) if full else 0
+    one += encoded(rest) if rest else 0
     # A lone node holds one more for a moment: the new encoding before publish drops
     # the oldest.
     return (KEEP_ROUNDS + max(cfg.run.nodes - 1, 1)) * one

@@ -365,11 +365,7 @@ def build_model(loaded: LoadedTask, seed: int) -> nn.Module:
     time, with the bits an out-of-core trainer gives the same stages."""
     staged = build_skeleton(loaded, seed)
     if staged is not None:
-        model, chain = staged
-        for stage in chain.stages:
-            materialize_stage(loaded, stage, seed)
-        check_materialized(loaded, model)
-        return model
+        return materialize_model(loaded, *staged, seed)
     model = _built(loaded, seed)
     check_federatable(model, f"task {loaded.spec!r} ({loaded.source})")
     return model
@@ -455,6 +451,17 @@ def materialize_stage(
                 f"task {loaded.spec!r} ({loaded.source}): init_stage({stage.name!r}) left "
                 f"{stage.name}.{name} unset (NaN); it must fill every parameter and buffer"
             )
+
+
+def materialize_model(
+    loaded: LoadedTask, model: nn.Module, chain: BlockChain, seed: int
+) -> nn.Module:
+    """A skeleton (build_skeleton) made whole in memory, stage by stage: the in-memory
+    build of a task with init_stage."""
+    for stage in chain.stages:
+        materialize_stage(loaded, stage, seed)
+    check_materialized(loaded, model)
+    return model
 
 
 def check_materialized(loaded: LoadedTask, model: nn.Module) -> None:
