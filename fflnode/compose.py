@@ -79,7 +79,7 @@ class Composition:
             "exchange": [
                 e.codec,
                 e.bits,
-                e.holo_scale,
+                holo_scale(cfg),
                 e.ratio,
                 e.gamma,
                 e.robust,
@@ -103,11 +103,20 @@ def reduce_scatters(cfg: Config) -> bool:
     )
 
 
+def holo_scale(cfg: Config) -> str:
+    """exchange.holo_scale with "auto" resolved: unbiased where a complete graph's lossy
+    Deltas are reduce-scattered (averaged, then re-encoded), mse elsewhere."""
+    e = cfg.exchange
+    if e.holo_scale != "auto":
+        return e.holo_scale
+    return "unbiased" if reduce_scatters(cfg) and cfg.run.topology == "complete" else "mse"
+
+
 def codec_of(cfg: Config) -> Codec:
     e = cfg.exchange
     params: dict[str, Any] = {}
     if e.codec == "holo":
-        params = {"bits": e.bits, "scale": e.holo_scale}
+        params = {"bits": e.bits, "scale": holo_scale(cfg)}
     elif e.codec in ("topk", "sketch"):
         params = {"ratio": e.ratio}
     return make_codec(e.codec, **params)

@@ -103,9 +103,14 @@ class TrainSection:
 class ExchangeSection:
     codec: Literal["none", "holo", "topk", "sketch"] = "none"  # fflnode.codecs.CODECS
     bits: int = 1  # holo codec
-    # holo's per-tile scale: "unbiased" (DRIVE/EDEN; NMSE 0.57 at 1 bit) or "mse" (the
-    # least-squares scale: lower error, biased, which error feedback carries forward)
-    holo_scale: Literal["unbiased", "mse"] = "mse"
+    # holo's per-tile scale of a member's Delta: "unbiased" (DRIVE/EDEN; NMSE 0.57 at 1
+    # bit), "mse" (the least-squares scale: lower error, biased, which error feedback
+    # carries forward) or "auto": mse where Deltas are all-gathered (each is applied as
+    # it is), unbiased where they are reduce-scattered (an owner averages them before
+    # re-encoding the mean at the mse scale: unbiased estimates average their noise down,
+    # while mse's shrinkage would compound with the owner's; holo 1 bit on the LM: 4.678
+    # perplexity against 5.221, docs/benchmarks.md "Lossy reduce-scatter").
+    holo_scale: Literal["auto", "unbiased", "mse"] = "auto"
     ratio: float = 0.03  # topk / sketch: fraction of coordinates kept
     # Consensus step of the gossip mix (sparse topologies, fflnode.exchange): 1.0 averages
     # the neighbours' weights exactly; lossy codecs want less, so encoding noise is damped.
@@ -488,12 +493,10 @@ def from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
             "no heavy hitters for it to recover (merged 10 % on digits, docs/benchmarks.md); "
             "use codec 'holo' with bits = 1 for the same bandwidth"
         )
-    if cfg.exchange.scheme == "reduce-scatter" and (
-        cfg.exchange.codec != "none" or cfg.exchange.robust != "none"
-    ):
+    if cfg.exchange.scheme == "reduce-scatter" and cfg.exchange.robust != "none":
         raise ConfigError(
-            f"{source}: exchange.scheme 'reduce-scatter' carries exact Deltas (codec 'none') "
-            "with the plain mean (robust 'none'); use scheme 'all-gather' or 'auto'"
+            f"{source}: exchange.scheme 'reduce-scatter' takes the plain mean (robust "
+            "'none'): a robust mix needs every whole Delta; use scheme 'all-gather' or 'auto'"
         )
     if e.codec != "none" and cfg.train.outer_optimizer == "adam" and cfg.run.topology == "complete":
         # Adam normalises every coordinate of the decoded mean, so the codec's error (and

@@ -373,10 +373,14 @@ class RoundExchange:
             return None
         return starts.pop()
 
-    def _decode(self, enc: Encoded, ctx: ChunkContext, peer: str) -> torch.Tensor:
+    def _decode(
+        self, enc: Encoded, ctx: ChunkContext, peer: str, codec: Codec | None = None
+    ) -> torch.Tensor:
+        """A peer's chunk validated and decoded (by the run's codec unless told)."""
+        codec = codec or self.codec
         try:
-            self.codec.validate(enc, ctx)
-            est = self.codec.decode(enc, ctx)
+            codec.validate(enc, ctx)
+            est = codec.decode(enc, ctx)
         except FormatError as e:  # counted (per peer) where bulk.pull catches it
             raise WireError(peer, "codec", str(e)) from None
         if est.shape != (ctx.numel,) or not bool(torch.isfinite(est).all()):

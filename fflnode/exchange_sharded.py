@@ -1,33 +1,46 @@
-"""The exact codec's round as a reduce-scatter then an all-gather (GradsSharding per round).
+"""A round as a reduce-scatter then an all-gather (GradsSharding per round), for the
+exact codec and for lossy ones.
 
 Theory of operation. The run's members (agreed at the start barrier, canonical order:
 ascending peer-ID bytes) cut the flat Delta into N shards; shard s is owned by member
-s mod N, so every member owns exactly one and every node computes the same plan.
-Each round:
+s mod N, so every member owns exactly one and every node computes the same plan. The
+chunks a Delta is encoded and requested by (`spans`) are cut inside each shard, so a
+shard is a whole number of chunks. Each round:
 
-1. Publish. A node keeps its Delta (float32) and its start-of-round state digest in the
-   outbox (fflnode.exchange) and serves "piece" requests: a raw range of it, with the
-   digest in the header's meta. An empty range is a probe: the digest alone.
+1. Publish. A node keeps its Delta and its start-of-round state digest in the outbox
+   (fflnode.exchange). The exact codec serves "piece" requests: a raw float32 range of
+   it, with the digest in the header's meta. A lossy codec publishes its encoded chunks
+   (error feedback on the sender, as the all-gather does) and serves them as "delta"
+   chunks. An empty "piece" is a probe: the digest alone, for either.
 2. Reduce-scatter. The owner of shard s probes every live member for its digest, keeps
    those with the most common one (fflnode.exchange.majority_start: a restarted or
    drifted node is left out by every owner alike), and pulls their pieces of shard s in
    canonical order, at most REDUCE_WINDOW members fetched ahead of the one being added,
    into one float64 accumulator: the result is float32(sum / count), bit-exact whatever
-   order the pieces arrived in. A member contributes all its pieces or nothing (a pull
-   that fails leaves it out of that shard), and the result carries the bitmap of who
-   contributed and the majority digest.
+   order the pieces arrived in (a lossy codec's chunks are decoded first; the owner's
+   own contribution is its decoded estimate, what any receiver would decode). A member
+   contributes all its pieces or nothing (a pull that fails leaves it out of that
+   shard), and the result carries the bitmap of who contributed and the majority digest.
+   A lossy codec's owner then re-encodes the mean (plus its own residual of that shard:
+   owner-side error feedback) with `codec.for_mean()` (holo: the least-squares scale)
+   in chunk contexts of their own (`REDUCED_CHUNK`), and the decoded re-encoding is the
+   shard's result: what the owner applies is what every gatherer decodes.
 3. All-gather. Every node pulls each shard's result from its owner ("reduced"), which
    answers once it has reduced. If the owner is dead, frozen or fails, the node reduces
    that shard itself from the members' outboxes (step 2): the same canonical result
-   whenever it sees the same contributors, and otherwise a difference that the next
-   round's majority start digest repairs (the node in the minority resyncs).
+   whenever it sees the same contributors (a lossy re-encoding without the owner's
+   residual, which no other node holds: deterministic in the codec's context), and
+   otherwise a difference that the next round's majority start digest repairs (the node
+   in the minority resyncs).
 
 Bytes per node per round: its pieces to N - 1 owners and its shard to N - 1 gatherers,
-about 2 |theta| (N - 1) / N whatever N is (the all-to-all exchange was (N - 1) |theta|).
-Aggregation memory: one shard's float64 accumulator plus REDUCE_WINDOW shards in flight,
-O(|theta| / N). Lossy codecs keep the all-gather of their compressed Deltas (Averaging):
-at 1 bit per coordinate that is (N - 1) |theta| / 32 per node, less than this scheme's
-2 |theta| below N = 64, and it avoids a second quantisation at the owner.
+about 2 |theta| (N - 1) / N whatever N is (the all-to-all exchange was (N - 1) |theta|);
+a lossy codec at b bits moves b/32 of that (1 bit, 4 nodes: 3/64 |theta|, against the
+all-gather's 3/32). Aggregation memory: one shard's float64 accumulator plus
+REDUCE_WINDOW shards in flight, O(|theta| / N), and for a lossy codec the owner's
+residual of its shard. The price of a lossy codec here is a second quantisation, of the
+mean, which the owner's error feedback carries into the next round (measured on the LM
+in docs/benchmarks.md, "Lossy reduce-scatter").
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import trio
 from libp2p.peer.id import ID
 
 from fflnode import wire
+from fflnode.codecs import Encoded
 from fflnode.errors import FflError, WireError
 from fflnode.exchange import START_KEY, Averaging, Published, RoundReport, majority_start
 from fflnode.p2p import bulk
@@ -48,6 +62,12 @@ from fflnode.p2p import bulk
 log = logging.getLogger(__name__)
 
 PIECE, REDUCED = "piece", "reduced"  # `what` of a member's raw Delta range, a shard result
+DELTA = "delta"  # `what` of a member's encoded chunk (a lossy codec; fflnode.exchange)
+# Chunk-context offset of an owner's re-encoding of its shard's mean: chunk i of the mean
+# is encoded as chunk REDUCED_CHUNK + i, so its seeded randomness (holo's rotation) is
+# independent of the members' encodings of chunk i, whose errors it would otherwise
+# repeat rather than average. Far above any chunk count a wire header can index.
+REDUCED_CHUNK = 1 << 40
 # Members whose shard pieces are fetched ahead of the one being added: 2 overlaps one
 # transfer with the next while holding at most 2 shards' worth of pieces per reduction.
 REDUCE_WINDOW = 2
@@ -66,6 +86,7 @@ class ShardResult:
     values: np.ndarray  # float32, the shard's canonical mean
     majority: int  # the start digest the contributors shared
     contributors: list[int]  # indices into the canonical member list
+    chunks: list[Encoded] | None = None  # a lossy codec: the owner's encoding of the mean
 
     def meta(self) -> dict[str, int]:
         words: dict[str, int] = {}
@@ -87,17 +108,32 @@ def contributors_of(meta: dict, members: int, peer: str) -> list[int]:
     return out
 
 
+def codec_meta(meta: dict) -> dict:
+    """A lossy shard result's header meta less the result's own keys: the codec's."""
+    return {
+        k: v
+        for k, v in meta.items()
+        if k not in (START_KEY, COUNT_KEY) and not (k[:1] == "c" and k[1:].isdigit())
+    }
+
+
 class ShardedAveraging(Averaging):
-    """Exact averaging by per-round reduce-scatter and all-gather (codec none only)."""
+    """Averaging by per-round reduce-scatter and all-gather (the plain mean: robust none).
+    The exact codec is bit-exact; a lossy one is re-encoded by each shard's owner."""
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
-        if self.codec.name != "none":
-            raise ValueError("the sharded exchange carries exact float32 Deltas only")
+        if self.robust != "none":
+            raise ValueError("the sharded exchange takes the plain mean only (robust 'none')")
+        self.exact = self.codec.name == "none"
         self.members = sorted([*self.peers, self.me], key=lambda p: p.to_bytes())
         self.index = {p: i for i, p in enumerate(self.members)}
         self.results: dict[tuple[int, int], ShardResult] = {}
         self.result_ready: dict[tuple[int, int], trio.Event] = {}
+        # A lossy codec's owner-side error feedback: what its re-encodings of our shard's
+        # mean left out, carried into the next round (empty until the first).
+        self.owner_residual: torch.Tensor | None = None if self.exact else torch.empty(0)
+        self.mean_codec = self.codec.for_mean()  # what owners re-encode a mean with
 
     # ------------------------------------------------------------------ plan
     def shards(self, numel: int) -> list[tuple[int, int, ID]]:
@@ -114,9 +150,22 @@ class ShardedAveraging(Averaging):
     def pieces(self, lo: int, hi: int) -> list[tuple[int, int]]:
         return [(a, min(a + self.chunk_elems, hi)) for a in range(lo, hi, self.chunk_elems)]
 
+    def spans(self, numel: int) -> list[tuple[int, int]]:
+        """The chunks of a Delta, cut inside each shard: a shard is whole chunks."""
+        return [p for lo, hi, _ in self.shards(numel) for p in self.pieces(lo, hi)]
+
+    def shard_chunks(self, numel: int, s: int) -> list[tuple[int, int, int]]:
+        """(chunk index, lo, hi) of the chunks of shard s, in `spans` order."""
+        first = sum(len(self.pieces(lo, hi)) for lo, hi, _ in self.shards(numel)[:s])
+        lo, hi, _ = self.shards(numel)[s]
+        return [(first + k, a, b) for k, (a, b) in enumerate(self.pieces(lo, hi))]
+
     # ------------------------------------------------------------------ publish
     def encode(self, round: int, delta: torch.Tensor, start: int) -> Published:
-        """The raw Delta (the exact codec: what receivers reduce is what we hold)."""
+        """The exact codec: the raw Delta (what receivers reduce is what we hold). A
+        lossy one: its chunks with the sender's error feedback (Averaging.encode)."""
+        if not self.exact:
+            return super().encode(round, delta, start)
         return Published([], delta.detach().contiguous(), start=start)
 
     def bytes_out(self, round: int) -> int:
@@ -140,9 +189,12 @@ class ShardedAveraging(Averaging):
             pub = self.published.get(r)
             if pub is None:
                 raise bulk.Unavailable("not-ready", f"round {r} not finished here")
+            assert pub.estimate is not None
             numel = pub.estimate.numel()
             if not (0 <= lo <= hi <= numel and hi - lo <= self.chunk_elems):
                 raise bulk.Unavailable("bad-request", f"range [{lo}, {hi}) not served")
+            if hi > lo and not self.exact:  # a lossy codec's Delta goes out encoded only
+                raise bulk.Unavailable("codec", f"this run uses codec {self.codec.name!r}")
             return "none", [("values", pub.estimate[lo:hi].numpy())], {START_KEY: pub.start}
         s = msg["index"]
         if s >= len(self.members):
@@ -154,11 +206,17 @@ class ShardedAveraging(Averaging):
         if res is None:
             raise bulk.Unavailable("not-ready", f"shard {s} of round {r} not reduced here")
         pub = self.published.get(r)
-        numel = pub.estimate.numel() if pub is not None else 0
+        numel = pub.estimate.numel() if pub is not None and pub.estimate is not None else 0
         slo, shi, _ = self.shards(numel)[s]
         if not (slo <= lo < hi <= shi and hi - lo <= self.chunk_elems):
             raise bulk.Unavailable("bad-request", f"range [{lo}, {hi}) is not in shard {s}")
-        return "none", [("values", res.values[lo - slo : hi - slo])], res.meta()
+        if res.chunks is None:
+            return "none", [("values", res.values[lo - slo : hi - slo])], res.meta()
+        k = (lo - slo) // self.chunk_elems
+        if self.pieces(slo, shi)[k] != (lo, hi):
+            raise bulk.Unavailable("bad-request", f"range [{lo}, {hi}) is not a chunk of {s}")
+        enc = res.chunks[k]
+        return enc.codec, list(enc.parts.items()), res.meta()
 
     # ------------------------------------------------------------------ reduce
     async def _probe(self, peer: ID, round: int, at: int) -> int | None:
@@ -175,8 +233,9 @@ class ShardedAveraging(Averaging):
         ok = await self.pull(peer, [req], on_piece, 0)
         return got[0] if ok and got else None
 
-    async def reduce(self, round: int, s: int, numel: int) -> ShardResult:
-        """Shard s of `round`, reduced from the members' outboxes (owner or fallback)."""
+    async def reduce(self, round: int, s: int, numel: int, *, owner: bool) -> ShardResult:
+        """Shard s of `round`, reduced from the members' outboxes: by its owner, or by a
+        node whose owner did not answer (`owner` False: no owner-side feedback)."""
         lo, hi, _ = self.shards(numel)[s]
         pub = self.published[round]
         starts: dict[int, int] = {self.index[self.me]: pub.start}
@@ -195,12 +254,11 @@ class ShardedAveraging(Averaging):
         acc = np.zeros(hi - lo, dtype=np.float64)
         delivered: list[int] = []
         added = [trio.Event() for _ in chosen]
-        pieces = self.pieces(lo, hi)
 
         async def one(k: int, i: int) -> None:
             if k >= REDUCE_WINDOW:  # at most REDUCE_WINDOW members fetched ahead
                 await added[k - REDUCE_WINDOW].wait()
-            buf = await self._fetch(self.members[i], round, pieces, lo, hi)
+            buf = await self._fetch(self.members[i], round, s, numel, majority)
             if k:
                 await added[k - 1].wait()
             if buf is not None:  # canonical order: member k after member k - 1
@@ -214,29 +272,73 @@ class ShardedAveraging(Averaging):
         if not delivered:
             raise ShardUnavailable(f"shard {s}: no contribution arrived")
         acc /= len(delivered)
-        return ShardResult(acc.astype(np.float32), majority, delivered)
+        mean = acc.astype(np.float32)
+        if self.exact:
+            return ShardResult(mean, majority, delivered)
+        chunks, values = await trio.to_thread.run_sync(self._reencode, round, s, numel, mean, owner)
+        return ShardResult(values, majority, delivered, chunks)
+
+    def _reencode(
+        self, round: int, s: int, numel: int, mean: np.ndarray, feedback: bool
+    ) -> tuple[list[Encoded], np.ndarray]:
+        """A lossy codec's encoding of shard s's mean, chunk by chunk, and its decoding
+        (the shard's result). With `feedback` (the owner) the residual of our shard is
+        added first and what the encoding leaves out is kept for the next round."""
+        target = torch.from_numpy(mean)
+        res = self.owner_residual
+        if feedback and res is not None and res.shape == target.shape:
+            target = target + res
+        lo = self.shards(numel)[s][0]
+        chunks, values = [], torch.empty_like(target)
+        for i, a, b in self.shard_chunks(numel, s):
+            ctx = self.ctx(round, REDUCED_CHUNK + i, a, b)
+            enc = self.mean_codec.encode(target[a - lo : b - lo].contiguous(), ctx)
+            values[a - lo : b - lo] = self.mean_codec.decode(enc, ctx)
+            chunks.append(enc)
+        if feedback:
+            self.owner_residual = target - values
+        return chunks, values.numpy()
 
     async def _fetch(
-        self, peer: ID, round: int, pieces: list[tuple[int, int]], lo: int, hi: int
+        self, peer: ID, round: int, s: int, numel: int, majority: int
     ) -> np.ndarray | None:
-        """Member `peer`'s pieces [lo, hi) of its round Delta, whole or None."""
+        """Member `peer`'s shard s of its round Delta (decoded), whole or None."""
+        lo, hi, _ = self.shards(numel)[s]
+        pub = self.published[round]
         if peer == self.me:
-            return self.published[round].estimate[lo:hi].numpy()
+            assert pub.estimate is not None
+            return pub.estimate[lo:hi].numpy()
         buf = np.empty(hi - lo, dtype=np.float32)
+        if self.exact:
 
-        def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            values = arrays.get("values")
-            if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
-                raise WireError(str(peer), "schema", f"piece [{req.lo}, {req.hi}) misshapen")
-            buf[req.lo - lo : req.hi - lo] = values
+            def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+                values = arrays.get("values")
+                if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
+                    raise WireError(str(peer), "schema", f"piece [{req.lo}, {req.hi}) misshapen")
+                buf[req.lo - lo : req.hi - lo] = values
 
-        requests = [bulk.Request(round, PIECE, 0, a, b, "none") for a, b in pieces]
-        return buf if await self.pull(peer, requests, on_piece, hi - lo) else None
+            requests = [bulk.Request(round, PIECE, 0, a, b, "none") for a, b in self.pieces(lo, hi)]
+            return buf if await self.pull(peer, requests, on_piece, hi - lo) else None
+
+        async def on_chunk(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            meta = dict(header.meta)
+            if meta.pop(START_KEY, None) != majority:  # the probe said otherwise
+                raise WireError(str(peer), "schema", "a chunk from another start than probed")
+            enc = Encoded(header.codec, dict(arrays), meta)
+            ctx = self.ctx(round, req.index, req.lo, req.hi)
+            est = await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
+            buf[req.lo - lo : req.hi - lo] = est.numpy()
+
+        requests = [
+            bulk.Request(round, DELTA, i, a, b, self.codec.name)
+            for i, a, b in self.shard_chunks(numel, s)
+        ]
+        return buf if await self.pull(peer, requests, on_chunk, hi - lo) else None
 
     async def _own(self, round: int, s: int, numel: int) -> None:
         key = (round, s)
         try:
-            self.results[key] = await self.reduce(round, s, numel)
+            self.results[key] = await self.reduce(round, s, numel, owner=True)
         except ShardUnavailable as e:
             log.warning("round %d: could not reduce our shard %d: %s", round, s, e)
         finally:
@@ -250,17 +352,28 @@ class ShardedAveraging(Averaging):
             return self.results.get((round, s))
         buf = np.empty(hi - lo, dtype=np.float32)
         metas: list[dict] = []
+        chunks = self.shard_chunks(numel, s)
+        chunk_of = {(a, b): i for i, a, b in chunks}
 
-        def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            values = arrays.get("values")
-            if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
-                raise WireError(str(owner), "schema", f"shard [{req.lo}, {req.hi}) misshapen")
-            buf[req.lo - lo : req.hi - lo] = values
-            metas.append(dict(header.meta))
+        async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
+            meta = dict(header.meta)
+            metas.append(meta)
+            if self.exact:
+                values = arrays.get("values")
+                if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
+                    raise WireError(str(owner), "schema", f"shard [{req.lo}, {req.hi}) misshapen")
+                buf[req.lo - lo : req.hi - lo] = values
+                return
+            enc = Encoded(header.codec, dict(arrays), codec_meta(meta))
+            # A request's index names the shard; the chunk's context is its index in
+            # `spans`, known from its range.
+            ctx = self.ctx(round, REDUCED_CHUNK + chunk_of[(req.lo, req.hi)], req.lo, req.hi)
+            est = await trio.to_thread.run_sync(self._decode, enc, ctx, str(owner), self.mean_codec)
+            buf[req.lo - lo : req.hi - lo] = est.numpy()
 
         if self.liveness.is_alive(owner):
             requests = [
-                bulk.Request(round, REDUCED, s, a, b, "none") for a, b in self.pieces(lo, hi)
+                bulk.Request(round, REDUCED, s, a, b, self.codec.name) for _, a, b in chunks
             ]
             if await self.pull(owner, requests, on_piece, hi - lo) and metas:
                 try:
@@ -278,13 +391,25 @@ class ShardedAveraging(Averaging):
         text = f"round {round}: reducing its shard {s} ourselves"
         self.traffic.peer_log.log(str(owner), "reduce-self", text, logging.INFO)
         try:
-            return await self.reduce(round, s, numel)
+            return await self.reduce(round, s, numel, owner=False)
         except ShardUnavailable as e:  # nobody's contribution: not one peer's doing
             log.warning("round %d: %s", round, e)
             return None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        if self.owner_residual is not None:
+            out["ef.owner_residual"] = self.owner_residual
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if self.owner_residual is not None and "ef.owner_residual" in state:
+            self.owner_residual = state["ef.owner_residual"]
+
     async def gather(self, round: int) -> tuple[torch.Tensor, RoundReport]:
         pub = self.published[round]
+        assert pub.estimate is not None
         numel = pub.estimate.numel()
         n = len(self.members)
         results: dict[int, ShardResult | None] = {}

@@ -581,12 +581,13 @@ class Node:
         )
         sharded = reduce_scatters(self.cfg)
         complete = len(peers) == len(members) - 1
-        if complete and sharded:  # everyone, exact: reduce-scatter then all-gather
+        if complete and sharded:  # everyone, plain mean: reduce-scatter then all-gather
             return ShardedAveraging(
                 host,
                 run.run_id,
                 run.seed,
                 self.comp.codec,
+                error_feedback=e.codec != "none",  # lossy codecs always feed back
                 me=me,
                 **common,
             )

@@ -87,7 +87,6 @@ def test_to_toml_round_trips(tmp_path: Path):
     "exchange, words",
     [
         ('codec = "sketch"', ["sketch", "does not train", "holo"]),
-        ('codec = "holo"\nscheme = "reduce-scatter"', ["reduce-scatter", "codec 'none'"]),
         ('robust = "mad-mean"\nscheme = "reduce-scatter"', ["reduce-scatter", "robust"]),
         ('codec = "holo"', ["outer_optimizer 'adam'", "does not train", "DiLoCo", "local_steps"]),
         ('codec = "topk"', ["outer_optimizer 'adam'", "DiLoCo"]),

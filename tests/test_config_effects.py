@@ -389,6 +389,16 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     holo = await built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
     assert type(holo) is Averaging and holo.codec.name == "holo"
     assert holo.residual is not None and complete.residual is None
+    # ... or reduce-scatters them, each owner re-encoding its shard's mean with feedback
+    holo_rs = await built(
+        4, exchange={"codec": "holo", "scheme": "reduce-scatter"}, train=DILOCO_OUTER
+    )
+    assert type(holo_rs) is ShardedAveraging and holo_rs.codec.name == "holo"
+    assert holo_rs.residual is not None and holo_rs.owner_residual is not None
+    # holo_scale "auto": unbiased Deltas where owners average them, the least-squares
+    # scale where each is applied as it is, and always for an owner's re-encoding
+    assert holo_rs.codec.scale == "unbiased" and holo.codec.scale == "mse"
+    assert holo_rs.mean_codec.scale == "mse"
     # robust and trim: the round's mix of five Deltas, one of them huge
     mixing = await built(5, exchange={"robust": "trimmed-mean", "trim": 2})
     deltas = {bytes([i]): torch.full((8,), float(i)) for i in range(4)}
@@ -926,7 +936,7 @@ PEER = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
         ("access.allow[1]", ["peer ID"], {"access": {"allow": [PEER, "12D3KooWnope"]}}),
         ("exchange.codec 'sketch'", ["holo"], {"exchange": {"codec": "sketch"}}),
         ("exchange.scheme 'reduce-scatter'", ["all-gather"],
-         {"exchange": {"codec": "topk", "scheme": "reduce-scatter"}}),
+         {"exchange": {"robust": "trimmed-mean", "scheme": "reduce-scatter"}}),
         ("exchange.robust 'mad-mean'", ["run.topology 'complete'"],
          {"exchange": {"robust": "mad-mean"}, "run": {"topology": "ring"}}),
         ("access.psk_file", ["cannot read"], {"access": {"psk_file": "absent.key"}}),

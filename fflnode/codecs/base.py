@@ -81,6 +81,12 @@ class Codec(ABC):
         """Whether the codec's estimate is biased (then error feedback is advised)."""
         return False
 
+    def for_mean(self) -> Codec:
+        """The codec a shard's owner re-encodes the members' mean with, in a lossy
+        reduce-scatter (fflnode.exchange_sharded), and gatherers decode it with: this
+        one unless a variant suits a one-shot encoding followed by error feedback."""
+        return self
+
 
 class NoneCodec(Codec):
     """The identity: the chunk goes on the wire as raw float32."""
