@@ -95,12 +95,13 @@ class Composition:
 
 
 def reduce_scatters(cfg: Config) -> bool:
-    """Whether a complete graph's rounds reduce-scatter exact Deltas (fflnode.exchange_
-    sharded) rather than all-gather them: exchange.scheme with "auto" resolved."""
+    """Whether a complete graph's rounds reduce-scatter their Deltas (fflnode.exchange_
+    sharded) rather than all-gather them: exchange.scheme with "auto" resolved (the
+    plain mean reduce-scatters, with any codec; a robust mix needs every whole Delta)."""
     e = cfg.exchange
-    return e.scheme == "reduce-scatter" or (
-        e.scheme == "auto" and e.codec == "none" and e.robust == "none"
-    )
+    if cfg.run.topology != "complete":
+        return False
+    return e.scheme == "reduce-scatter" or (e.scheme == "auto" and e.robust == "none")
 
 
 def holo_scale(cfg: Config) -> str:
@@ -109,7 +110,7 @@ def holo_scale(cfg: Config) -> str:
     e = cfg.exchange
     if e.holo_scale != "auto":
         return e.holo_scale
-    return "unbiased" if reduce_scatters(cfg) and cfg.run.topology == "complete" else "mse"
+    return "unbiased" if reduce_scatters(cfg) else "mse"
 
 
 def codec_of(cfg: Config) -> Codec:
@@ -234,9 +235,8 @@ def check_rounds_stream(cfg: Config) -> None:
     budget that made the node stream; refused at load rather than run out of memory."""
     e, r = cfg.exchange, cfg.run
     why = (
-        "its rounds reduce-scatter exact Deltas (exchange.scheme 'auto' with codec 'none' "
-        'resolves to it; set exchange.scheme = "all-gather", every node the same, or a '
-        "lossy codec such as 'holo')"
+        "its rounds reduce-scatter (exchange.scheme 'auto' resolves to it for the plain "
+        'mean); set exchange.scheme = "all-gather", every node the same'
         if reduce_scatters(cfg)
         else f"run.topology {r.topology!r} gossips (use 'complete')"
         if r.topology != "complete"

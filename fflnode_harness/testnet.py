@@ -60,12 +60,29 @@ from fflnode_harness import netns
 from fflnode_harness.netns import Bridge, NetnsError
 
 NOTIFY_TIMEOUT_S = 120.0  # a node that has not said READY by then is broken
-# Per-task defaults of --rounds, --local-steps and --set (given flags win). mqar: 4 nodes
-# reached 97.9 % recall in 40 rounds of 5 inner Adam steps averaged exactly each round
-# (outer SGD at lr 1, constant: plain averaging); with the WSD schedule (the outer step
-# decaying to 0 over the last quarter) only 92.7 %, and with 150 rounds of 1 step and
-# outer Adam 95.5 % in more time (docs/benchmarks.md, "F-SSD").
+# Per-task defaults of --rounds, --local-steps and --set, and "lossy_set" on top for a
+# lossy --codec (given flags win). mqar: 4 nodes reached 97.9 % recall in 40 rounds of 5
+# inner Adam steps averaged exactly each round (outer SGD at lr 1, constant: plain
+# averaging); with the WSD schedule (the outer step decaying to 0 over the last quarter)
+# only 92.7 %, and with 150 rounds of 1 step and outer Adam 95.5 % in more time
+# (docs/benchmarks.md, "F-SSD"). text: the DiLoCo recipe tuned on the LM, 4.557
+# perplexity with codec none (+4.8 % from the data-parallel baseline); a lossy codec
+# wants a gentler outer step, holo 1 bit 4.678 at 0.5 / 0.7 against 5.2 at none's
+# 0.7 / 0.8 (docs/benchmarks.md, "Language model").
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "text": {
+        "rounds": 30,
+        "local_steps": 20,
+        "set": [
+            "train.inner_optimizer=adam",
+            "train.inner_lr=0.01",
+            "train.outer_optimizer=sgd",
+            "train.outer_lr=0.7",
+            "train.outer_momentum=0.8",
+            "train.lr_schedule=constant",
+        ],
+        "lossy_set": ["train.outer_lr=0.5", "train.outer_momentum=0.7"],
+    },
     "mqar": {
         "rounds": 40,
         "local_steps": 5,
@@ -103,9 +120,11 @@ SUMMARY_RULE = "-" * 78
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=4, help="number of node processes (4)")
-    p.add_argument("--rounds", type=int, default=None, help="training rounds (600; mqar: 40)")
     p.add_argument(
-        "--local-steps", type=int, default=None, help="inner steps per round (1; mqar: 5)"
+        "--rounds", type=int, default=None, help="training rounds (600; mqar: 40; text: 30)"
+    )
+    p.add_argument(
+        "--local-steps", type=int, default=None, help="inner steps per round (1; mqar: 5; text: 20)"
     )
     p.add_argument("--out", default="testnet-out", help="output directory (testnet-out)")
     p.add_argument("--seed", type=int, default=1, help="run seed (1)")
@@ -194,15 +213,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_task_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill --rounds, --local-steps and --set from TASK_DEFAULTS for the chosen task
-    (given values win: a --set of the same key comes later, so it overrides)."""
+    """Fill --rounds, --local-steps and --set from TASK_DEFAULTS for the chosen task, its
+    "lossy_set" after "set" for a lossy --codec (given values win: a --set of the same
+    key comes later, so it overrides)."""
     d = TASK_DEFAULTS.get(args.task, {})
     if args.rounds is None:
         args.rounds = d.get("rounds", DEFAULT_ROUNDS)
     if args.local_steps is None:
         args.local_steps = d.get("local_steps", DEFAULT_LOCAL_STEPS)
     given = {item.partition("=")[0].strip() for item in args.set}
-    args.set = [kv for kv in d.get("set", []) if kv.partition("=")[0] not in given] + args.set
+    defaults = [*d.get("set", []), *(d.get("lossy_set", []) if args.codec != "none" else [])]
+    args.set = [kv for kv in defaults if kv.partition("=")[0] not in given] + args.set
     return args
 
 

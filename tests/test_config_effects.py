@@ -385,16 +385,15 @@ async def test_topology_degree_gamma_scheme_robust_and_chunks_shape_the_exchange
     torch.testing.assert_close(mixed, torch.full((numel,), 0.5 * 3.0 / 3))
     # scheme: the exact codec all-gathered instead of reduce-scattered
     assert type(await built(4, exchange={"scheme": "all-gather"})) is Averaging
-    # a lossy codec all-gathers its compressed Deltas and feeds back what it lost
-    holo = await built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
-    assert type(holo) is Averaging and holo.codec.name == "holo"
-    assert holo.residual is not None and complete.residual is None
-    # ... or reduce-scatters them, each owner re-encoding its shard's mean with feedback
-    holo_rs = await built(
-        4, exchange={"codec": "holo", "scheme": "reduce-scatter"}, train=DILOCO_OUTER
-    )
+    # a lossy codec reduce-scatters by default: each owner re-encodes its shard's mean
+    # with feedback of its own, beside each member's feedback of what it lost
+    holo_rs = await built(4, exchange={"codec": "holo"}, train=DILOCO_OUTER)
     assert type(holo_rs) is ShardedAveraging and holo_rs.codec.name == "holo"
     assert holo_rs.residual is not None and holo_rs.owner_residual is not None
+    assert complete.residual is None and complete.owner_residual is None
+    # ... or all-gathers its compressed Deltas
+    holo = await built(4, exchange={"codec": "holo", "scheme": "all-gather"}, train=DILOCO_OUTER)
+    assert type(holo) is Averaging and holo.codec.name == "holo" and holo.residual is not None
     # holo_scale "auto": unbiased Deltas where owners average them, the least-squares
     # scale where each is applied as it is, and always for an owner's re-encoding
     assert holo_rs.codec.scale == "unbiased" and holo.codec.scale == "mse"
@@ -1028,7 +1027,8 @@ def test_memory_budget_mb_and_micro_batch_choose_and_shape_the_trainer(tmp_path:
             task={"seq_len": 32, "batch_size": 4, "d_model": 256, "n_layers": 8, "d_state": 8},
             # the round's chunk passes must fit the budget too (fflnode.train.outofcore),
             # and only an all-gather of compressed Deltas streams (compose)
-            exchange={"chunk_elems": 1 << 18, "codec": "holo", "bits": 1},
+            exchange={"chunk_elems": 1 << 18, "codec": "holo", "bits": 1,
+                      "scheme": "all-gather"},
         )).trainer  # fmt: skip
 
     assert isinstance(trainer(0), LocalTrainer)  # no budget: in memory

@@ -360,6 +360,7 @@ memory_budget_mb = {budget}
 [exchange]
 codec = "holo"
 bits = 1
+scheme = "all-gather"
 chunk_elems = {chunk_elems}
 [task]
 seq_len = 32
@@ -426,14 +427,15 @@ def test_a_budget_below_the_streaming_minimum_is_refused_at_load(tmp_path: Path)
 @pytest.mark.parametrize(
     "change, words",
     [
-        (('codec = "holo"', 'codec = "none"'), "reduce-scatter exact Deltas"),
+        (('scheme = "all-gather"', 'scheme = "auto"'), "reduce-scatter"),
         (("seed = 1", 'seed = 1\ntopology = "ring"'), "topology 'ring' gossips"),
     ],
 )
 def test_a_round_that_cannot_stream_is_refused_for_an_out_of_core_node(
     tmp_path: Path, change: tuple[str, str], words: str
 ) -> None:
-    """Only an all-gathered plain mean streams from the block file: a node streaming its
+    """Only an all-gathered plain mean streams from the block file ("auto" reduce-scatters
+    it, with any codec): a node streaming its
     model would hold the whole Delta in RAM in any other round, so it is refused at load
     with the setting to change."""
     from fflnode import config
@@ -515,6 +517,8 @@ TESTNET_COMMON = (
     # folding SSM states needs the model in memory: an out-of-core node has none
     "--set", 'states.federate="off"',
     "--codec", "holo", "--bits", "2", "--no-baseline", "--no-plot", "--eval-every", "2",
+    # an out-of-core node's rounds stream only from an all-gather (compose)
+    "--set", 'exchange.scheme="all-gather"',
 )  # fmt: skip
 
 

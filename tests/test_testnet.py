@@ -115,6 +115,7 @@ def test_a_node_whose_config_is_refused_is_named_with_its_reason_not_a_traceback
             "--set", 'train.outer_optimizer="sgd"', "--set", 'states.federate="off"',
             "--set", 'train.inner_optimizer="adam"', "--codec", "holo", "--bits", "2",
             "--set", "train.memory_budget_mb=40", "--set", "exchange.chunk_elems=262144",
+            "--set", 'exchange.scheme="all-gather"',
             "--no-baseline", "--no-plot", "--out", str(out),
         ),
         capture_output=True, text=True, timeout=TESTNET_TIMEOUT_S,
@@ -124,3 +125,30 @@ def test_a_node_whose_config_is_refused_is_named_with_its_reason_not_a_traceback
     said = [line for line in proc.stdout.splitlines() if "ended before READY" in line]
     assert len(said) == 1 and "encoded Deltas" in said[0], proc.stdout
     assert json.loads((out / "report.json").read_text())["ok"] is False
+
+
+def test_the_text_task_testnet_defaults_to_its_recipe_gentler_for_a_lossy_codec():
+    """`fflnode testnet --task text` runs the LM's DiLoCo recipe; with a lossy codec the
+    outer step that recipe measured for it (lr 0.5, momentum 0.7); flags given win."""
+    import argparse
+
+    from fflnode_harness.testnet import add_arguments, apply_task_defaults, parse_overrides
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def resolved(*argv: str) -> tuple[int, int, dict]:
+        args = apply_task_defaults(parser.parse_args(list(argv)))
+        return args.rounds, args.local_steps, parse_overrides(args.set)
+
+    rounds, steps, exact = resolved("--task", "text")
+    assert (rounds, steps) == (30, 20)
+    assert exact["train.outer_optimizer"] == "sgd" and exact["train.outer_lr"] == 0.7
+    assert exact["train.outer_momentum"] == 0.8 and exact["train.inner_lr"] == 0.01
+    _, _, lossy = resolved("--task", "text", "--codec", "holo")
+    assert (lossy["train.outer_lr"], lossy["train.outer_momentum"]) == (0.5, 0.7)
+    assert lossy["train.inner_lr"] == 0.01
+    _, _, given = resolved("--task", "text", "--codec", "holo", "--set", "train.outer_lr=0.3")
+    assert given["train.outer_lr"] == 0.3 and given["train.outer_momentum"] == 0.7
+    rounds, steps, digits = resolved("--rounds", "7")
+    assert (rounds, steps) == (7, 1) and "train.outer_lr" not in digits

@@ -14,7 +14,8 @@ reference, or the benchmark stops. The first run also trains the centralized bas
 each: the same samples and steps) and sequential (N x the steps, one batch each). The
 "vs central" column compares with the data-parallel one; both are printed below.
 
-Recipe: DiLoCo (inner Adam, H local steps; outer Nesterov SGD lr 0.7, momentum 0.9),
+Recipe: DiLoCo (inner Adam, H local steps; outer Nesterov SGD lr 0.7, momentum 0.9;
+--set and --lossy-set change it),
 complete graph. Bytes are the exchange's (the /fflnode/shard/1.0.0 protocol, summed over
 nodes); the final merge costs the same for every codec and is left out.
 
@@ -104,15 +105,16 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
     n, r, h = args.nodes, args.rounds, args.local_steps
     # top-k at 1 bit/parameter: a kept coordinate costs a 4-byte value and a 4-byte index
     topk_ratio = 1 / 64
-    ef: list[str] = []  # error feedback: on by default for every lossy codec (auto)
-    mse, unbiased = (["--set", f'exchange.holo_scale="{s}"'] for s in ("mse", "unbiased"))
+    # Error feedback is on for every lossy codec, and exchange.scheme "auto" reduce-
+    # scatters them (owners re-encode their shard's mean); one row all-gathers instead.
+    all_gather = ["--set", 'exchange.scheme="all-gather"']
     rows = [
         ("none", []),
-        ("holo 1 bit", ["--codec", "holo", "--bits", "1", *ef, *mse]),
-        ("holo 2 bits", ["--codec", "holo", "--bits", "2", *ef, *mse]),
-        ("holo 1 bit unbiased", ["--codec", "holo", "--bits", "1", *ef, *unbiased]),
-        ("topk 1/64 (= 1 bit)", ["--codec", "topk", "--ratio", str(topk_ratio), *ef]),
-        ("sketch 1/64", ["--codec", "sketch", "--ratio", str(topk_ratio), *ef]),
+        ("holo 1 bit", ["--codec", "holo", "--bits", "1"]),
+        ("holo 2 bits", ["--codec", "holo", "--bits", "2"]),
+        ("holo 1 bit all-gather", ["--codec", "holo", "--bits", "1", *all_gather]),
+        ("topk 1/64 (= 1 bit)", ["--codec", "topk", "--ratio", str(topk_ratio)]),
+        ("sketch 1/64", ["--codec", "sketch", "--ratio", str(topk_ratio)]),
         ("dense per-step (H=1)", ["DENSE"]),
     ]
     if args.only:
@@ -123,7 +125,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         f"task {args.task}, {n} nodes, {r} rounds x {h} local steps, {p} parameters, "
         f"seed {args.seed}"
     )
-    head = f"{'codec':<22}{'merged':>11}{'vs central':>12}{'exchange MB':>13}{'vs none':>9}"
+    head = f"{'codec':<24}{'merged':>11}{'vs central':>12}{'exchange MB':>13}{'vs none':>9}"
     head += f"{'vs FedAvg (computed)':>22}{'wall s':>8}"
     print(head)
     base, central, sequential = None, None, None
@@ -132,6 +134,8 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         task = ["--task", args.task, "--seed", str(args.seed)]
         if extra != ["DENSE"]:  # the DiLoCo recipe's overrides (after DILOCO: they win)
             task += [word for kv in args.set for word in ("--set", kv)]
+            if "--codec" in extra:  # a lossy codec's own recipe, after the common one
+                task += [word for kv in args.lossy_set for word in ("--set", kv)]
         if central is not None:
             task.append("--no-baseline")  # the same baseline: trained once, in the first run
         if extra == ["DENSE"]:  # one local step per round, the default (FedOpt) recipe
@@ -139,7 +143,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         else:
             res = run_testnet(tmp / slug, n, r, h, [*extra, *task])
         if "refused" in res:
-            print(f"{name:<22} refused: {res['refused']}", flush=True)
+            print(f"{name:<24} refused: {res['refused']}", flush=True)
             continue
         report = res["report"]
         central = central or report.get("centralized")
@@ -149,7 +153,7 @@ def codecs(args: argparse.Namespace, tmp: Path) -> None:
         base = base or (b if name == "none" else None)
         vs_none = f"{base / b:.1f}x" if base else "-"
         print(
-            f"{name:<22}{shown(metric, value):>11}{gap(metric, value, central):>12}"
+            f"{name:<24}{shown(metric, value):>11}{gap(metric, value, central):>12}"
             f"{b / 1e6:>13.3f}{vs_none:>9}"
             f"{server / b:>21.0f}x{res['wall']:>8.0f}",
             flush=True,
@@ -294,6 +298,13 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="codecs: a recipe override for every DiLoCo row (not the dense one)",
+    )
+    ap.add_argument(
+        "--lossy-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="codecs: an override after --set for the rows of a lossy codec",
     )
     args = ap.parse_args()
     args.nodes = args.nodes or (4 if args.suite == "codecs" else 5)
