@@ -229,6 +229,15 @@ async def test_a_lossy_codec_applies_the_owners_reencoded_means_on_every_node():
             # a 1-bit estimate of the mean: correlated with it, not equal to it
             cos = torch.nn.functional.cosine_similarity(expected, exact, dim=0)
             assert 0.3 < float(cos) < 0.99, float(cos)
+        # the owner's feedback is one shard's worth (O(|theta| / N)), and it is the
+        # oracle's: kept in the exchange's state, so a checkpoint carries it
+        for pid, a in ex.items():
+            state = a.state_dict()
+            assert set(state) == {"ef.residual", "ef.owner_residual"}
+            s = sorted(ex, key=lambda p: p.to_bytes()).index(pid)
+            lo, hi = oracle.plan[s][0][1], oracle.plan[s][-1][2]
+            assert torch.equal(state["ef.owner_residual"], oracle.owned[pid][lo:hi])
+            assert torch.equal(state["ef.residual"], oracle.sent[pid])
 
 
 async def test_a_lossy_dead_owners_shard_is_reencoded_alike_by_the_others():
