@@ -345,10 +345,12 @@ class RoundExchange:
         round: int,
         numel: int,
         keep: Callable[[bulk.Request, Encoded, torch.Tensor], None],
+        chunks: Sequence[tuple[int, int, int]] | None = None,
     ) -> int | None:
-        """Pull `peer`'s round-`round` Delta chunk by chunk, each validated and decoded
-        once on arrival and handed to `keep(request, encoded, decoded)`; the one start
-        digest its chunks carry, or None (nothing pulled, or chunks that disagree)."""
+        """Pull `peer`'s round-`round` Delta chunk by chunk (all of it, or only `chunks`:
+        (index, lo, hi) of spans(numel)), each validated and decoded once on arrival and
+        handed to `keep(request, encoded, decoded)`; the one start digest its chunks
+        carry, or None (nothing pulled, or chunks that disagree)."""
         starts: set[int] = set()
 
         async def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
@@ -361,11 +363,12 @@ class RoundExchange:
             ctx = self.ctx(round, req.index, req.lo, req.hi)
             keep(req, enc, await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer)))
 
+        if chunks is None:
+            chunks = [(i, lo, hi) for i, (lo, hi) in enumerate(self.spans(numel))]
         requests = [
-            bulk.Request(round, "delta", i, lo, hi, self.codec.name)
-            for i, (lo, hi) in enumerate(self.spans(numel))
+            bulk.Request(round, "delta", i, lo, hi, self.codec.name) for i, lo, hi in chunks
         ]
-        if not await self.pull(peer, requests, on_piece, numel):
+        if not await self.pull(peer, requests, on_piece, sum(hi - lo for _, lo, hi in chunks)):
             return None
         if len(starts) != 1:
             detail = f"a Delta whose chunks carry {len(starts)} start digests"

@@ -62,7 +62,6 @@ from fflnode.p2p import bulk
 log = logging.getLogger(__name__)
 
 PIECE, REDUCED = "piece", "reduced"  # `what` of a member's raw Delta range, a shard result
-DELTA = "delta"  # `what` of a member's encoded chunk (a lossy codec; fflnode.exchange)
 # Chunk-context offset of an owner's re-encoding of its shard's mean: chunk i of the mean
 # is encoded as chunk REDUCED_CHUNK + i, so its seeded randomness (holo's rotation) is
 # independent of the members' encodings of chunk i, whose errors it would otherwise
@@ -106,6 +105,14 @@ def contributors_of(meta: dict, members: int, peer: str) -> list[int]:
     if meta.get(COUNT_KEY) != len(out) or not out:
         raise WireError(peer, "schema", "a shard result's contributors do not add up")
     return out
+
+
+def raw_values(arrays: dict, req: bulk.Request, peer: str, what: str) -> np.ndarray:
+    """The float32 range an exact piece or shard result carries (WireError if not that)."""
+    values = arrays.get("values")
+    if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
+        raise WireError(peer, "schema", f"{what} [{req.lo}, {req.hi}) misshapen")
+    return values
 
 
 def codec_meta(meta: dict) -> dict:
@@ -312,28 +319,21 @@ class ShardedAveraging(Averaging):
         if self.exact:
 
             def on_piece(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-                values = arrays.get("values")
-                if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
-                    raise WireError(str(peer), "schema", f"piece [{req.lo}, {req.hi}) misshapen")
-                buf[req.lo - lo : req.hi - lo] = values
+                buf[req.lo - lo : req.hi - lo] = raw_values(arrays, req, str(peer), "piece")
 
             requests = [bulk.Request(round, PIECE, 0, a, b, "none") for a, b in self.pieces(lo, hi)]
             return buf if await self.pull(peer, requests, on_piece, hi - lo) else None
 
-        async def on_chunk(req: bulk.Request, header: wire.BulkHeader, arrays: dict) -> None:
-            meta = dict(header.meta)
-            if meta.pop(START_KEY, None) != majority:  # the probe said otherwise
-                raise WireError(str(peer), "schema", "a chunk from another start than probed")
-            enc = Encoded(header.codec, dict(arrays), meta)
-            ctx = self.ctx(round, req.index, req.lo, req.hi)
-            est = await trio.to_thread.run_sync(self._decode, enc, ctx, str(peer))
-            buf[req.lo - lo : req.hi - lo] = est.numpy()
+        def keep(req: bulk.Request, enc: Encoded, decoded: torch.Tensor) -> None:
+            buf[req.lo - lo : req.hi - lo] = decoded.numpy()
 
-        requests = [
-            bulk.Request(round, DELTA, i, a, b, self.codec.name)
-            for i, a, b in self.shard_chunks(numel, s)
-        ]
-        return buf if await self.pull(peer, requests, on_chunk, hi - lo) else None
+        start = await self._pull_round(peer, round, numel, keep, self.shard_chunks(numel, s))
+        if start is None:
+            return None
+        if start != majority:  # the probe said otherwise
+            self.traffic.reject("schema", str(peer), "chunks from another start than probed")
+            return None
+        return buf
 
     async def _own(self, round: int, s: int, numel: int) -> None:
         key = (round, s)
@@ -359,10 +359,7 @@ class ShardedAveraging(Averaging):
             meta = dict(header.meta)
             metas.append(meta)
             if self.exact:
-                values = arrays.get("values")
-                if set(arrays) != {"values"} or values.shape != (req.hi - req.lo,):
-                    raise WireError(str(owner), "schema", f"shard [{req.lo}, {req.hi}) misshapen")
-                buf[req.lo - lo : req.hi - lo] = values
+                buf[req.lo - lo : req.hi - lo] = raw_values(arrays, req, str(owner), "shard")
                 return
             enc = Encoded(header.codec, dict(arrays), codec_meta(meta))
             # A request's index names the shard; the chunk's context is its index in
