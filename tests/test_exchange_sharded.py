@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import trio
 
@@ -69,6 +70,22 @@ def random_deltas(pids, r, numel=NUMEL):
     }
 
 
+async def kill(ps, dead):
+    """Close member `dead`'s host (it never publishes again) and wait until every other
+    member's membership no longer calls it alive; the others' IDs."""
+    for p in ps:
+        if p.id == dead:
+            await p.host.close()
+    with trio.fail_after(ROUND_TIMEOUT_S):
+        for p in ps:
+            if p.id != dead:
+                ok = await p.membership.wait_until(
+                    lambda p=p: dead not in p.membership.alive(), ROUND_TIMEOUT_S
+                )
+                assert ok
+    return [p.id for p in ps if p.id != dead]
+
+
 async def test_every_node_gets_the_bit_identical_canonical_mean():
     async with peers(4) as ps:
         ex = make(ps)
@@ -105,18 +122,7 @@ async def test_a_dead_owners_shard_is_reduced_by_the_others_identically(caplog):
     async with peers(4) as ps:
         ex = make(ps)
         dead = sorted(ex, key=lambda p: p.to_bytes())[2]  # owns shard 2
-        alive = [pid for pid in ex if pid != dead]
-        # the dead member never publishes and is not alive for the others
-        for p in ps:
-            if p.id == dead:
-                await p.host.close()
-        with trio.fail_after(ROUND_TIMEOUT_S):
-            for p in ps:
-                if p.id != dead:
-                    ok = await p.membership.wait_until(
-                        lambda p=p: dead not in p.membership.alive(), ROUND_TIMEOUT_S
-                    )
-                    assert ok
+        alive = await kill(ps, dead)
         for r in range(3):
             deltas = random_deltas(list(ex), r)
             starts = {pid: 7 for pid in ex}
@@ -243,19 +249,8 @@ async def test_a_lossy_codec_applies_the_owners_reencoded_means_on_every_node():
 async def test_a_lossy_dead_owners_shard_is_reencoded_alike_by_the_others():
     async with peers(4) as ps:
         ex = make(ps, codec=HoloCodec(bits=2), error_feedback=True)
-        members = sorted(ex, key=lambda p: p.to_bytes())
-        dead = members[1]
-        alive = [pid for pid in ex if pid != dead]
-        for p in ps:
-            if p.id == dead:
-                await p.host.close()
-        with trio.fail_after(ROUND_TIMEOUT_S):
-            for p in ps:
-                if p.id != dead:
-                    ok = await p.membership.wait_until(
-                        lambda p=p: dead not in p.membership.alive(), ROUND_TIMEOUT_S
-                    )
-                    assert ok
+        dead = sorted(ex, key=lambda p: p.to_bytes())[1]  # owns shard 1
+        alive = await kill(ps, dead)
         oracle = LossyOracle(HoloCodec(bits=2), list(ex), NUMEL, CHUNK)
         for r in range(2):
             deltas = random_deltas(list(ex), r)
@@ -282,3 +277,37 @@ async def test_a_lossy_reduce_scatter_sends_about_half_the_all_gathers_bytes():
         assert 1.4 * encoding < b < 1.8 * encoding, b  # 1.5 |enc| plus headers and scales
     for b in sent[Averaging]:
         assert 2.9 * encoding < b < 3.4 * encoding, b
+
+
+async def test_a_lossy_exchange_serves_only_encoded_chunks_and_whole_result_chunks():
+    """A peer's requests to a lossy run, served after a real round: a raw float32 piece
+    (what the exact codec serves) is refused naming the codec, a probe still answers;
+    a shard result is served only by whole chunks of that shard."""
+    from fflnode.p2p import bulk
+
+    async with peers(4) as ps:
+        ex = make(ps, codec=HoloCodec(bits=1), error_feedback=True)
+        await run_round(ex, 0, random_deltas(list(ex), 0), {pid: 7 for pid in ex})
+        members = sorted(ex, key=lambda p: p.to_bytes())
+        a, asker = ex[members[0]], str(members[1])
+
+        def msg(what, index, lo, hi):
+            return {"round": 0, "what": what, "index": index, "lo": lo, "hi": hi}
+
+        with pytest.raises(bulk.Unavailable) as info:
+            await a._resolve(asker, msg("piece", 0, 0, 10))
+        assert info.value.code == "codec" and "holo" in info.value.reason
+        codec, parts, meta = await a._resolve(asker, msg("piece", 0, 5, 5))  # a probe
+        assert meta["start"] == 7 and parts[0][1].size == 0
+        lo, hi, _ = a.shards(NUMEL)[0]
+        codec, parts, meta = await a._resolve(asker, msg("reduced", 0, lo, lo + CHUNK))
+        assert codec == "holo" and meta["count"] == 4
+        for index, bad_lo, bad_hi in [
+            (0, lo + 1, lo + CHUNK),  # inside a chunk, not one
+            (0, lo, hi),  # the whole shard in one request: over chunk_elems
+            (0, hi, hi + CHUNK),  # another shard's range
+            (4, lo, lo + CHUNK),  # no shard 4
+        ]:
+            with pytest.raises(bulk.Unavailable) as info:
+                await a._resolve(asker, msg("reduced", index, bad_lo, bad_hi))
+            assert info.value.code == "bad-request", (index, bad_lo, bad_hi)
