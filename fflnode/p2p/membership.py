@@ -34,6 +34,15 @@ rebooted while we were cut off) would each wait forever for the other's heartbea
 Every peer in the book that we hold no connection to is therefore redialled at the
 addresses its last heartbeat named, under the same per-peer backoff as any dial
 (DIAL_BACKOFF_S), until a connection carries its heartbeats again.
+
+Our own stalls. A node whose own event loop was held up (descheduled on a loaded
+machine, or busy) hears nothing meanwhile: every peer's heartbeat waits unread in a
+socket, and on waking every peer looks silent at once. The watchdog measures how late
+its own wake-ups come; time our loop was seen stalled (beyond STALL_GRACE_S) is not
+counted in a peer's silence (`silence_s`, up to MAX_EXCUSED_S), and a ping that failed
+while we stalled proves nothing about the peer, so it is asked again rather than
+suspected. 16 daemons on 2 cores each stalled for seconds at a time and suspected every
+peer at once ("1 of the run's 16 members reachable").
 """
 
 from __future__ import annotations
@@ -110,6 +119,12 @@ DIAL_TIMEOUT_S = 10.0
 # honest peer that restarts dials us itself; a heartbeat naming someone else's address
 # costs that address one connection attempt per backoff period, not one per second.
 DIAL_BACKOFF_S = (2.0, 300.0)
+# The watchdog wakes every HEARTBEAT_S; waking later than this past its time is our own
+# loop stalling, not scheduling jitter (a loaded machine's ordinary lateness is ~0.1 s).
+STALL_GRACE_S = 0.5
+# At most this much of our own stalling is excused in one peer's silence: a peer that
+# died while we stalled is still found at most this much later than its timeout.
+MAX_EXCUSED_S = 30.0
 
 
 def announce_topic(run_id: str) -> str:
@@ -127,6 +142,7 @@ class PeerView:
     heard: float | None = None  # when its last fresh heartbeat arrived
     gap_mean: float = HEARTBEAT_S  # EWMA of the gaps between its heartbeats
     gap_var: float = 0.0  # and of their squared deviation
+    stalled_mark: float = 0.0  # our stalled total (Membership.stalled_s) at last_seen
 
     def heartbeat_at(self, now: float) -> None:
         """A fresh heartbeat arrived at `now`: fold its gap into the estimate."""
@@ -222,6 +238,8 @@ class Membership:
         self._addr_log = PeerLog(log)
         self.suspects: dict[ID, int] = {}  # peer -> seq of its last heartbeat when suspected
         self._slowest_rtt = 0.0  # the slowest recent pong, decaying (RTT_DECAY)
+        self._stalled_s = 0.0  # our own loop's stalls seen so far (module doc), in total
+        self._watch_due: float | None = None  # when the watchdog should wake next
 
     @property
     def guard(self) -> AddressGuard:
@@ -243,6 +261,25 @@ class Membership:
         view = self.peers.get(peer)
         return view is not None and view.last_seen >= t
 
+    def stalled_s(self, now: float | None = None) -> float:
+        """How long our own event loop has been seen stalled, in total: past stalls and
+        the one under way, if the watchdog is late now."""
+        now = trio.current_time() if now is None else now
+        late = 0.0 if self._watch_due is None else now - self._watch_due
+        return self._stalled_s + (late if late > STALL_GRACE_S else 0.0)
+
+    def seen(self, view: PeerView, now: float) -> None:
+        """`view`'s peer was heard from at `now` (a heartbeat or a pong)."""
+        view.last_seen = max(view.last_seen, now)
+        view.stalled_mark = self.stalled_s(now)
+
+    def silence_s(self, view: PeerView, now: float | None = None) -> float:
+        """How long `view`'s peer has been silent, less our own stalls meanwhile (up to
+        MAX_EXCUSED_S): a peer is not blamed for what we did not read."""
+        now = trio.current_time() if now is None else now
+        excused = min(MAX_EXCUSED_S, max(0.0, self.stalled_s(now) - view.stalled_mark))
+        return now - view.last_seen - excused
+
     def member_timeout_s(self, view: PeerView) -> float:
         """Silence after which `view`'s peer is dead even unpinged: overdue, pinged, and
         a heartbeat's slack (MEMBER_TIMEOUT_S for a peer with punctual heartbeats)."""
@@ -254,14 +291,14 @@ class Membership:
         return [
             p
             for p, v in self.peers.items()
-            if now - v.last_seen <= self.member_timeout_s(v) and p not in self.suspects
+            if self.silence_s(v, now) <= self.member_timeout_s(v) and p not in self.suspects
         ]
 
     def is_alive(self, peer: ID) -> bool:
         v = self.peers.get(peer)
         return (
             v is not None
-            and trio.current_time() - v.last_seen <= self.member_timeout_s(v)
+            and self.silence_s(v) <= self.member_timeout_s(v)
             and peer not in self.suspects
         )
 
@@ -399,7 +436,7 @@ class Membership:
         if sender in self.suspects and msg["seq"] > self.suspects[sender]:
             del self.suspects[sender]
             log.info("peer %s is back", short_peer(str(sender)))
-        view.last_seen = trio.current_time()
+        self.seen(view, trio.current_time())
         view.heartbeat_at(view.last_seen)
         if view.seq >= 0 and msg["addrs"] != view.addrs:
             text = f"now advertises {_shown(msg['addrs'])}"
@@ -420,10 +457,13 @@ class Membership:
 
         async def check(peer: ID) -> None:
             try:
+                stalled = self.stalled_s()
                 if await self.ping(peer):
                     view = self.peers.get(peer)
                     if view is not None:  # it answered: alive, whatever pubsub delays
-                        view.last_seen = max(view.last_seen, trio.current_time())
+                        self.seen(view, trio.current_time())
+                elif self.stalled_s() > stalled:
+                    log.debug("ping of %s failed while we stalled", short_peer(str(peer)))
                 else:
                     self.suspect(peer, "missed heartbeats and did not answer a ping")
                     back = await self.wait_until(
@@ -437,8 +477,10 @@ class Membership:
 
         while True:
             now = trio.current_time()
+            self._stalled_s = self.stalled_s(now)  # the stall just ended, if any, is counted
+            self._watch_due = now
             for peer, view in list(self.peers.items()):
-                late = now - view.last_seen > view.overdue_s()
+                late = self.silence_s(view, now) > view.overdue_s()
                 if late and peer not in self.suspects and peer not in pinging:
                     pinging.add(peer)
                     nursery.start_soon(check, peer)
@@ -450,6 +492,7 @@ class Membership:
                     # failed peers.
                     self.host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]
                     nursery.start_soon(self._dial, peer, list(view.addrs))
+            self._watch_due = trio.current_time() + HEARTBEAT_S
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
 
     def _redial_due(self, peer: ID, now: float) -> bool:
