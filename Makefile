@@ -35,7 +35,7 @@ deps: native-deps $(STAMP)
 # lost a worker to a native abort (SIGABRT in a thread with no Python frame, during
 # tests/test_config.py) that is not diagnosed yet: not the default until it is.
 test: deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 testnet: deps
 	$(BIN)/fflnode testnet --nodes 4 --out $(TESTNET_OUT)
