@@ -120,6 +120,12 @@ DONE_GRACE_S = 30.0
 # merge.timeout_s. Honest members enter the merge within a round or two of each other;
 # a later one is left out (MergeExcluded) and the others merge.
 SILENT_MEMBER_GRACE_S = 30.0
+# ...unless its heartbeats say it is still training toward the merge (phase "train", a
+# round no later than ours): such a member is waited for up to this long after we entered
+# the merge (and at most half of merge.timeout_s). 16 daemons on 2 cores finished their
+# rounds up to 2 min apart, and the first to finish dropped the others after 30 s. An
+# insider claiming to train delays the merge by this much at most.
+STRAGGLER_WAIT_S = 150.0
 # A member lost mid-merge costs one attempt; three survive two losses in a row, and a
 # run that keeps losing members that fast has a bigger problem than the merge.
 MERGE_ATTEMPTS = 3
@@ -573,7 +579,8 @@ class MergeSession:
             alive = [str(p) for p in self.membership.alive() if p in self.run_members]
             if now - entered >= SILENT_MEMBER_GRACE_S:  # heartbeating, yet not merging
                 heard = set(self.agreement.proposals)
-                alive = [p for p in alive if p in heard]
+                training = now - entered < min(STRAGGLER_WAIT_S, self.timeout_s / 2)
+                alive = [p for p in alive if p in heard or (training and self._training(by_str[p]))]
             decision = self.agreement.decide(alive, now)
             if decision.stage == LOCK:
                 # A lock completes only when every member of it locks too: one that died
@@ -608,6 +615,11 @@ class MergeSession:
                 return [by_str[p] for p in decision.members]
             with trio.move_on_after(HEARTBEAT_S):
                 await self.membership.wait_changed()
+
+    def _training(self, peer: ID) -> bool:
+        """Whether `peer`'s heartbeats say it is still training toward this merge."""
+        view = self.membership.peers.get(peer)
+        return view is not None and view.phase == "train" and view.round <= self.membership.round
 
     def _lost(self, members: list[ID]) -> list[ID]:
         """Agreed members that died or froze since (a verify wait ends early for them)."""
