@@ -39,6 +39,8 @@ async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> dict
     once both have proposed for longer than GRACE_S (or never)."""
     async with peers(3) as ps:
         ids = [p.id for p in ps]
+        for p in ps:
+            p.membership.phase = "train"
         nodes, sessions, premerges = [], [], {}
         for i, p in enumerate(ps):
             comp = compose(
@@ -60,8 +62,12 @@ async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> dict
             p.host.set_stream_handler(MERGE_PROTOCOL, session.handle)
             nodes.append(node)
             sessions.append(session)
-        for p in ps:
-            p.membership.phase = "train"
+        # The early nodes must know the straggler trains before their grace can end.
+        knows = await ps[0].membership.wait_until(
+            lambda: all(ps[i].membership.peers[ids[2]].phase == "train" for i in (0, 1)),
+            RUN_TIMEOUT_S / 2,
+        )
+        assert knows, "the straggler's phase never reached the others"
         outcomes: dict[Any, Any] = {}
         started = trio.current_time()
 
