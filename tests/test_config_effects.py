@@ -453,7 +453,7 @@ async def test_round_timeout_s_bounds_how_long_a_round_waits_for_a_peer(tmp_path
 # ------------------------------------------------------------ [merge] [prism]
 @dataclasses.dataclass
 class ThreeNodeMerge:
-    """A real merge of three in-process nodes; the third sign-flips its premerge."""
+    """A real merge of in-process nodes (merge_three: the third sign-flips its premerge)."""
 
     ids: list[ID]
     outcomes: dict[ID, Any]  # the session's MergeOutcome, or the exception it raised
@@ -466,44 +466,68 @@ class ThreeNodeMerge:
         return canonical_mean([(p.to_bytes(), self.premerges[p]) for p in ids])
 
 
-async def merge_three(tmp_path: Path, merge: dict[str, Any], prism: dict[str, Any]) -> Any:
+def merge_nodes(
+    tmp_path: Path, ps: list[Any], merge: dict[str, Any], prism: dict[str, Any], flipper: int = -1
+) -> tuple[list[Node], list[Any], dict[ID, dict[str, torch.Tensor]]]:
+    """One node per peer (node `flipper` sign-flips), each with its premerge file written
+    and the merge session the daemon builds serving on its host; and the premerges."""
+    ids = [p.id for p in ps]
     task = {"model": "gru", "width": 0}  # 13,514 elements: several pieces per shard
+    nodes, sessions, premerges = [], [], {}
+    for i, p in enumerate(ps):
+        comp = compose(
+            load(
+                tmp_path / str(i),
+                run={"nodes": len(ps)},
+                merge=merge,
+                prism=prism,
+                task=task,
+                train={"partition_index": i},
+                adversary={"mode": "signflip" if i == flipper else "none"},
+            )
+        )
+        node = Node(comp)
+        node.trainer.inner_steps()  # partitions differ: so do the weights
+        node.data_dir.mkdir(parents=True)
+        node._write_premerge(node.data_dir / PREMERGE_FILE, comp.layout)
+        with SafetensorsFile(node.data_dir / PREMERGE_FILE) as f:
+            premerges[p.id] = f.tensors()
+        session = merge_session_for(node, p, ids)
+        p.host.set_stream_handler(MERGE_PROTOCOL, session.handle)
+        nodes.append(node)
+        sessions.append(session)
+    return nodes, sessions, premerges
+
+
+async def run_merge(node: Node, session: Any) -> Any:
+    """The session's MergeOutcome, or the MergeError it raised (unwrapped)."""
+    d = node.data_dir
+    try:
+        return await session.run(d / PREMERGE_FILE, d / MERGED_FILE)
+    except Exception as e:  # the session's error, inside its nursery's group
+        if not isinstance(leaf_error(e), MergeError):
+            raise
+        return leaf_error(e)
+
+
+def merged_files(ids: list[ID], nodes: list[Node]) -> dict[ID, dict[str, torch.Tensor]]:
+    """Each node's merged tensors, for the nodes that wrote a merged file."""
+    merged = {}
+    for pid, node in zip(ids, nodes, strict=True):
+        if (node.data_dir / MERGED_FILE).is_file():
+            with SafetensorsFile(node.data_dir / MERGED_FILE) as f:
+                merged[pid] = f.tensors()
+    return merged
+
+
+async def merge_three(tmp_path: Path, merge: dict[str, Any], prism: dict[str, Any]) -> Any:
     async with peers(3) as ps:
         ids = [p.id for p in ps]
-        nodes, sessions, premerges = [], [], {}
-        for i, p in enumerate(ps):
-            adversary = {"mode": "signflip" if i == 2 else "none"}
-            comp = compose(
-                load(
-                    tmp_path / str(i),
-                    run={"nodes": 3},
-                    merge=merge,
-                    prism=prism,
-                    task=task,
-                    train={"partition_index": i},
-                    adversary=adversary,
-                )
-            )
-            node = Node(comp)
-            node.trainer.inner_steps()  # partitions differ: so do the weights
-            node.data_dir.mkdir(parents=True)
-            node._write_premerge(node.data_dir / PREMERGE_FILE, comp.layout)
-            with SafetensorsFile(node.data_dir / PREMERGE_FILE) as f:
-                premerges[p.id] = f.tensors()
-            session = merge_session_for(node, p, ids)
-            p.host.set_stream_handler(MERGE_PROTOCOL, session.handle)
-            nodes.append(node)
-            sessions.append(session)
+        nodes, sessions, premerges = merge_nodes(tmp_path, ps, merge, prism, flipper=2)
         outcomes: dict[ID, Any] = {}
 
         async def one(pid: ID, node: Node, session: Any) -> None:
-            d = node.data_dir
-            try:
-                outcomes[pid] = await session.run(d / PREMERGE_FILE, d / MERGED_FILE)
-            except Exception as e:  # the session's error, inside its nursery's group
-                if not isinstance(leaf_error(e), MergeError):
-                    raise
-                outcomes[pid] = leaf_error(e)
+            outcomes[pid] = await run_merge(node, session)
 
         with trio.fail_after(RUN_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
@@ -513,12 +537,7 @@ async def merge_three(tmp_path: Path, merge: dict[str, Any], prism: dict[str, An
         quorums = [s.agreement.quorum for s in sessions]
         for s in sessions:
             s.close()
-    merged = {}
-    for pid, node in zip(ids, nodes, strict=True):
-        if (node.data_dir / MERGED_FILE).is_file():
-            with SafetensorsFile(node.data_dir / MERGED_FILE) as f:
-                merged[pid] = f.tensors()
-    return ThreeNodeMerge(ids, outcomes, premerges, merged, stores, quorums)
+    return ThreeNodeMerge(ids, outcomes, premerges, merged_files(ids, nodes), stores, quorums)
 
 
 async def test_merge_and_prism_settings_shape_a_three_node_merge(

@@ -25,8 +25,8 @@ RECOVER_TIMEOUT_S = 30.0  # bounded wait for heartbeats after the stall
 
 def stall_for(p, others) -> float:  # type: ignore[no-untyped-def]
     """Seconds that outlast every peer's member timeout as `p` sees it now."""
-    view = p.membership.peers
-    longest = max(p.membership.member_timeout_s(view[o.id]) for o in others)
+    book = p.membership.peers
+    longest = max(p.membership.member_timeout_s(book[o.id]) for o in others)
     assert longest + STALL_MARGIN_S < MAX_EXCUSED_S
     return longest + STALL_MARGIN_S
 

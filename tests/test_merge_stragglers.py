@@ -19,49 +19,23 @@ from typing import Any
 import torch
 import trio
 
-from fflnode.compose import compose
-from fflnode.errors import MergeError, leaf_error
 from fflnode.merge import protocol
-from fflnode.merge.protocol import MERGE_PROTOCOL
-from fflnode.node import MERGED_FILE, PREMERGE_FILE, Node
-from fflnode.prism.reader import SafetensorsFile
-from fflnode.tensors import canonical_mean
 from tests.p2p_harness import peers
-from tests.test_config_effects import load, merge_session_for
+from tests.test_config_effects import ThreeNodeMerge, merge_nodes, merged_files, run_merge
 
 GRACE_S = 1.0  # SILENT_MEMBER_GRACE_S here: a silent member is left out after 1 s
 WAIT_S = 6.0  # STRAGGLER_WAIT_S here, for the insider that never merges
 RUN_TIMEOUT_S = 90.0  # the merges below take a few seconds past their graces
 
 
-async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> dict[str, Any]:
+async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> ThreeNodeMerge:
     """Nodes 0 and 1 enter the merge; node 2 heartbeats phase "train" and enters only
     once both have proposed for longer than GRACE_S (or never)."""
     async with peers(3) as ps:
         ids = [p.id for p in ps]
         for p in ps:
             p.membership.phase = "train"
-        nodes, sessions, premerges = [], [], {}
-        for i, p in enumerate(ps):
-            comp = compose(
-                load(
-                    tmp_path / str(i),
-                    run={"nodes": 3},
-                    merge={"exclude_outliers": False},
-                    task={"model": "gru", "width": 0},
-                    train={"partition_index": i},
-                )
-            )
-            node = Node(comp)
-            node.trainer.inner_steps()
-            node.data_dir.mkdir(parents=True)
-            node._write_premerge(node.data_dir / PREMERGE_FILE, comp.layout)
-            with SafetensorsFile(node.data_dir / PREMERGE_FILE) as f:
-                premerges[p.id] = f.tensors()
-            session = merge_session_for(node, p, ids)
-            p.host.set_stream_handler(MERGE_PROTOCOL, session.handle)
-            nodes.append(node)
-            sessions.append(session)
+        nodes, sessions, premerges = merge_nodes(tmp_path, ps, {"exclude_outliers": False}, {})
         # The early nodes must know the straggler trains before their grace can end.
         knows = await ps[0].membership.wait_until(
             lambda: all(ps[i].membership.peers[ids[2]].phase == "train" for i in (0, 1)),
@@ -73,13 +47,7 @@ async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> dict
 
         async def one(i: int) -> None:
             ps[i].membership.phase = "merge"
-            d = nodes[i].data_dir
-            try:
-                outcomes[ids[i]] = await sessions[i].run(d / PREMERGE_FILE, d / MERGED_FILE)
-            except Exception as e:
-                if not isinstance(leaf_error(e), MergeError):
-                    raise
-                outcomes[ids[i]] = leaf_error(e)
+            outcomes[ids[i]] = await run_merge(nodes[i], sessions[i])
             outcomes[(ids[i], "at")] = trio.current_time() - started
 
         def others_kept_it_past_the_grace() -> bool:
@@ -104,16 +72,7 @@ async def merge_with_a_straggler(tmp_path: Path, straggler_merges: bool) -> dict
                     nursery.start_soon(one, 2)
         for s in sessions:
             s.close()
-    merged = {}
-    for pid, node in zip(ids, nodes, strict=True):
-        if (node.data_dir / MERGED_FILE).is_file():
-            with SafetensorsFile(node.data_dir / MERGED_FILE) as f:
-                merged[pid] = f.tensors()
-    return {"ids": ids, "outcomes": outcomes, "premerges": premerges, "merged": merged}
-
-
-def mean_of(m: dict[str, Any], ids: list[Any]) -> dict[str, torch.Tensor]:
-    return canonical_mean([(p.to_bytes(), m["premerges"][p]) for p in ids])
+    return ThreeNodeMerge(ids, outcomes, premerges, merged_files(ids, nodes), [], [])
 
 
 async def test_a_member_still_training_is_waited_for_and_merges_with_the_others(
@@ -121,12 +80,12 @@ async def test_a_member_still_training_is_waited_for_and_merges_with_the_others(
 ):
     monkeypatch.setattr(protocol, "SILENT_MEMBER_GRACE_S", GRACE_S)
     m = await merge_with_a_straggler(tmp_path, straggler_merges=True)
-    expected = mean_of(m, m["ids"])
-    for pid in m["ids"]:
-        outcome = m["outcomes"][pid]
+    expected = m.mean_of(m.ids)
+    for pid in m.ids:
+        outcome = m.outcomes[pid]
         assert not isinstance(outcome, Exception), outcome
         assert len(outcome.members) == 3
-        assert all(torch.equal(m["merged"][pid][k], expected[k]) for k in expected)
+        assert all(torch.equal(m.merged[pid][k], expected[k]) for k in expected)
 
 
 async def test_a_member_that_claims_to_train_forever_delays_the_merge_only_boundedly(
@@ -135,12 +94,12 @@ async def test_a_member_that_claims_to_train_forever_delays_the_merge_only_bound
     monkeypatch.setattr(protocol, "SILENT_MEMBER_GRACE_S", GRACE_S)
     monkeypatch.setattr(protocol, "STRAGGLER_WAIT_S", WAIT_S)
     m = await merge_with_a_straggler(tmp_path, straggler_merges=False)
-    early = m["ids"][:2]
-    expected = mean_of(m, early)
+    early = m.ids[:2]
+    expected = m.mean_of(early)
     for pid in early:
-        outcome = m["outcomes"][pid]
+        outcome = m.outcomes[pid]
         assert not isinstance(outcome, Exception), outcome
         assert sorted(outcome.members) == sorted(str(p) for p in early)
-        assert all(torch.equal(m["merged"][pid][k], expected[k]) for k in expected)
+        assert all(torch.equal(m.merged[pid][k], expected[k]) for k in expected)
         # it was waited for (the fix), and no longer than the bound (plus agreeing)
-        assert WAIT_S <= m["outcomes"][(pid, "at")] < RUN_TIMEOUT_S
+        assert WAIT_S <= m.outcomes[(pid, "at")] < RUN_TIMEOUT_S
