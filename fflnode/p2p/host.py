@@ -75,7 +75,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa:
 
 from fflnode import __version__  # noqa: E402
 from fflnode.errors import error_kind  # noqa: E402
-from fflnode.p2p import addrs  # noqa: E402
+from fflnode.p2p import addrs, records  # noqa: E402
 from fflnode.p2p.gate import Gate  # noqa: E402
 from fflnode.p2p.limits import INBOUND_UPGRADE_TIMEOUT_S, NEGOTIATE_TIMEOUT_S, Limits  # noqa: E402
 from fflnode.p2p.reach import Advertiser  # noqa: E402
@@ -163,6 +163,8 @@ GOSSIP_MSGS_PER_NODE_PER_S = 8
 # 10 s of the run's traffic. Bounded: 512 x wire.MAX_PUBSUB_BYTES = 32 MiB at most.
 SUBSCRIPTION_CHANNEL_SIZE = 512
 _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_CHANNEL_SIZE
+# Each sender's signed peer record is verified once per record, not once per RPC.
+records.install()
 # Eclipse protection and IP colocation, as deployed across hosts (config [pubsub]):
 # GossipSub's own default of 3 distinct IPs in a mesh, and 3 peers per IP before their
 # score drops. A testnet on one IP sets 1 and a number above its node count.
