@@ -111,6 +111,14 @@ HASH_READ_BYTES = 4 << 20  # per pread when hashing the merged file (page cache)
 # once, 2 of 4 bench nodes (load 20-30 on 2 cores) abandoned merges the other 2 verified
 # with their hashes, then waited alone for an attempt nobody else joined.
 VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
+# ...when its connection closed from its end (Membership.unreachable: the process
+# exited, crashed or restarted). A member that is only silent, its connection still
+# open (or hung up on by us), may be a live node descheduled on a loaded machine: it is
+# given this long. In a 16-node testnet on 2 cores the first node to lock gave up on a
+# member 8 s after suspecting it, which pulled all 16 out of the attempt; that member
+# was heard again 16 s after the suspicion, and the next attempt never agreed. A member
+# frozen for good (SIGSTOP) costs this much longer than a dead one.
+SILENT_LOST_GRACE_S = 4 * MEMBER_TIMEOUT_S
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
@@ -589,11 +597,12 @@ class MergeSession:
                 # the attempt up instead; the next one agrees among the living.
                 gone = {m for m in decision.members if m != str(self.me) and m not in alive}
                 lost_since = {m: lost_since.get(m, now) for m in gone}
-                if any(now - t >= VERIFY_LOST_GRACE_S for t in lost_since.values()):
-                    names = ", ".join(short_peer(m) for m in sorted(lost_since))
+                given_up = self._given_up({by_str[m]: t for m, t in lost_since.items()}, now)
+                if given_up:
+                    names = ", ".join(sorted(short_peer(str(p)) for p in given_up))
                     raise MergeError(
                         f"merge attempt {self.attempt}: locked on members with {names}, "
-                        f"not seen alive for {VERIFY_LOST_GRACE_S:g} s"
+                        f"not seen alive for {now - min(lost_since.values()):.1f} s"
                     )
             if decision.excluded:
                 raise MergeError(
@@ -624,6 +633,17 @@ class MergeSession:
     def _lost(self, members: list[ID]) -> list[ID]:
         """Agreed members that died or froze since (a verify wait ends early for them)."""
         return [p for p in members if p != self.me and not self.membership.is_alive(p)]
+
+    def _given_up(self, lost_since: dict[ID, float], now: float) -> list[ID]:
+        """The members, of those not seen alive since the times given, to give up on
+        now: after VERIFY_LOST_GRACE_S if their end closed the connection, after
+        SILENT_LOST_GRACE_S if they are only silent."""
+        return [
+            p
+            for p, t in lost_since.items()
+            if now - t
+            >= (VERIFY_LOST_GRACE_S if self.membership.unreachable(p) else SILENT_LOST_GRACE_S)
+        ]
 
     async def _keep_announcing(self, decision: Decision) -> None:
         """Keep the commitment visible for members still converging."""
@@ -907,7 +927,7 @@ class MergeSession:
                     del lost_since[p]  # back: its hash may still come
             for p in lost:
                 lost_since.setdefault(p, now)
-            return any(now - t >= VERIFY_LOST_GRACE_S for t in lost_since.values())
+            return bool(self._given_up(lost_since, now))
 
         async def publish() -> None:
             while True:  # now, then every heartbeat: late joiners need our hash too

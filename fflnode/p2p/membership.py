@@ -240,6 +240,9 @@ class Membership:
         self._slowest_rtt = 0.0  # the slowest recent pong, decaying (RTT_DECAY)
         self._stalled_s = 0.0  # our own loop's stalls seen so far (module doc), in total
         self._watch_due: float | None = None  # when the watchdog should wake next
+        # Peers we hung up on (suspects), until a connection to them carries heartbeats
+        # again: their lost connection is our doing, not a sign that they are gone.
+        self._hung_up: set[ID] = set()
 
     @property
     def guard(self) -> AddressGuard:
@@ -443,11 +446,26 @@ class Membership:
             self._addr_log.log(str(sender), "addresses", text, logging.INFO)
         view.seq, view.round, view.phase = msg["seq"], msg["round"], msg["phase"]
         view.addrs = msg["addrs"]
-        if not self._connected(sender) and sender not in self._dialing:
+        if self._connected(sender):
+            self._hung_up.discard(sender)
+        elif sender not in self._dialing:
             nursery.start_soon(self._dial, sender, list(view.addrs))
 
     def _connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().connections.get(peer))
+
+    def unreachable(self, peer: ID) -> bool:
+        """We hold no connection to `peer`, and not because we hung up on it: its end
+        closed (the process exited, crashed or restarted) or the network cut it. A
+        silent peer whose connection is still open, or that we hung up on ourselves,
+        may only be slow (a loaded machine's stalls last tens of seconds)."""
+        return not self._connected(peer) and peer not in self._hung_up
+
+    async def hang_up(self, peer: ID) -> None:
+        """Close our connections to a suspect (bounded), remembering that we did."""
+        self._hung_up.add(peer)
+        with trio.move_on_after(PING_TIMEOUT_S):
+            await self.host.disconnect(peer)
 
     # ------------------------------------------------------------------ liveness
     async def _watch(self, nursery: trio.Nursery) -> None:
@@ -470,8 +488,7 @@ class Membership:
                         lambda: peer not in self.suspects, SUSPECT_HANGUP_S
                     )
                     if not back:
-                        with trio.move_on_after(PING_TIMEOUT_S):
-                            await self.host.disconnect(peer)
+                        await self.hang_up(peer)
             finally:
                 pinging.discard(peer)
 
@@ -511,6 +528,7 @@ class Membership:
         oldest = min(self.suspects, key=lambda p: self.peers[p].last_seen if p in self.peers else 0)
         self.suspects.pop(oldest)
         self.peers.pop(oldest, None)
+        self._hung_up.discard(oldest)
         return True
 
     def suspect(self, peer: ID, why: str) -> None:
