@@ -26,7 +26,9 @@ Frozen peers. py-libp2p never notices a peer that stopped (SIGSTOP): its TCP con
 stays open and a read from it waits forever. A peer whose heartbeat is overdue is pinged
 over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
 not alive until a fresh heartbeat proves it back, and disconnected (which fails every
-stream open to it at once) if it stays silent SUSPECT_HANGUP_S longer.
+stream open to it at once) if it stays silent SUSPECT_HANGUP_S longer. A peer we hold no
+connection to, and did not hang up on, is `unreachable`: its end closed (it exited or
+crashed), which callers may act on sooner than on silence (the merge does).
 
 Partitions. Heartbeats travel only over connections, so two nodes that each gave up on
 the other (a cable pulled for longer than OVERDUE_S + PING_TIMEOUT_S, a host that
