@@ -68,7 +68,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from fflnode import wire
-from fflnode.agreement import LOCK, Agreement, Decision
+from fflnode.agreement import COMMIT, LOCK, Agreement, Decision
 from fflnode.errors import FflError, MergeError, short_peer
 from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
@@ -119,6 +119,11 @@ VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
 # was heard again 16 s after the suspicion, and the next attempt never agreed. A member
 # frozen for good (SIGSTOP) costs this much longer than a dead one.
 SILENT_LOST_GRACE_S = 4 * MEMBER_TIMEOUT_S
+# While waiting for members' hashes, say whose are missing this often: the one line
+# that tells an operator which member holds a merge up.
+VERIFY_REPORT_S = 15.0
+# Members named in such a line, at most (then a count): 16 of a 256-member run.
+NAMES_SHOWN = 16
 # After verifying, wait this long at most for every member to say it is done too, so
 # nobody exits while a peer may still be pulling from it.
 DONE_GRACE_S = 30.0
@@ -209,6 +214,13 @@ def hash_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def names_shown(peers: list[ID]) -> str:
+    """Short names of `peers` for a log line, at most NAMES_SHOWN, then a count."""
+    shown = ", ".join(short_peer(str(p)) for p in peers[:NAMES_SHOWN])
+    more = len(peers) - NAMES_SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def members_digest(members: list[ID]) -> str:
     h = hashlib.sha256()
     for m in canonical_members([p.to_bytes() for p in members]):
@@ -295,6 +307,7 @@ class MergeSession:
             settle_s=AGREE_SETTLE_S,
         )
         self.hashes: dict[ID, tuple[str, str]] = {}
+        self._my_hash: tuple[str, str] | None = None  # (hash, members digest) once merged
         membership.on("merge.ready", self._on_ready)
         membership.on("merge.hash", self._on_hash)
 
@@ -565,13 +578,21 @@ class MergeSession:
         return await trio.to_thread.run_sync(hash_file, path)
 
     async def wait_all_done(self, members: list[str]) -> bool:
-        """After verifying: wait (bounded) until every member reports phase 'done'."""
+        """After verifying: wait (bounded) until every member reports phase 'done',
+        announcing our hash meanwhile: a member that missed every copy of it so far (a
+        16-node testnet's pubsub queues to slow peers overflowed, dropping the oldest)
+        cannot verify without it."""
         others = [p for p in self.membership.peers if str(p) in members and p != self.me]
 
         def all_done() -> bool:
             return all(self.membership.peers[p].phase == "done" for p in others)
 
-        return await self.membership.wait_until(all_done, DONE_GRACE_S)
+        async with trio.open_nursery() as nursery:
+            if self._my_hash is not None:
+                nursery.start_soon(self._publish_hash, *self._my_hash)
+            done = await self.membership.wait_until(all_done, DONE_GRACE_S)
+            nursery.cancel_scope.cancel()
+        return done
 
     # ------------------------------------------------------------------ 1. agreement
     async def _agree(self, announcer: trio.Nursery) -> list[ID]:
@@ -646,10 +667,22 @@ class MergeSession:
         ]
 
     async def _keep_announcing(self, decision: Decision) -> None:
-        """Keep the commitment visible for members still converging."""
-        while True:
+        """Keep the commitment visible for members still converging, until every member
+        was heard committing it or sent its hash (then nobody needs it: at 16 nodes these
+        announcements were a third of the pubsub traffic while the merge ran)."""
+        while not self._all_committed(decision.members):
             await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
             await self._announce(decision)
+
+    def _all_committed(self, members: tuple[str, ...]) -> bool:
+        by_str = {str(p): p for p in self.run_members}
+        for m in members:
+            if m == str(self.me) or by_str[m] in self.hashes:
+                continue
+            heard = self.agreement.proposals.get(m)
+            if heard is None or heard.stage != COMMIT or heard.members != members:
+                return False
+        return True
 
     async def _announce(self, decision: Decision) -> None:
         """Our proposal, with the fingerprint and the attempt every proposal carries."""
@@ -914,6 +947,13 @@ class MergeSession:
         await self._run_link(link, on_piece, what)
 
     # ------------------------------------------------------------------ 5. verify
+    async def _publish_hash(self, my_hash: str, digest: str) -> None:
+        while True:  # now, then every heartbeat: late joiners need our hash too
+            await self.membership.publish(
+                "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
+            )
+            await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
     async def _verify(self, members: list[ID], my_hash: str, digest: str) -> None:
         others = [p for p in members if p != self.me]
         lost_since: dict[ID, float] = {}  # members without a hash, suspected since when
@@ -929,15 +969,22 @@ class MergeSession:
                 lost_since.setdefault(p, now)
             return bool(self._given_up(lost_since, now))
 
-        async def publish() -> None:
-            while True:  # now, then every heartbeat: late joiners need our hash too
-                await self.membership.publish(
-                    "merge.hash", hash=my_hash, digest=digest, attempt=self.attempt
-                )
-                await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+        async def report() -> None:
+            """Who we still wait for, every VERIFY_REPORT_S (bounded lines)."""
+            while True:
+                await trio.sleep(VERIFY_REPORT_S)  # a period, not synchronisation
+                missing = [p for p in others if p not in self.hashes]
+                lost = [p for p in missing if p in lost_since]
+                log.info(
+                    "merge attempt %d: hashes from %d of %d members; waiting for %s%s",
+                    self.attempt, len(others) - len(missing) + 1, len(members),
+                    names_shown(missing), f" ({len(lost)} of them not alive)" if lost else "",
+                )  # fmt: skip
 
+        self._my_hash = (my_hash, digest)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(publish)
+            nursery.start_soon(self._publish_hash, my_hash, digest)
+            nursery.start_soon(report)
             await self.membership.wait_until(have_all, self.timeout_s)
             nursery.cancel_scope.cancel()
         missing = [short_peer(str(p)) for p in others if p not in self.hashes]
