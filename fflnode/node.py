@@ -42,6 +42,7 @@ from fflnode.exchange_sharded import ShardedAveraging
 from fflnode.merge.distance import consensus_distance
 from fflnode.merge.protocol import (
     MERGE_ATTEMPTS,
+    MERGE_HASH_PROTOCOL,
     MERGE_PROTOCOL,
     MergeExcluded,
     MergeMismatch,
@@ -299,6 +300,7 @@ class Node:
                     members = await self._rejoin(membership, ckpt)
                 merge = self._merge_session(host, membership, members, layout, 0)
                 host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
+                host.set_stream_handler(MERGE_HASH_PROTOCOL, merge.handle_hash)
                 membership.phase = "train"
                 if self.trainer is not None:
                     exchange = await self._exchange(host, members, membership)
@@ -351,6 +353,7 @@ class Node:
                     merge.close()
                     merge = self._merge_session(host, membership, members, layout, attempt)
                     host.set_stream_handler(MERGE_PROTOCOL, merge.handle)
+                    host.set_stream_handler(MERGE_HASH_PROTOCOL, merge.handle_hash)
                 self.merge_state = "done"
                 self._record_merge(report, outcome)
                 if self.fast is not None:

@@ -138,6 +138,9 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "digest": (_STR, True),
         "attempt": (_INT, False),
     },
+    # stream (/fflnode/merge-hash/1.0.0): a member asks for a node's merged hash of one
+    # attempt directly, when pubsub lost every copy; answered by merge.hash or error
+    "hash.get": {"run": (_STR, True), "attempt": (_INT, True)},
     # pubsub: a node's SSM states for contexts [context, context + count) (version `round`;
     # count defaults to 1) are ready to be pulled over /fflnode/state/1.0.0
     # (fflnode/ssm/federation.py); the states themselves never ride pubsub
@@ -623,6 +626,7 @@ _CHECKS = {
     "start.ready": _check_start,
     "merge.ready": _check_ready,
     "merge.hash": _check_hash,
+    "hash.get": lambda peer, doc: _check_attempt(peer, "hash.get", doc),
     "state.ready": _check_state_ready,
     "states.ready": _check_states_ready,
     "states.hash": _check_states_hash,

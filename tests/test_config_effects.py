@@ -44,7 +44,12 @@ from fflnode.compose import Composition, compose
 from fflnode.errors import ConfigError, FflError, MergeError, leaf_error
 from fflnode.exchange import SHARD_PROTOCOL, Averaging, Gossip, Liveness
 from fflnode.exchange_sharded import ShardedAveraging
-from fflnode.merge.protocol import MERGE_PROTOCOL, MergeExcluded, MergeTimeout
+from fflnode.merge.protocol import (
+    MERGE_HASH_PROTOCOL,
+    MERGE_PROTOCOL,
+    MergeExcluded,
+    MergeTimeout,
+)
 from fflnode.node import MERGED_FILE, NODE_FILE, PREMERGE_FILE, RESULT_FILE, Node
 from fflnode.p2p import bulk, identity, streams
 from fflnode.p2p.barrier import StartRefused
@@ -494,6 +499,7 @@ def merge_nodes(
             premerges[p.id] = f.tensors()
         session = merge_session_for(node, p, ids)
         p.host.set_stream_handler(MERGE_PROTOCOL, session.handle)
+        p.host.set_stream_handler(MERGE_HASH_PROTOCOL, session.handle_hash)
         nodes.append(node)
         sessions.append(session)
     return nodes, sessions, premerges

@@ -563,6 +563,10 @@ class Target:
     # State entries a valid request from a served peer may add (the exchange's per-round
     # events: see test_a_member_cannot_grow_the_round_books_without_bound).
     served_may_change: frozenset[str] = frozenset()
+    request: str = "get"  # the kind a served peer's request has
+    # What a peer that is not served may be answered (None: pong for single-message
+    # protocols, error otherwise).
+    stranger_replies: frozenset[str] | None = None
 
 
 def counted_traffic() -> tuple[bulk.Traffic, list[tuple[str, str]]]:
@@ -659,7 +663,9 @@ class MemoryPremerge:
         out[:] = self.flat[lo:hi]
 
 
-async def merge_target() -> tuple[Target, Callable[[], Any]]:
+def agreed_merge_session() -> tuple[MergeSession, bulk.Traffic, list[tuple[str, str]], np.ndarray]:
+    """A merge session as it stands once members agreed: a plan, this node's shards
+    reduced (its traffic, the offences counted, and its premerge weights)."""
     host = build_host(create_new_key_pair(bytes([10]) * 32))
     pubsub, _ = build_pubsub(host, 3)
     traffic, offences = counted_traffic()
@@ -679,7 +685,6 @@ async def merge_target() -> tuple[Target, Callable[[], Any]]:
         timeout_s=MERGE_TIMEOUT_S,
         traffic=traffic,
     )
-    # The session as it stands once members agreed: a plan, this node's shards reduced.
     flat = np.arange(NUMEL, dtype=np.float32)
     s.premerge = MemoryPremerge(flat)  # type: ignore[assignment]
     s.premerge_ready.set()
@@ -691,6 +696,11 @@ async def merge_target() -> tuple[Target, Callable[[], Any]]:
             s.results[sh.index] = flat[sh.lo : sh.hi] * 2
             s.result_ready[sh.index].set()
     s.agreed_event.set()
+    return s, traffic, offences, flat
+
+
+async def merge_target() -> tuple[Target, Callable[[], Any]]:
+    s, traffic, offences, flat = agreed_merge_session()
 
     def state() -> Any:
         return (
@@ -729,6 +739,31 @@ async def merge_target() -> tuple[Target, Callable[[], Any]]:
         docs,
     )
     return target, contents
+
+
+async def merge_hash_target() -> tuple[Target, Callable[[], Any]]:
+    s, traffic, offences, _ = agreed_merge_session()
+    s._my_hash = ("ab" * 32, "cd" * 32)
+
+    def state() -> Any:
+        return s._my_hash, dict(s.hashes), s.attempt, dict(traffic.received)
+
+    docs = [doc("hash.get", run=RUN, attempt=a) for a in (0, 1, wire.MAX_MERGE_ATTEMPT - 1)]
+    target = Target(
+        "merge-hash",
+        s.handle_hash,
+        {"hash.get"},
+        True,
+        lambda p: merge_protocol.HASH_SERVE_TIMEOUT_S,
+        state,
+        traffic,
+        offences,
+        {MERGE_PEER},
+        docs,
+        request="hash.get",
+        stranger_replies=frozenset({"error"}),
+    )
+    return target, lambda: ""
 
 
 async def ping_target() -> tuple[Target, Callable[[], Any]]:
@@ -809,6 +844,7 @@ async def state_target() -> tuple[Target, Callable[[], Any]]:
 STREAM_TARGETS = {
     "shard": shard_target,
     "merge": merge_target,
+    "merge-hash": merge_hash_target,
     "ping": ping_target,
     "state": state_target if federation is not None else None,
 }
@@ -895,9 +931,10 @@ async def test_stream_handler_survives_hostile_bytes_with_state_unchanged(
             failures.add(inp, "stream left open")
         delta = added(target.traffic.rejected, counts)
         reasons = p.along + ([p.reason] if p.reason else [])
-        if name == "ping" and p.reason == "truncated":
-            # A ping that ends early is a pinger that gave up on a slow node (load), not
-            # an offence: a 16-node testnet starting on 2 cores counted dozens against honest peers.
+        if target.single and p.reason == "truncated":
+            # A one-message request (a ping, a hash request) that ends early is a requester
+            # that gave up on a slow node (load), not an offence: a 16-node testnet starting
+            # on 2 cores counted dozens against honest peers.
             reasons = p.along
         want = {r: reasons.count(r) for r in reasons}
         if delta != want:
@@ -906,14 +943,17 @@ async def test_stream_handler_survives_hostile_bytes_with_state_unchanged(
         if new_offences != [(str(inp.peer), r) for r in reasons]:
             failures.add(inp, f"per-peer offences {new_offences} for rejection {p.reason}")
         rejected_total += bool(p.reason)
-        served = inp.peer in target.members and any(m.kind == "get" for m in p.messages)
+        served = inp.peer in target.members and any(m.kind == target.request for m in p.messages)
         if changed(target, before, served):
             failures.add(inp, f"state changed (served {served})")
         if not served and target.traffic.sent != sent_before:
             failures.add(inp, "bytes sent to a peer that is not served")
         if not served and not inp.fail_writes:
             kinds = {m.kind for m in stream.replies()}
-            if not kinds <= ({"pong"} if target.single else {"error"}):
+            allowed = target.stranger_replies
+            if allowed is None:
+                allowed = frozenset({"pong"} if target.single else {"error"})
+            if not kinds <= allowed:
                 failures.add(inp, f"replied {kinds} to a peer that is not served")
     failures.check(name, INPUTS_PER_HANDLER)
     assert contents() == before_contents, "held tensors changed"

@@ -7,8 +7,9 @@ node stopped announcing its hash as soon as it had everyone else's. A member tha
 missed all of its copies waited for it until merge.timeout_s.
 
 Three in-process nodes on real libp2p hosts with real merge sessions, each finishing as
-the daemon does (phase "done", then `wait_all_done`). Node 1 loses every announcement of
-node 0's hash until node 0 has verified.
+the daemon does (phase "done", then `wait_all_done`). Node 1 loses announcements of
+node 0's hash: until node 0 has verified, or all of them (then node 1 asks node 0 for
+it over /fflnode/merge-hash/1.0.0).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import trio
 
+from fflnode.merge import protocol
 from fflnode.merge.protocol import MergeOutcome
 from tests.p2p_harness import peers
 from tests.test_config_effects import merge_nodes, run_merge
@@ -26,9 +28,9 @@ MERGE_TIMEOUT_S = 60.0  # merge.timeout_s here: the merge itself takes seconds
 RUN_TIMEOUT_S = 2 * MERGE_TIMEOUT_S
 
 
-async def test_a_member_that_missed_a_peers_hash_gets_it_after_the_peer_verified(
-    tmp_path: Path,
-):
+async def merge_losing_hashes(tmp_path: Path, forever: bool) -> dict[Any, Any]:
+    """Node 1's pubsub loses node 0's hash announcements (`forever`, or until node 0 has
+    verified); returns each node's outcome."""
     async with peers(3) as ps:
         ids = [p.id for p in ps]
         merge_cfg = {"exclude_outliers": False, "timeout_s": MERGE_TIMEOUT_S}
@@ -38,7 +40,7 @@ async def test_a_member_that_missed_a_peers_hash_gets_it_after_the_peer_verified
 
         def lossy(handler: Any) -> Any:
             def on_hash(peer: Any, msg: Any) -> None:
-                if peer == ids[0] and not node0_verified.is_set():
+                if peer == ids[0] and (forever or not node0_verified.is_set()):
                     return  # lost in the network, as pubsub drops
                 handler(peer, msg)
 
@@ -63,7 +65,24 @@ async def test_a_member_that_missed_a_peers_hash_gets_it_after_the_peer_verified
                     nursery.start_soon(one, i)
         for s in sessions:
             s.close()
-    assert node0_verified.is_set()
-    for pid in ids:
-        assert isinstance(outcomes[pid], MergeOutcome), outcomes[pid]
-    assert len({outcomes[pid].hash for pid in ids}) == 1
+    return {i: outcomes[pid] for i, pid in enumerate(ids)}
+
+
+def assert_all_verified(outcomes: dict[Any, Any]) -> None:
+    for outcome in outcomes.values():
+        assert isinstance(outcome, MergeOutcome), outcome
+    assert len({o.hash for o in outcomes.values()}) == 1
+
+
+async def test_a_member_that_missed_a_peers_hash_gets_it_after_the_peer_verified(
+    tmp_path: Path, monkeypatch
+):
+    """The announcements after node 0's verification reach node 1 (the direct ask is
+    put off past the test, so this is pubsub alone)."""
+    monkeypatch.setattr(protocol, "HASH_PULL_AFTER_S", 10 * RUN_TIMEOUT_S)
+    assert_all_verified(await merge_losing_hashes(tmp_path, forever=False))
+
+
+async def test_a_member_that_never_hears_a_peers_hash_asks_the_peer_for_it(tmp_path: Path):
+    """No announcement of node 0's hash ever reaches node 1: it asks node 0 directly."""
+    assert_all_verified(await merge_losing_hashes(tmp_path, forever=True))

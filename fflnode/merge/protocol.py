@@ -69,7 +69,7 @@ from libp2p.peer.id import ID
 
 from fflnode import wire
 from fflnode.agreement import COMMIT, LOCK, Agreement, Decision
-from fflnode.errors import FflError, MergeError, short_peer
+from fflnode.errors import FflError, MergeError, WireError, short_peer
 from fflnode.merge import fingerprint
 from fflnode.merge.plan import Shard, canonical_members, plan
 from fflnode.merge.reduce import CanonicalReducer
@@ -82,6 +82,8 @@ from fflnode.tensors import FlatLayout, ModelHasher, canonical_names
 log = logging.getLogger(__name__)
 
 MERGE_PROTOCOL = "/fflnode/merge/1.0.0"
+# A member's merged hash, asked of it directly (wire kinds hash.get, merge.hash, error).
+MERGE_HASH_PROTOCOL = "/fflnode/merge-hash/1.0.0"
 # Attempts to pull one member's shard before the shard fails: a transient stream reset
 # on a loaded machine should not sink a merge, a dead member should sink it quickly.
 PULL_ATTEMPTS = 3
@@ -119,6 +121,19 @@ VERIFY_LOST_GRACE_S = MEMBER_TIMEOUT_S
 # was heard again 16 s after the suspicion, and the next attempt never agreed. A member
 # frozen for good (SIGSTOP) costs this much longer than a dead one.
 SILENT_LOST_GRACE_S = 4 * MEMBER_TIMEOUT_S
+# Pubsub is best effort: in a 16-node testnet on 2 cores, 3 nodes received 1-4 of 15
+# hashes in a minute of announcements (their pubsub streams to some peers were gone
+# and queued messages were dropped), while the other 13 verified. A hash still missing
+# this long after ours was announced is asked of its member over a stream, at most once
+# per HASH_PULL_EVERY_S per member.
+HASH_PULL_AFTER_S = 3 * HEARTBEAT_S
+HASH_PULL_EVERY_S = 5 * HEARTBEAT_S
+# Asking, with the stream open: the libp2p RPC slack.
+HASH_RPC_TIMEOUT_S = streams.RPC_SLACK_S
+# Answering: the request is one small message sent as the stream opens; a requester
+# silent this long gave up or stalls (then it is dropped, not counted: like a late
+# ping, that is load). Below streams.MESSAGE_STALL_S, whose stalls are offences.
+HASH_SERVE_TIMEOUT_S = 5.0
 # While waiting for members' hashes, say whose are missing this often: the one line
 # that tells an operator which member holds a merge up.
 VERIFY_REPORT_S = 15.0
@@ -325,6 +340,59 @@ class MergeSession:
     def _on_hash(self, peer: ID, msg: wire.Message) -> None:
         if peer in self.run_members and msg.fields.get("attempt", 0) == self.attempt:
             self.hashes[peer] = (msg["hash"], msg["digest"])
+
+    async def handle_hash(self, stream: INetStream) -> None:
+        """MERGE_HASH_PROTOCOL: a member asks for our merged hash of an attempt. Never
+        raises on what the peer sent; a malformed request is counted against it."""
+        peer, ok = streams.peer_of(stream), False
+        try:
+            with trio.fail_after(HASH_SERVE_TIMEOUT_S):
+                msg = await streams.recv_message(stream, expect={"hash.get"}, run=self.run_id)
+                members = {str(p) for p in self.agreed or ()}
+                if self._my_hash is None or msg["attempt"] != self.attempt or peer not in members:
+                    await streams.send_message(
+                        stream, "error", code="unavailable",
+                        reason=f"no merged hash of attempt {msg['attempt']} for this peer here",
+                    )  # fmt: skip
+                else:
+                    my_hash, digest = self._my_hash
+                    await streams.send_message(
+                        stream, "merge.hash", run=self.run_id, hash=my_hash, digest=digest,
+                        attempt=self.attempt,
+                    )  # fmt: skip
+                ok = True
+        except WireError as e:
+            if e.reason != "truncated":  # a requester that gave up: load, not an offence
+                self.traffic.reject_error(e, "merge hash request")
+        except (trio.TooSlowError, *streams.STREAM_ERRORS):
+            pass  # a slow or vanished requester asks again
+        except Exception as e:  # nothing a peer sends may take the node down (issue 10)
+            self.traffic.reject_unexpected(peer, "merge hash request", e)
+        finally:
+            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+
+    async def _pull_hash(self, peer: ID) -> None:
+        """Ask `peer` for its merged hash (a pubsub announcement we never received)."""
+        stream, ok = None, False
+        try:
+            with trio.fail_after(HASH_RPC_TIMEOUT_S):
+                stream = await self.host.new_stream(peer, [MERGE_HASH_PROTOCOL])
+                await streams.send_message(
+                    stream, "hash.get", run=self.run_id, attempt=self.attempt
+                )
+                msg = await streams.recv_message(
+                    stream, expect={"merge.hash", "error"}, run=self.run_id
+                )
+            ok = True
+            if msg.kind == "merge.hash":
+                self._on_hash(peer, msg)
+        except WireError as e:
+            self.traffic.reject_error(e, "merge hash answer")
+        except (trio.TooSlowError, *streams.STREAM_ERRORS):
+            pass  # asked again in HASH_PULL_EVERY_S, while it is worth waiting for
+        finally:
+            if stream is not None:
+                await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
 
     def _m(self, members: list[ID]) -> int:
         return self.shards_cfg or len(members)
@@ -981,10 +1049,25 @@ class MergeSession:
                     names_shown(missing), f" ({len(lost)} of them not alive)" if lost else "",
                 )  # fmt: skip
 
+        async def pull_missing() -> None:
+            asked: dict[ID, float] = {}
+            await trio.sleep(HASH_PULL_AFTER_S)  # pubsub's turn first
+            async with trio.open_nursery() as pulls:
+                while True:
+                    now = trio.current_time()
+                    for p in others:
+                        if p not in self.hashes and now - asked.get(p, -math.inf) >= (
+                            HASH_PULL_EVERY_S
+                        ):
+                            asked[p] = now
+                            pulls.start_soon(self._pull_hash, p)
+                    await trio.sleep(HEARTBEAT_S)  # a period, not synchronisation
+
         self._my_hash = (my_hash, digest)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_hash, my_hash, digest)
             nursery.start_soon(report)
+            nursery.start_soon(pull_missing)
             await self.membership.wait_until(have_all, self.timeout_s)
             nursery.cancel_scope.cancel()
         missing = [short_peer(str(p)) for p in others if p not in self.hashes]
