@@ -139,14 +139,22 @@ async def test_a_locked_member_that_exits_is_given_up_on_without_the_silent_grac
         assert m.outcomes[(pid, "at")] - m.outcomes["exited"] < RUN_TIMEOUT_S / 2
 
 
-async def test_a_peer_we_hung_up_on_is_not_unreachable_but_one_whose_end_closed_is():
-    """What the two graces rest on (Membership.unreachable), on real connections."""
+async def test_only_a_peer_that_is_gone_is_unreachable_not_one_that_hung_up():
+    """What the two graces rest on (Membership.unreachable), on real connections: a
+    peer we hung up on, or that hung up on us, is not unreachable; one whose process is
+    gone (its host closed: our redial is refused) is."""
     async with peers(3) as (a, b, c):
         network = a.host.get_network()
-        await a.membership.hang_up(b.id)
-        await close_host(c.host)
+        await a.membership.hang_up(b.id)  # we hang up on b
+        await c.membership.hang_up(a.id)  # c hangs up on us (it suspected us)
         with trio.fail_after(RUN_TIMEOUT_S / 4):
             while network.connections.get(c.id):  # bounded by fail_after
                 await trio.sleep(0.05)  # polling the swarm: it signals no disconnection
-        assert not a.membership.unreachable(b.id)  # connected again, or hung up by us
-        assert a.membership.unreachable(c.id)
+        assert not a.membership.unreachable(b.id)
+        assert not a.membership.unreachable(c.id)  # alive: our redial will be taken
+        ok = await a.membership.wait_until(lambda: bool(network.connections.get(c.id)), 30.0)
+        assert ok, "our redial of a live peer that hung up on us did not connect"
+        await close_host(c.host)  # now c is gone: our redial of it is refused
+        gone = await a.membership.wait_until(lambda: a.membership.unreachable(c.id), 30.0)
+        assert gone, "a closed host never became unreachable"
+        assert not a.membership.unreachable(b.id)

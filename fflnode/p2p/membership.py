@@ -27,8 +27,8 @@ stays open and a read from it waits forever. A peer whose heartbeat is overdue i
 over `/fflnode/ping/1.0.0` with a deadline; if it does not answer it becomes a suspect:
 not alive until a fresh heartbeat proves it back, and disconnected (which fails every
 stream open to it at once) if it stays silent SUSPECT_HANGUP_S longer. A peer we hold no
-connection to, and did not hang up on, is `unreachable`: its end closed (it exited or
-crashed), which callers may act on sooner than on silence (the merge does).
+connection to, did not hang up on, and whose redial was refused is `unreachable`: it
+exited or crashed, which callers may act on sooner than on silence (the merge does).
 
 Partitions. Heartbeats travel only over connections, so two nodes that each gave up on
 the other (a cable pulled for longer than OVERDUE_S + PING_TIMEOUT_S, a host that
@@ -245,6 +245,8 @@ class Membership:
         # Peers we hung up on (suspects), until a connection to them carries heartbeats
         # again: their lost connection is our doing, not a sign that they are gone.
         self._hung_up: set[ID] = set()
+        # Peers whose last dial failed outright (not a timeout), until connected again.
+        self._redial_refused: set[ID] = set()
 
     @property
     def guard(self) -> AddressGuard:
@@ -450,6 +452,7 @@ class Membership:
         view.addrs = msg["addrs"]
         if self._connected(sender):
             self._hung_up.discard(sender)
+            self._redial_refused.discard(sender)
         elif sender not in self._dialing:
             nursery.start_soon(self._dial, sender, list(view.addrs))
 
@@ -457,11 +460,16 @@ class Membership:
         return bool(self.host.get_network().connections.get(peer))
 
     def unreachable(self, peer: ID) -> bool:
-        """We hold no connection to `peer`, and not because we hung up on it: its end
-        closed (the process exited, crashed or restarted) or the network cut it. A
-        silent peer whose connection is still open, or that we hung up on ourselves,
-        may only be slow (a loaded machine's stalls last tens of seconds)."""
-        return not self._connected(peer) and peer not in self._hung_up
+        """We hold no connection to `peer`, not because we hung up on it, and our
+        redial since failed outright (refused, reset): the process is gone (exited,
+        crashed). A silent peer whose connection is still open, that we hung up on
+        ourselves, that hung up on us (it suspected us) and takes our redial, or whose
+        redial only timed out, may just be slow: a loaded machine's stalls last tens of
+        seconds, and in a 16-node testnet peers that suspected each other hung up both
+        ways."""
+        return (
+            not self._connected(peer) and peer not in self._hung_up and peer in self._redial_refused
+        )
 
     async def hang_up(self, peer: ID) -> None:
         """Close our connections to a suspect (bounded), remembering that we did."""
@@ -531,6 +539,7 @@ class Membership:
         self.suspects.pop(oldest)
         self.peers.pop(oldest, None)
         self._hung_up.discard(oldest)
+        self._redial_refused.discard(oldest)
         return True
 
     def suspect(self, peer: ID, why: str) -> None:
@@ -604,6 +613,7 @@ class Membership:
             with trio.move_on_after(DIAL_TIMEOUT_S):
                 await self.host.connect(PeerInfo(peer, maddrs))
                 self._next_dial.pop(peer, None)  # connected: a later loss may redial at once
+                self._redial_refused.discard(peer)
                 log.info(
                     "connected to peer %s at %s (from its heartbeat)",
                     short_peer(str(peer)),
@@ -611,5 +621,7 @@ class Membership:
                 )
         except streams.STREAM_ERRORS as e:
             log.debug("dial %s failed: %s", short_peer(str(peer)), type(e).__name__)
+            if peer in self.peers:  # bounded by the peer book
+                self._redial_refused.add(peer)
         finally:
             self._dialing.discard(peer)
