@@ -152,9 +152,13 @@ async def test_only_a_peer_that_is_gone_is_unreachable_not_one_that_hung_up():
                 await trio.sleep(0.05)  # polling the swarm: it signals no disconnection
         assert not a.membership.unreachable(b.id)
         assert not a.membership.unreachable(c.id)  # alive: our redial will be taken
-        ok = await a.membership.wait_until(lambda: bool(network.connections.get(c.id)), 30.0)
+        ok = await a.membership.wait_until(
+            lambda: bool(network.connections.get(c.id)), RUN_TIMEOUT_S / 2
+        )
         assert ok, "our redial of a live peer that hung up on us did not connect"
         await close_host(c.host)  # now c is gone: our redial of it is refused
-        gone = await a.membership.wait_until(lambda: a.membership.unreachable(c.id), 30.0)
+        gone = await a.membership.wait_until(
+            lambda: a.membership.unreachable(c.id), RUN_TIMEOUT_S / 2
+        )
         assert gone, "a closed host never became unreachable"
         assert not a.membership.unreachable(b.id)
