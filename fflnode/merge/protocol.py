@@ -280,6 +280,7 @@ class MergeSession:
         self.run_id = run_id
         self.run_members = set(run_members)
         self._run_member_names = {str(p) for p in run_members}
+        self._by_name = {str(p): p for p in run_members}  # members as they travel -> IDs
         self.layout = layout
         self.shards_cfg = shards
         self.quorum = quorum or len(run_members) // 2 + 1  # 0: a majority of the run
@@ -344,32 +345,26 @@ class MergeSession:
     async def handle_hash(self, stream: INetStream) -> None:
         """MERGE_HASH_PROTOCOL: a member asks for our merged hash of an attempt. Never
         raises on what the peer sent; a malformed request is counted against it."""
-        peer, ok = streams.peer_of(stream), False
-        try:
-            with trio.fail_after(HASH_SERVE_TIMEOUT_S):
-                msg = await streams.recv_message(stream, expect={"hash.get"}, run=self.run_id)
-                members = {str(p) for p in self.agreed or ()}
-                if self._my_hash is None or msg["attempt"] != self.attempt or peer not in members:
-                    await streams.send_message(
-                        stream, "error", code="unavailable",
-                        reason=f"no merged hash of attempt {msg['attempt']} for this peer here",
-                    )  # fmt: skip
-                else:
-                    my_hash, digest = self._my_hash
-                    await streams.send_message(
-                        stream, "merge.hash", run=self.run_id, hash=my_hash, digest=digest,
-                        attempt=self.attempt,
-                    )  # fmt: skip
-                ok = True
-        except WireError as e:
-            if e.reason != "truncated":  # a requester that gave up: load, not an offence
-                self.traffic.reject_error(e, "merge hash request")
-        except (trio.TooSlowError, *streams.STREAM_ERRORS):
-            pass  # a slow or vanished requester asks again
-        except Exception as e:  # nothing a peer sends may take the node down (issue 10)
-            self.traffic.reject_unexpected(peer, "merge hash request", e)
-        finally:
-            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+        peer = streams.peer_of(stream)
+
+        async def answer(msg: wire.Message) -> None:
+            members = {str(p) for p in self.agreed or ()}
+            if self._my_hash is None or msg["attempt"] != self.attempt or peer not in members:
+                await streams.send_message(
+                    stream, "error", code="unavailable",
+                    reason=f"no merged hash of attempt {msg['attempt']} for this peer here",
+                )  # fmt: skip
+            else:
+                my_hash, digest = self._my_hash
+                await streams.send_message(
+                    stream, "merge.hash", run=self.run_id, hash=my_hash, digest=digest,
+                    attempt=self.attempt,
+                )  # fmt: skip
+
+        await streams.serve_one(
+            stream, expect={"hash.get"}, run=self.run_id, timeout_s=HASH_SERVE_TIMEOUT_S,
+            traffic=self.traffic, where="merge hash request", answer=answer,
+        )  # fmt: skip
 
     async def _pull_hash(self, peer: ID) -> None:
         """Ask `peer` for its merged hash (a pubsub announcement we never received)."""
@@ -664,7 +659,7 @@ class MergeSession:
 
     # ------------------------------------------------------------------ 1. agreement
     async def _agree(self, announcer: trio.Nursery) -> list[ID]:
-        by_str = {str(p): p for p in self.run_members}
+        by_str = self._by_name
         announced: tuple[tuple[str, ...], str] | None = None
         last_sent = -float("inf")
         lost_since: dict[str, float] = {}  # members of our lock not seen alive, since when
@@ -743,9 +738,8 @@ class MergeSession:
             await self._announce(decision)
 
     def _all_committed(self, members: tuple[str, ...]) -> bool:
-        by_str = {str(p): p for p in self.run_members}
         for m in members:
-            if m == str(self.me) or by_str[m] in self.hashes:
+            if m == str(self.me) or self._by_name[m] in self.hashes:
                 continue
             heard = self.agreement.proposals.get(m)
             if heard is None or heard.stage != COMMIT or heard.members != members:

@@ -569,21 +569,13 @@ class Membership:
         return ok
 
     async def handle_ping(self, stream: INetStream) -> None:
-        ok = False
-        try:
-            with trio.fail_after(PING_TIMEOUT_S):
-                msg = await streams.recv_message(stream, expect={"ping"}, run=self.run_id)
-                await streams.send_message(stream, "pong", run=self.run_id, nonce=msg["nonce"])
-                ok = True
-        except WireError as e:
-            if e.reason != "truncated":  # a pinger that gave up on us: load, not an offence
-                self.traffic.reject_error(e, "ping")
-        except (trio.TooSlowError, *streams.STREAM_ERRORS):
-            pass  # a late ping is load, not an offence: the pinger just suspects us
-        except Exception as e:  # nothing a peer sends may take the node down (issue 10)
-            self.traffic.reject_unexpected(streams.peer_of(stream), "ping", e)
-        finally:
-            await (streams.close_quietly(stream) if ok else streams.reset_quietly(stream))
+        async def pong(msg: wire.Message) -> None:
+            await streams.send_message(stream, "pong", run=self.run_id, nonce=msg["nonce"])
+
+        await streams.serve_one(
+            stream, expect={"ping"}, run=self.run_id, timeout_s=PING_TIMEOUT_S,
+            traffic=self.traffic, where="ping", answer=pong,
+        )  # fmt: skip
 
     async def _dial(self, peer: ID, addrs: list[str]) -> None:
         """Connect to a peer learnt from its heartbeat, so direct streams can reach it:

@@ -18,8 +18,9 @@ Rules (DESIGN.md, measured py-libp2p 0.8.1 behaviour):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
+from typing import Any
 
 import numpy as np
 import trio
@@ -263,6 +264,38 @@ async def recv_bulk_body(stream: INetStream, header: wire.BulkHeader) -> dict[st
     if authenticated_integrity(stream):  # no digest to compute: finiteness (~0.1 ms/MiB)
         return _arrays_of(header, memoryview(body), peer)
     return await trio.to_thread.run_sync(wire.check_body, header, memoryview(body), peer)
+
+
+async def serve_one(
+    stream: INetStream,
+    *,
+    expect: set[str],
+    run: str,
+    timeout_s: float,
+    traffic: Any,
+    where: str,
+    answer: Callable[[wire.Message], Awaitable[None]],
+) -> None:
+    """One request, one answer (a ping, a merge hash): read one `expect` message within
+    `timeout_s`, let `answer` reply on the stream, then close it; reset it on any
+    failure. Never raises on what the peer sent: a malformed request is counted against
+    it (`traffic`, a bulk.Traffic, at `where`), an unexpected exception too; a truncated
+    or late one is load (the requester gave up on a slow node), not an offence."""
+    ok = False
+    try:
+        with trio.fail_after(timeout_s):
+            msg = await recv_message(stream, expect=expect, run=run)
+            await answer(msg)
+            ok = True
+    except WireError as e:
+        if e.reason != "truncated":
+            traffic.reject_error(e, where)
+    except (trio.TooSlowError, *STREAM_ERRORS):
+        pass
+    except Exception as e:  # nothing a peer sends may take the node down (issue 10)
+        traffic.reject_unexpected(peer_of(stream), where, e)
+    finally:
+        await (close_quietly(stream) if ok else reset_quietly(stream))
 
 
 async def reset_quietly(stream: INetStream) -> None:
